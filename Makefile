@@ -1,0 +1,43 @@
+# Entry points used by the README and by .ci/run. Every target creates the
+# virtual environment if it is missing and rebuilds the Cython extension when
+# its sources changed, so each one works on a fresh clone.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+EXT    := router/_fastparse$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+
+.PHONY: run test bench bench-compare peers build clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "setuptools>=68" wheel "Cython>=3.0"
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
+	touch $@
+
+$(EXT): $(VENV)/.installed router/_fastparse.pyx $(wildcard router/_fastparse.pxd)
+	$(PY) setup.py --quiet build_ext --inplace
+
+build: $(EXT)
+
+# Real S2S peers for the interop tests (Prosody, ejabberd). Installs them with
+# apt when running as root; otherwise the interop tests skip and say why.
+peers:
+	bash scripts/install-peers.sh
+
+run: build
+	$(PY) -m router serve
+
+test: build peers
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: build
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave --benchmark-compare --benchmark-compare-fail=none || \
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave
+
+bench-compare: build peers
+	$(PY) -m bench.compare
+
+clean:
+	rm -rf build $(VENV) router/*.so router/_fastparse.c
