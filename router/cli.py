@@ -1,0 +1,151 @@
+"""Command line: ``python -m router serve|check-config|gen-cert`` (console script ``xmpp-router``).
+
+``serve`` without ``--config`` runs the embedded default (loopback only,
+domain ``localhost`` with the built-in services, key material in ``./state``).
+A configuration with problems is refused with every problem listed, the same
+way ``check-config`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from router.config import DEFAULT_STATE_DIR, Config, ConfigError, default_config, load_config
+
+EXIT_OK = 0
+EXIT_INVALID = 1  # check-config found problems
+EXIT_USAGE = 2  # argparse's code for bad arguments; serve uses it for a refused config too
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def describe(config: Config) -> str:
+    """Human summary of what a configuration serves and where to connect."""
+    listen = config.listen
+    lines = [f"configuration: {config.source}"]
+    for domain in config.server.domains:
+        lines.append(f"  domain {domain}: built-in ping and disco#info")
+    for domain in config.services.echo:
+        lines.append(f"  domain {domain}: echo service (messages come back to their sender)")
+    for domain in config.services.sink:
+        lines.append(f"  domain {domain}: sink service (counts and drops stanzas)")
+    for component in config.components:
+        lines.append(f"  domain {component.domain}: XEP-0114 component")
+    lines.append(f"  s2s: {_where(listen.s2s)} (STARTTLS{', required' if config.tls.required else ''})")
+    lines.append(f"  s2s direct TLS (XEP-0368): {_where(listen.s2s_direct_tls)}")
+    lines.append(f"  components (XEP-0114): {_where(listen.component)}")
+    metrics = f"http://{listen.metrics}/metrics" if listen.metrics else "off"
+    lines.append(f"  metrics: {metrics}")
+    policy = config.policy
+    lines.append(
+        f"  policy: require_encryption={_yes(policy.require_encryption)} secure_auth={_yes(policy.secure_auth)}"
+        f" allow={len(policy.allow) or 'everyone'} deny={len(policy.deny)} max_stanza_bytes={policy.max_stanza_bytes}"
+    )
+    lines.append(f"  bidi (XEP-0288): {config.s2s.bidi}")
+    for domain, route in config.routes.items():
+        tls = ", direct TLS" if route.direct_tls else ""
+        lines.append(f"  static route {domain} -> {route.host}:{route.port}{tls}")
+    if listen.component is not None:
+        if config.components:
+            lines.append(
+                f"connect a component: XEP-0114 (jabber:component:accept) to {listen.component} "
+                "with the domain and secret of its [[component]] entry"
+            )
+        else:
+            lines.append(
+                f"connect a component: add [[component]] domain = \"bot.example\" and secret = \"...\" to a config "
+                f"file, run with --config, and point the component at {listen.component} (XEP-0114)"
+            )
+    return "\n".join(lines)
+
+
+def _where(endpoint) -> str:
+    return str(endpoint) if endpoint is not None else "off"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def print_problems(error: ConfigError, source: str, out: TextIO) -> None:
+    print(f"{source}: {len(error.problems)} problem(s):", file=out)
+    for problem in error.problems:
+        print(f"  {problem}", file=out)
+
+
+def setup_logging(config: Config) -> None:
+    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config) if args.config else default_config(args.state_dir)
+    except ConfigError as error:
+        print_problems(error, args.config or "embedded default", sys.stderr)
+        return EXIT_USAGE
+    setup_logging(config)
+    from router import server  # imports the whole runtime; not needed by the other commands
+
+    return server.run(config)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as error:
+        print_problems(error, args.file, sys.stdout)
+        return EXIT_INVALID
+    print("ok")
+    print(describe(config))
+    return EXIT_OK
+
+
+def cmd_gen_cert(args: argparse.Namespace) -> int:
+    from router.jid import normalize_domain
+    from router.pki import make_leaf
+
+    try:
+        domain = normalize_domain(args.domain)
+    except ValueError as exc:
+        print(f"invalid domain {args.domain!r}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    cert, key = make_leaf(None, domain, srv_ids=[domain], xmpp_addrs=[domain]).write(args.out, domain)
+    print(f"self-signed certificate for {domain}:")
+    print(f"  cert = {cert}")
+    print(f"  key  = {key}")
+    print(f'add to the config:\n  [tls.certificates."{domain}"]\n  cert = "{cert}"\n  key = "{key}"')
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xmpp-router", description="XMPP server-to-server federation relay")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the relay (embedded default config without --config)")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (see docs/config.md)")
+    serve.add_argument(
+        "--state-dir",
+        default=DEFAULT_STATE_DIR,
+        metavar="DIR",
+        help=f"where the embedded default keeps its certificates and dialback secret (default ./{DEFAULT_STATE_DIR})",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate a configuration file and print every problem")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(handler=cmd_check_config)
+
+    gen = commands.add_parser("gen-cert", help="write a self-signed certificate and key for a domain")
+    gen.add_argument("domain", metavar="DOMAIN")
+    gen.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default .)")
+    gen.set_defaults(handler=cmd_gen_cert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,216 @@
+"""Where to connect for a remote domain: RFC 6120 §3.2 SRV resolution plus XEP-0368.
+
+Both ``_xmpps-server._tcp`` (direct TLS) and ``_xmpp-server._tcp`` (STARTTLS)
+are queried; their records are merged and ordered together by priority, then
+weighted-random within a priority (RFC 2782). Each ``Target`` says whether it
+is direct TLS and carries its addresses (A/AAAA, resolved here too so every
+lookup shares one resolver and one cache). The rules (checklist 89-98, T-23):
+
+* a static route from the config wins over DNS (RFC 6120 §3.2.3);
+* a lone SRV record with target ``.`` means "decidedly not available": an
+  ``_xmpp-server`` ``.`` stops resolution, an ``_xmpps-server`` ``.`` only
+  removes direct TLS; with no usable record left there is no A/AAAA fallback;
+* SRV answered (records present) -> only those targets, never the fallback;
+* no SRV records at all (NXDOMAIN, NODATA, or the lookup failed) -> A/AAAA of
+  the domain itself on port 5269 (RFC 6120 §3.2.2);
+* answers are cached for their TTL; negative answers for ``NEGATIVE_TTL``.
+
+DNS goes through dnspython's ``dns.asyncresolver``: maintained, pure Python,
+asyncio-native (no thread pool as ``getaddrinfo`` would need), and it gives
+SRV records and TTLs, which ``getaddrinfo`` cannot. Static-route host names are
+resolved with the system resolver instead (``/etc/hosts`` is where operators
+put internal names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.resolver
+
+from router.config import StaticRoute
+
+# RFC 6120 §3.2.2: the fallback port when no SRV record exists.
+DEFAULT_S2S_PORT = 5269
+# How long "no such record" is remembered; short, so a newly published record
+# is used soon, long enough to not re-query per stanza for a dead domain.
+NEGATIVE_TTL = 60.0
+# Upper bound on one lookup (all retries); the outbound connect has its own timeout.
+DNS_LIFETIME = 5.0
+# Entries kept before expired ones are purged (one per name and record type).
+CACHE_MAX_ENTRIES = 10000
+
+XMPPS_SERVER = "_xmpps-server._tcp."
+XMPP_SERVER = "_xmpp-server._tcp."
+
+
+@dataclass(frozen=True)
+class Target:
+    """One place to connect: try ``addresses`` in order, TLS first if ``direct_tls``
+    (SNI = the remote domain, ALPN ``xmpp-server``, XEP-0368)."""
+
+    host: str
+    port: int
+    direct_tls: bool
+    addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SrvRecord:
+    priority: int
+    weight: int
+    port: int
+    host: str  # "." when the service is decidedly not available
+    direct_tls: bool
+
+
+class ResolutionError(Exception):
+    """The domain has no usable address: bounce with ``remote-server-not-found``
+    (RFC 6120 §10.4.3, checklist 104)."""
+
+    condition = "remote-server-not-found"
+
+
+def order_records(records: Sequence[SrvRecord], rng: random.Random) -> list[SrvRecord]:
+    """RFC 2782 order: ascending priority, weighted random within a priority."""
+    ordered: list[SrvRecord] = []
+    for priority in sorted({r.priority for r in records}):
+        # zero-weight records first, as RFC 2782 asks, so they get a small chance
+        pool = sorted((r for r in records if r.priority == priority), key=lambda r: r.weight != 0)
+        while pool:
+            total = sum(r.weight for r in pool)
+            pick = rng.randint(0, total)
+            running = 0
+            for index, record in enumerate(pool):
+                running += record.weight
+                if running >= pick:
+                    ordered.append(pool.pop(index))
+                    break
+    return ordered
+
+
+class Resolver:
+    """Resolves remote domains to ordered ``Target`` lists, with a TTL cache."""
+
+    def __init__(
+        self,
+        static_routes: Mapping[str, StaticRoute] | None = None,
+        dns_resolver: dns.asyncresolver.Resolver | None = None,
+        *,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        lifetime: float = DNS_LIFETIME,
+    ):
+        self.static_routes = dict(static_routes or {})
+        self.dns = dns_resolver if dns_resolver is not None else dns.asyncresolver.Resolver()
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.lifetime = lifetime
+        self._cache: dict[tuple[str, str], tuple[float, list]] = {}
+
+    async def resolve(self, domain: str) -> list[Target]:
+        """Ordered targets for a normalized remote domain; ResolutionError if none."""
+        route = self.static_routes.get(domain)
+        if route is not None:
+            addresses = await self._system_addresses(route.host, route.port)
+            if not addresses:
+                raise ResolutionError(f"static route host {route.host} for {domain} has no address")
+            return [Target(route.host, route.port, route.direct_tls, addresses)]
+
+        xmpps, xmpp = await asyncio.gather(
+            self._srv(XMPPS_SERVER + domain + ".", True), self._srv(XMPP_SERVER + domain + ".", False)
+        )
+        if _decidedly_unavailable(xmpp):
+            raise ResolutionError(f"{domain} publishes no XMPP server service (SRV target '.')")
+        answered = bool(xmpps) or bool(xmpp)
+        records = [r for r in (xmpps or []) + (xmpp or []) if r.host != "."]
+        if not answered:
+            addresses = await self._addresses(domain)
+            if not addresses:
+                raise ResolutionError(f"{domain} has no SRV record and no A/AAAA address")
+            return [Target(domain, DEFAULT_S2S_PORT, False, addresses)]
+        if not records:
+            raise ResolutionError(f"{domain} publishes no usable SRV target")
+
+        ordered = order_records(records, self.rng)
+        address_lists = await asyncio.gather(*(self._addresses(r.host) for r in ordered))
+        targets = [
+            Target(r.host, r.port, r.direct_tls, addresses)
+            for r, addresses in zip(ordered, address_lists)
+            if addresses
+        ]
+        if not targets:
+            hosts = ", ".join(sorted({r.host for r in ordered}))
+            raise ResolutionError(f"no address for the SRV targets of {domain} ({hosts})")
+        return targets
+
+    async def _srv(self, name: str, direct_tls: bool) -> list[SrvRecord] | None:
+        """SRV records, [] when there are none, None when the lookup failed."""
+        rdatas = await self._query(name, "SRV")
+        if rdatas is None:
+            return None
+        return [
+            SrvRecord(rr.priority, rr.weight, rr.port, _host(rr.target), direct_tls) for rr in rdatas
+        ]
+
+    async def _addresses(self, host: str) -> tuple[str, ...]:
+        """AAAA then A addresses of a host name (RFC 6724 prefers IPv6)."""
+        if _is_ip(host):
+            return (host,)
+        name = host + "."
+        v6, v4 = await asyncio.gather(self._query(name, "AAAA"), self._query(name, "A"))
+        return tuple(rr.address for rr in (v6 or []) + (v4 or []))
+
+    async def _query(self, name: str, rdtype: str) -> list | None:
+        key = (name.lower(), rdtype)
+        now = self.clock()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            answer = await self.dns.resolve(name, rdtype, lifetime=self.lifetime, search=False)
+            records, ttl = list(answer), answer.rrset.ttl
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            records, ttl = [], NEGATIVE_TTL
+        except dns.exception.DNSException:
+            return None  # timeout, SERVFAIL, no nameserver: not cached, try again next time
+        if len(self._cache) >= CACHE_MAX_ENTRIES:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+            if len(self._cache) >= CACHE_MAX_ENTRIES:
+                self._cache.clear()
+        self._cache[key] = (now + ttl, records)
+        return records
+
+    async def _system_addresses(self, host: str, port: int) -> tuple[str, ...]:
+        if _is_ip(host):
+            return (host,)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            return ()
+        return tuple(dict.fromkeys(info[4][0] for info in infos))
+
+
+def _decidedly_unavailable(records: list[SrvRecord] | None) -> bool:
+    return records is not None and len(records) == 1 and records[0].host == "."
+
+
+def _host(target: dns.name.Name) -> str:
+    return "." if target == dns.name.root else target.to_text(omit_final_dot=True).lower()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

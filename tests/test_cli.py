@@ -1,0 +1,135 @@
+"""The command line, run as a real process (`python -m router ...`)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from router.cli import describe, main
+from router.config import default_config, parse_config
+from router.pki import load_credential
+
+PROCESS_TIMEOUT = 60
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "router", *args], cwd=cwd, capture_output=True, text=True, timeout=PROCESS_TIMEOUT
+    )
+
+
+BAD = """
+[server]
+domains = ["ok.example", "bad..example"]
+[s2s]
+bidi = "sometimes"
+[policy]
+max_stanza_bytes = 100
+"""
+BAD_PATHS = ("server.domains[1]", "s2s.bidi", "policy.max_stanza_bytes")
+
+
+def test_check_config_ok_prints_summary(tmp_path):
+    (tmp_path / "relay.toml").write_text(
+        '[server]\ndomains = ["relay.example"]\ndialback_secret = "0123456789abcdef"\n'
+        '[[component]]\ndomain = "bot.relay.example"\nsecret = "s"\n'
+    )
+    result = run_cli("check-config", "relay.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok\n")
+    assert "relay.example: built-in ping and disco#info" in result.stdout
+    assert "bot.relay.example: XEP-0114 component" in result.stdout
+    assert "components (XEP-0114): 127.0.0.1:5347" in result.stdout
+
+
+def test_check_config_lists_every_problem(tmp_path):
+    (tmp_path / "bad.toml").write_text(BAD)
+    result = run_cli("check-config", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "3 problem(s)" in result.stdout
+    for path in BAD_PATHS:
+        assert re.search(rf"^  {re.escape(path)}: ", result.stdout, re.M), path
+
+
+def test_serve_refuses_a_bad_file_with_the_same_problems(tmp_path):
+    (tmp_path / "bad.toml").write_text(BAD)
+    result = run_cli("serve", "--config", "bad.toml", cwd=tmp_path)
+    assert result.returncode == 2
+    checked = run_cli("check-config", "bad.toml", cwd=tmp_path)
+    assert result.stderr == checked.stdout
+
+
+def test_gen_cert_writes_a_self_signed_pair(tmp_path):
+    assert main(["gen-cert", "Relay.Example", "--out", str(tmp_path / "out")]) == 0
+    cred = load_credential(tmp_path / "out" / "relay.example.crt", tmp_path / "out" / "relay.example.key")
+    assert cred.cert.issuer == cred.cert.subject
+    assert "relay.example" in str(cred.cert.subject)
+    assert main(["gen-cert", "bad..domain", "--out", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2").exists()
+
+
+def test_describe_tells_how_to_connect_a_component(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = describe(default_config())
+    assert "echo.localhost: echo service" in text
+    assert "sink.localhost: sink service" in text
+    assert "s2s: 127.0.0.1:5269" in text
+    assert "[[component]]" in text and "127.0.0.1:5347" in text
+    config = parse_config(
+        '[[component]]\ndomain = "bot.example"\nsecret = "x"\n[listen]\ncomponent = false\n'
+        '[server]\ndialback_secret = "0123456789abcdef"\n[routes]\n"peer.example" = "127.0.0.1:5999"\n',
+        tmp_path,
+    )
+    text = describe(config)
+    assert "components (XEP-0114): off" in text and "connect a component" not in text
+    assert "static route peer.example -> 127.0.0.1:5999" in text
+
+
+def _scrape(host: str, port: int) -> str:
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_serve_runs_listens_and_stops_on_sigterm(tmp_path):
+    (tmp_path / "relay.toml").write_text(
+        '[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n'
+        '[listen]\ns2s = "127.0.0.1:0"\ncomponent = "127.0.0.1:0"\nmetrics = "127.0.0.1:0"\n'
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router", "serve", "--config", "relay.toml"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        listening = {}
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        for _ in range(50):  # a handful of banner lines
+            line = process.stdout.readline()
+            if not line or time.monotonic() > deadline:
+                break
+            match = re.match(r"(\S+): listening on (\S+):(\d+)", line)
+            if match:
+                listening[match[1]] = (match[2], int(match[3]))
+            if line.startswith("serving domains:"):
+                break
+        assert {"s2s", "component", "metrics"} <= set(listening), listening
+        body = _scrape(*listening["metrics"])
+        assert body.startswith("HTTP/1.1 200 OK")
+        assert "# TYPE xmpp_router_streams_open gauge" in body
+        # the state directory was created next to the config, with the shared secret
+        assert (tmp_path / "state" / "dialback_secret").is_file()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=PROCESS_TIMEOUT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        process.stdout.close()
+        process.stderr.close()

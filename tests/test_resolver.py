@@ -1,0 +1,227 @@
+"""SRV / XEP-0368 resolution against a real UDP DNS server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+import dns.asyncresolver
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+import uvloop
+
+from router.config import StaticRoute
+from router.resolver import DEFAULT_S2S_PORT, ResolutionError, Resolver, SrvRecord, Target, order_records
+
+
+class ZoneServer(asyncio.DatagramProtocol):
+    """Answers from a dict {(name, type): [rdata text]}; NXDOMAIN for unknown names."""
+
+    def __init__(self, zone: dict[tuple[str, str], list[str]], ttl: int = 300):
+        self.zone = {(name.lower().rstrip(".") + ".", rdtype): rdatas for (name, rdtype), rdatas in zone.items()}
+        self.ttl = ttl
+        self.queries: Counter[tuple[str, str]] = Counter()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name = question.name.to_text().lower()
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries[(name, rdtype)] += 1
+        response = dns.message.make_response(query)
+        if (name, rdtype) in self.zone:
+            response.answer.append(dns.rrset.from_text(name, self.ttl, "IN", rdtype, *self.zone[(name, rdtype)]))
+        elif not any(known == name for known, _ in self.zone):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        self.transport.sendto(response.to_wire(), addr)
+
+
+def run_with_dns(zone, scenario, ttl=300):
+    """Start the zone server, hand `scenario` a resolver factory and the server, stop it."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        transport, server = await loop.create_datagram_endpoint(lambda: ZoneServer(zone, ttl), local_addr=("127.0.0.1", 0))
+        try:
+            dns_resolver = dns.asyncresolver.Resolver(configure=False)
+            dns_resolver.nameservers = ["127.0.0.1"]
+            dns_resolver.port = transport.get_extra_info("sockname")[1]
+
+            def make(**kwargs):
+                return Resolver(dns_resolver=dns_resolver, lifetime=2.0, **kwargs)
+
+            return await scenario(make, server)
+        finally:
+            transport.close()
+
+    return uvloop.run(main())
+
+
+def test_srv_targets_ordered_by_priority_with_addresses():
+    zone = {
+        ("_xmpp-server._tcp.peer.example", "SRV"): ["20 0 5269 backup.peer.example.", "10 0 5270 main.peer.example."],
+        ("main.peer.example", "A"): ["127.0.0.2"],
+        ("main.peer.example", "AAAA"): ["::1"],
+        ("backup.peer.example", "A"): ["127.0.0.3"],
+    }
+
+    async def scenario(make, server):
+        return await make().resolve("peer.example")
+
+    assert run_with_dns(zone, scenario) == [
+        Target("main.peer.example", 5270, False, ("::1", "127.0.0.2")),
+        Target("backup.peer.example", 5269, False, ("127.0.0.3",)),
+    ]
+
+
+def test_xmpps_and_xmpp_records_are_merged_and_flagged():
+    zone = {
+        ("_xmpps-server._tcp.peer.example", "SRV"): ["5 0 5270 tls.peer.example.", "30 0 5270 tls2.peer.example."],
+        ("_xmpp-server._tcp.peer.example", "SRV"): ["10 0 5269 plain.peer.example."],
+        ("tls.peer.example", "A"): ["127.0.0.2"],
+        ("tls2.peer.example", "A"): ["127.0.0.4"],
+        ("plain.peer.example", "A"): ["127.0.0.3"],
+    }
+
+    async def scenario(make, server):
+        return await make().resolve("peer.example")
+
+    targets = run_with_dns(zone, scenario)
+    assert [(t.host, t.port, t.direct_tls) for t in targets] == [
+        ("tls.peer.example", 5270, True),
+        ("plain.peer.example", 5269, False),
+        ("tls2.peer.example", 5270, True),
+    ]
+
+
+def test_lone_dot_target_means_not_available_and_no_fallback():
+    zone = {
+        ("_xmpp-server._tcp.nope.example", "SRV"): ["0 0 0 ."],
+        ("nope.example", "A"): ["127.0.0.2"],
+    }
+
+    async def scenario(make, server):
+        with pytest.raises(ResolutionError) as info:
+            await make().resolve("nope.example")
+        return info.value, server.queries
+
+    error, queries = run_with_dns(zone, scenario)
+    assert error.condition == "remote-server-not-found"
+    assert ("nope.example.", "A") not in queries  # no A/AAAA fallback
+
+
+def test_xmpps_dot_only_drops_direct_tls():
+    zone = {
+        ("_xmpps-server._tcp.peer.example", "SRV"): ["0 0 0 ."],
+        ("_xmpp-server._tcp.peer.example", "SRV"): ["10 0 5269 plain.peer.example."],
+        ("plain.peer.example", "A"): ["127.0.0.3"],
+    }
+
+    async def scenario(make, server):
+        return await make().resolve("peer.example")
+
+    assert run_with_dns(zone, scenario) == [Target("plain.peer.example", 5269, False, ("127.0.0.3",))]
+
+
+def test_xmpps_dot_without_xmpp_records_does_not_fall_back():
+    zone = {("_xmpps-server._tcp.peer.example", "SRV"): ["0 0 0 ."], ("peer.example", "A"): ["127.0.0.2"]}
+
+    async def scenario(make, server):
+        with pytest.raises(ResolutionError):
+            await make().resolve("peer.example")
+        return server.queries
+
+    assert ("peer.example.", "A") not in run_with_dns(zone, scenario)
+
+
+def test_no_srv_falls_back_to_a_on_5269():
+    zone = {("plain.example", "A"): ["127.0.0.5"]}
+
+    async def scenario(make, server):
+        return await make().resolve("plain.example")
+
+    assert run_with_dns(zone, scenario) == [Target("plain.example", DEFAULT_S2S_PORT, False, ("127.0.0.5",))]
+
+
+def test_srv_answered_but_targets_without_address_do_not_fall_back():
+    zone = {
+        ("_xmpp-server._tcp.peer.example", "SRV"): ["10 0 5269 gone.peer.example."],
+        ("peer.example", "A"): ["127.0.0.2"],
+    }
+
+    async def scenario(make, server):
+        with pytest.raises(ResolutionError, match="no address for the SRV targets"):
+            await make().resolve("peer.example")
+        return server.queries
+
+    assert ("peer.example.", "A") not in run_with_dns(zone, scenario)
+
+
+def test_unknown_domain_is_resolution_error():
+    async def scenario(make, server):
+        with pytest.raises(ResolutionError, match="no SRV record and no A/AAAA"):
+            await make().resolve("missing.example")
+        return True
+
+    assert run_with_dns({}, scenario)
+
+
+def test_static_route_overrides_dns():
+    zone = {
+        ("_xmpp-server._tcp.peer.example", "SRV"): ["10 0 5269 main.peer.example."],
+        ("main.peer.example", "A"): ["127.0.0.2"],
+    }
+
+    async def scenario(make, server):
+        resolver = make(static_routes={"peer.example": StaticRoute("127.0.0.9", 15270, direct_tls=True)})
+        return await resolver.resolve("peer.example"), sum(server.queries.values())
+
+    targets, queries = run_with_dns(zone, scenario)
+    assert targets == [Target("127.0.0.9", 15270, True, ("127.0.0.9",))]
+    assert queries == 0
+
+
+def test_answers_are_cached_for_their_ttl():
+    zone = {
+        ("_xmpp-server._tcp.peer.example", "SRV"): ["10 0 5269 main.peer.example."],
+        ("main.peer.example", "A"): ["127.0.0.2"],
+    }
+    now = [1000.0]
+
+    async def scenario(make, server):
+        resolver = make(clock=lambda: now[0])
+        first = await resolver.resolve("peer.example")
+        await resolver.resolve("peer.example")
+        after_two = server.queries[("_xmpp-server._tcp.peer.example.", "SRV")]
+        now[0] += 301  # past the 300 s TTL
+        again = await resolver.resolve("peer.example")
+        return first, again, after_two, server.queries[("_xmpp-server._tcp.peer.example.", "SRV")]
+
+    first, again, after_two, after_expiry = run_with_dns(zone, scenario, ttl=300)
+    assert first == again
+    assert after_two == 1
+    assert after_expiry == 2
+
+
+def test_weighted_order_within_a_priority():
+    heavy = SrvRecord(10, 90, 5269, "heavy", False)
+    light = SrvRecord(10, 10, 5269, "light", False)
+    zero = SrvRecord(10, 0, 5269, "zero", False)
+    low = SrvRecord(20, 1000, 5269, "low-priority", False)
+    rng = random.Random(7)
+    firsts = Counter()
+    for _ in range(500):
+        ordered = order_records([low, zero, light, heavy], rng)
+        assert sorted(r.host for r in ordered[:3]) == ["heavy", "light", "zero"]
+        assert ordered[3] is low
+        firsts[ordered[0].host] += 1
+    # weights 90:10:0 -> heavy first about 90% of the time, zero-weight almost never
+    assert firsts["heavy"] > firsts["light"] > firsts["zero"]
+    assert firsts["heavy"] > 400
