@@ -30,13 +30,34 @@ error condition to send. Events completed earlier in the same call are on
 ``err.events`` so a caller can still act on them in order. After an error the
 tokenizer is dead: every further call raises the same error.
 
+Conditions: malformed XML or namespaces -> ``not-well-formed``; bytes that
+are not UTF-8 (overlong, surrogate, truncated, > U+10FFFF, 0xFE/0xFF) or an
+XML declaration naming another encoding -> ``unsupported-encoding`` (RFC 6120
+§4.9.3.22 "violating the rules of UTF-8"); comments, PIs, DTDs, entities other
+than the five predefined, ``standalone`` -> ``restricted-xml``; limits ->
+``policy-violation``; stream element not in the stream namespace ->
+``invalid-namespace``; stream prefix other than ``stream`` or a prefixed
+``jabber:server`` element -> ``bad-namespace-prefix``. The stream element is
+refused below the header (``not-well-formed``), so stanza bytes can never
+restart a stream they are forwarded into.
+
 Restart
 -------
-After STARTTLS or SASL success, ``restart(end)`` discards everything after
-byte offset ``end`` of the current buffer (the ``end`` of ``<proceed/>``,
-``<starttls/>`` or ``<success/>``), returns those discarded bytes and expects
-a new XML declaration / stream header next. A caller refuses a non-empty tail
-after ``<starttls/>``/``<proceed/>`` and re-feeds it after SASL.
+A call stops scanning right after a top-level TLS ``<proceed/>`` or
+``<starttls/>`` or SASL ``<success/>`` (the XML document ends there) and
+returns; the bytes after it stay unscanned (the next call scans them if the
+caller does not restart). After STARTTLS or SASL success, ``restart(end)``
+discards everything after byte offset ``end`` of the current buffer (the
+``end`` of ``<proceed/>``, ``<starttls/>`` or ``<success/>``), returns those
+discarded bytes and expects a new XML declaration / stream header next; it
+also clears an error found at or after ``end`` (one found before is raised).
+A caller refuses a non-empty tail after ``<starttls/>``/``<proceed/>`` and
+re-feeds it after SASL.
+
+``buffer`` is a ``bytearray`` larger than its valid content: only the ranges
+of events are meaningful. ``get_buffer`` keeps working after an error (so a
+``BufferedProtocol`` can be torn down normally); ``feed``/``buffer_updated``
+raise it again.
 """
 
 from typing import Final
@@ -45,10 +66,10 @@ STREAM_NS: Final[str]  # "http://etherx.jabber.org/streams"
 XML_NS: Final[str]  # "http://www.w3.org/XML/1998/namespace"
 
 DEFAULT_MAX_STANZA_BYTES: Final[int]  # 512 KiB, as Prosody
-DEFAULT_MAX_DEPTH: Final[int]
-DEFAULT_MAX_ATTRIBUTES: Final[int]
-DEFAULT_MAX_NAME_LENGTH: Final[int]
-DEFAULT_MAX_ATTRIBUTE_VALUE_LENGTH: Final[int]
+DEFAULT_MAX_DEPTH: Final[int]  # 64 (real stanzas nest < 20)
+DEFAULT_MAX_ATTRIBUTES: Final[int]  # 64 per element, xmlns declarations included
+DEFAULT_MAX_NAME_LENGTH: Final[int]  # 1024 bytes per qualified name
+DEFAULT_MAX_ATTRIBUTE_VALUE_LENGTH: Final[int]  # 64 KiB (raw bytes)
 
 class ParseError(Exception):
     condition: str  # RFC 6120 stream error condition, e.g. "not-well-formed"
@@ -103,6 +124,10 @@ class Tokenizer:
         max_attribute_value_length: int = ...,
     ) -> None: ...
     max_stanza_bytes: int  # writable: raise it once the peer is authenticated
+    max_depth: int  # read-only, as are the other limits
+    max_attributes: int
+    max_name_length: int
+    max_attribute_value_length: int
     @property
     def buffer(self) -> bytearray: ...
     @property
