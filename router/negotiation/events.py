@@ -1,0 +1,91 @@
+"""Events a `Session` reports to the runtime (drained with `Session.events()`).
+
+Directions: ``"inbound"`` = the peer may now send stanzas ``remote -> local`` on
+this stream; ``"outbound"`` = we may now send ``local -> remote`` on it (our
+own outgoing stream, or an inbound one with bidi).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Flush `data_to_send()`, run the TLS handshake, then call `tls_established(peer_chain_der)`."""
+
+    domain: str | None  # receiver: our domain (pick its certificate); initiator: the peer's (SNI, reference id)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """A domain pair became usable on this stream."""
+
+    remote: str
+    local: str
+    mechanism: str  # "EXTERNAL", "dialback", or "dialback+pkix" (XEP-0344: the certificate sufficed)
+    direction: str  # "inbound" | "outbound"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    """Our request to send ``local -> remote`` failed; bounce the stanzas queued for it with `bounce`."""
+
+    remote: str
+    local: str
+    condition: str  # "invalid", or the dialback / SASL / stream condition that ended it
+    bounce: str  # stanza error condition for queued stanzas (XEP-0220 §2.1.1)
+
+
+@dataclass(frozen=True, slots=True)
+class BidiEnabled:
+    """XEP-0288 is on: this one stream carries both directions."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """Ask the authoritative server of `originating` whether `key` is right, over another connection.
+
+    Send it with `other_session.request_verify(token, receiving, originating,
+    stream_id, key)` on any stream except this one (XEP-0288 §2.2), and answer
+    with `session.key_verified(token, result)`.
+    """
+
+    token: Any
+    receiving: str
+    originating: str
+    stream_id: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The authoritative server answered (or could not answer) a `request_verify`."""
+
+    token: Any
+    result: str  # "valid" | "invalid" | a stanza error condition
+
+
+@dataclass(frozen=True, slots=True)
+class Stanza:
+    """An authorized stanza; its bytes are ``session.tokenizer.buffer[element.start:element.end]``
+    until the next `receive_data` / `buffer_updated` call."""
+
+    element: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """We closed the stream (`condition` None: a graceful ``</stream:stream>``). Flush, then close TCP."""
+
+    condition: str | None
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClosed:
+    """The peer ended its stream (``</stream:stream>`` or a stream error); we answered with ours."""
+
+    condition: str | None
+    text: str | None

@@ -1,0 +1,97 @@
+"""``<stream:features/>`` with XEP-0192 required flags: writing ours, reading the peer's.
+
+XEP-0192 (obsolete, but part of this project's brief) puts ``<required/>`` in
+every feature whose negotiation is mandatory at that stage, so an initiator
+knows when it may send stanzas: no required feature left (and nothing it
+still wants) means go. RFC 6120 only defines the flag for ``<starttls/>``;
+`SessionConfig.required_flags` = False keeps that one and drops the others
+for peers that choke on unknown children.
+
+Each feature module (tls, sasl, dialback, bidi) offers at most one `Offer`
+per stage; this module only renders and parses the container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from router.xml import child
+
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+DIALBACK_FEATURE_NS = "urn:xmpp:features:dialback"
+BIDI_FEATURE_NS = "urn:xmpp:features:bidi"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One feature child: ``<name xmlns=ns>children[<required/>]</name>``."""
+
+    name: str
+    ns: str
+    children: str = ""
+    required: bool = False
+
+
+def render(offers: list[Offer], required_flags: bool) -> bytes:
+    """Our ``<stream:features>`` element (XEP-0170 order is the order of `offers`)."""
+    parts = []
+    for offer in offers:
+        inner = offer.children
+        if offer.required and (required_flags or offer.ns == TLS_NS):
+            inner += "<required/>"
+        parts.append(f"<{offer.name} xmlns='{offer.ns}'>{inner}</{offer.name}>" if inner else f"<{offer.name} xmlns='{offer.ns}'/>")
+    return ("<stream:features>" + "".join(parts) + "</stream:features>").encode() if parts else b"<stream:features/>"
+
+
+@dataclass(frozen=True)
+class Advertised:
+    """What a peer's features element offers, as the initiator needs it."""
+
+    starttls: bool = False
+    starttls_required: bool = False
+    mechanisms: tuple[str, ...] = ()
+    dialback: bool = False
+    dialback_errors: bool = False
+    bidi: bool = False
+    required: frozenset[str] = field(default_factory=frozenset)  # "{ns}name" of features flagged required
+
+    @property
+    def empty(self) -> bool:
+        return not (self.starttls or self.mechanisms or self.dialback or self.bidi or self.required)
+
+
+def parse(features: etree._Element) -> Advertised:
+    """Read a peer's features. Unknown children are ignored unless flagged required.
+
+    A ``<bidi xmlns='urn:xmpp:bidi'/>`` inside features (the seed draft's bug,
+    tricky.md T-01) is not the bidi feature; an empty ``<mechanisms/>`` (T-14)
+    offers nothing.
+    """
+    required = set()
+    for feature in features:
+        if not isinstance(feature.tag, str):
+            continue
+        ns = etree.QName(feature).namespace
+        if ns is not None and feature.find(f"{{{ns}}}required") is not None:
+            required.add(feature.tag)
+    starttls = child(features, TLS_NS, "starttls")
+    mechanisms = child(features, SASL_NS, "mechanisms")
+    dialback = child(features, DIALBACK_FEATURE_NS, "dialback")
+    return Advertised(
+        starttls=starttls is not None,
+        starttls_required=f"{{{TLS_NS}}}starttls" in required,
+        mechanisms=tuple(
+            (m.text or "").strip().upper() for m in mechanisms.iterfind(f"{{{SASL_NS}}}mechanism")
+        )
+        if mechanisms is not None
+        else (),
+        dialback=dialback is not None,
+        dialback_errors=dialback is not None and child(dialback, DIALBACK_FEATURE_NS, "errors") is not None,
+        bidi=child(features, BIDI_FEATURE_NS, "bidi") is not None,
+        required=frozenset(required),
+    )
+
+

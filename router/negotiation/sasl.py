@@ -1,0 +1,164 @@
+"""SASL EXTERNAL for S2S (RFC 6120 §6, XEP-0178) in both roles.
+
+Receiver: EXTERNAL is offered only on an encrypted stream whose peer
+certificate chains to our trust store and names the header's ``from`` domain
+(`router.certs.peer_status`); the authzid may be absent (``=``) or that
+domain. Failures are counted; past `SessionConfig.sasl_max_failures` the
+stream closes with ``<policy-violation/>`` (§6.4.5). A failed EXTERNAL leaves
+the stream open for dialback (XEP-0178 §3 step 11b).
+
+Initiator: tries EXTERNAL first when offered and we present a certificate,
+falls back to dialback on failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TYPE_CHECKING
+
+from router import policy as pol
+from router.negotiation.features import SASL_NS, Offer
+from router.xml import first_condition, text_node
+
+if TYPE_CHECKING:
+    from router.negotiation.session import Session
+
+EXTERNAL = "EXTERNAL"
+# RFC 6120 §6.5: conditions a <failure/> may carry; anything else means not-authorized.
+FAILURE_CONDITIONS = frozenset(
+    {
+        "aborted", "account-disabled", "credentials-expired", "encryption-required", "incorrect-encoding",
+        "invalid-authzid", "invalid-mechanism", "malformed-request", "mechanism-too-weak", "not-authorized",
+        "temporary-auth-failure",
+    }
+)
+
+
+def offer(s: Session) -> Offer | None:
+    """``<mechanisms><mechanism>EXTERNAL</mechanism></mechanisms>`` when the certificate proves `from`."""
+    if not s.encrypted or s.authenticated or s.remote_domain is None or not s.peer_certificate_ok(s.remote_domain):
+        return None
+    if not pol.auth_mechanism_allowed(s.config.policy, s.remote_domain, pol.MECHANISM_EXTERNAL, True):
+        return None
+    return Offer("mechanisms", SASL_NS, children="<mechanism>EXTERNAL</mechanism>", required=True)
+
+
+def _failure(s: Session, condition: str, text: str) -> None:
+    s.send(f"<failure xmlns='{SASL_NS}'><{condition}/><text xml:lang='en'>{text_node(text)}</text></failure>".encode())
+    s.sasl_failures += 1
+    if s.sasl_failures > s.config.sasl_max_failures:
+        s.close("policy-violation", f"too many failed SASL attempts ({s.sasl_failures})")
+
+
+def decode_authzid(data: str) -> str | None:
+    """The authzid of an EXTERNAL initial response; '' for none (``=``). ValueError if malformed (§6.3.5)."""
+    data = "".join(data.split())  # XML whitespace inside the element is tolerated (seeds.md E8)
+    if data == "=":
+        return ""
+    if not data:
+        raise ValueError("empty initial response (a zero-length response is sent as '=')")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("initial response is not base64 (RFC 4648 §4)") from None
+    if base64.b64encode(raw).decode("ascii") != data:
+        raise ValueError("initial response has non-zero padding bits")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("authzid is not UTF-8") from None
+
+
+def handle_auth(s: Session, element) -> None:
+    """Receiver: ``<auth mechanism='EXTERNAL'>`` -> ``<success/>`` (restart) or ``<failure/>``."""
+    if s.role != "receiver":
+        s.close("unsupported-stanza-type", "<auth/> sent to the initiating server")
+        return
+    tree = s.tree(element)
+    mechanism = tree.get("mechanism")
+    if mechanism != EXTERNAL or s.authenticated or s.remote_domain is None:
+        _failure(s, "invalid-mechanism", f"mechanism {mechanism!r} is not available on this stream")
+        return
+    if not s.encrypted:
+        _failure(s, "encryption-required", "EXTERNAL needs the certificate of a TLS-protected stream")
+        return
+    try:
+        authzid = decode_authzid(tree.text or "")
+    except ValueError as exc:
+        _failure(s, "malformed-request", str(exc))
+        return
+    domain = s.remote_domain
+    if authzid:
+        try:
+            same = s.normalize(authzid) == domain
+        except ValueError:
+            same = False
+        if not same:
+            _failure(s, "invalid-authzid", f"{authzid!r} is not the domain {domain} you authenticate as")
+            return
+    decision = pol.auth_mechanism_allowed(s.config.policy, domain, pol.MECHANISM_EXTERNAL, s.encrypted)
+    if not decision:
+        _failure(s, "not-authorized", decision.text)
+        return
+    if not s.peer_certificate_ok(domain):
+        _failure(s, "not-authorized", f"the certificate does not prove {domain}")
+        return
+    s.send(f"<success xmlns='{SASL_NS}'/>".encode())
+    s.sasl_succeeded(element.end)
+
+
+def handle_abort(s: Session, element) -> None:
+    """Receiver: ``<abort/>`` -> ``<failure><aborted/></failure>`` (§6.4.4)."""
+    if s.role != "receiver":
+        s.close("unsupported-stanza-type", "<abort/> sent to the initiating server")
+        return
+    _failure(s, "aborted", "authentication aborted by the initiating server")
+
+
+def handle_response(s: Session, element) -> None:
+    """Receiver: EXTERNAL has no challenges, so any ``<response/>`` is out of place."""
+    if s.role != "receiver":
+        s.close("unsupported-stanza-type", "<response/> sent to the initiating server")
+        return
+    _failure(s, "malformed-request", "EXTERNAL sends no challenges; <response/> is unexpected")
+
+
+def choose(s: Session, adv) -> bool:
+    """Initiator: try EXTERNAL first when offered and we present a certificate (§6.3.4)."""
+    if EXTERNAL not in adv.mechanisms or not s.config.has_certificate or s.sasl_tried or not s.encrypted:
+        return False
+    s.sasl_tried = True
+    s.sasl_pending = True
+    authzid = base64.b64encode(s.local_domain.encode()).decode() if s.config.sasl_send_authzid else "="
+    s.send(f"<auth xmlns='{SASL_NS}' mechanism='EXTERNAL'>{authzid}</auth>".encode())
+    return True
+
+
+def handle_success(s: Session, element) -> None:
+    """Initiator: restart the stream (re-feeding whatever followed ``<success/>``)."""
+    if s.role != "initiator" or not s.sasl_pending:
+        s.close("unsupported-stanza-type", "<success/> without an <auth/> request")
+        return
+    s.sasl_pending = False
+    s.sasl_succeeded(element.end)
+
+
+def handle_failure(s: Session, element) -> None:
+    """Initiator: EXTERNAL refused; continue with dialback if the peer offers it."""
+    if s.role != "initiator" or not s.sasl_pending:
+        s.close("unsupported-stanza-type", "SASL <failure/> without an <auth/> request")
+        return
+    s.sasl_pending = False
+    condition = first_condition(s.tree(element), SASL_NS)
+    s.sasl_condition = condition if condition in FAILURE_CONDITIONS else "not-authorized"
+    s.continue_negotiation()
+
+
+HANDLERS = {
+    (SASL_NS, "auth"): handle_auth,
+    (SASL_NS, "abort"): handle_abort,
+    (SASL_NS, "response"): handle_response,
+    (SASL_NS, "success"): handle_success,
+    (SASL_NS, "failure"): handle_failure,
+}
