@@ -66,9 +66,11 @@ BIDI_MODES = ("encrypted", "always", "off")
 # XEP-0288 saves one TCP connection per peer; only over TLS by default because
 # XEP-0288 §2.1 requires STARTTLS to complete first when TLS is used.
 DEFAULT_BIDI = "encrypted"
-# XEP-0192 generic <required/> flags are obsolete (checklist 18); off unless a
-# legacy peer needs them.
-DEFAULT_REQUIRED_FLAGS = False
+# XEP-0192 <required/> on every feature that is mandatory at that stage: the
+# project's brief (seed XEP-0192), so on by default; Prosody 0.12 and ejabberd
+# 23.01 ignore unknown feature children. Turn off for a peer that chokes on them
+# (RFC 6120 itself defines <required/> only inside <starttls/>, which stays).
+DEFAULT_REQUIRED_FLAGS = True
 # TCP connect to one address; RFC 6120 gives no number, 10 s tolerates slow
 # links while moving on to the next SRV target quickly.
 DEFAULT_CONNECT_TIMEOUT = 10.0
