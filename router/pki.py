@@ -86,6 +86,32 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
+
+def _base_builder(common_name, issuer, key, not_before, not_after, *, ca, path_length):
+    """Subject, issuer, validity, basicConstraints and keyUsage shared by CA and leaf certificates."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    not_before = not_before or _now() - CLOCK_SKEW_MARGIN
+    not_after = not_after or not_before + DEFAULT_LIFETIME
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=ca,
+                crl_sign=ca, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+
+
 def make_ca(
     name: str,
     *,
@@ -97,36 +123,15 @@ def make_ca(
 ) -> Credential:
     """A CA certificate: self-signed root when `issuer` is None, else an intermediate."""
     key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    not_before = not_before or _now() - CLOCK_SKEW_MARGIN
-    not_after = not_after or not_before + DEFAULT_LIFETIME
-    signer_key = issuer.key if issuer else key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    )
+    builder = _base_builder(name, issuer, key, not_before, not_after, ca=True, path_length=path_length)
+    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     if issuer:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
         )
     if name_constraints is not None:
         builder = builder.add_extension(name_constraints, critical=True)
-    return Credential(builder.sign(signer_key, hashes.SHA256()), key)
+    return Credential(builder.sign(issuer.key if issuer else key, hashes.SHA256()), key)
 
 
 def make_leaf(
@@ -150,9 +155,6 @@ def make_leaf(
     plus `extra_ekus`; it is omitted when that list is empty.
     """
     key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or domain)])
-    not_before = not_before or _now() - CLOCK_SKEW_MARGIN
-    not_after = not_after or not_before + DEFAULT_LIFETIME
     if dns_ids is None:
         dns_ids = [domain]
     names: list[x509.GeneralName] = [x509.DNSName(d) for d in dns_ids]
@@ -161,24 +163,7 @@ def make_leaf(
     ekus = [ExtendedKeyUsageOID.SERVER_AUTH] if server_auth else []
     ekus += [ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else []
     ekus += list(extra_ekus)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer.cert.subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-    )
+    builder = _base_builder(common_name or domain, issuer, key, not_before, not_after, ca=False, path_length=None)
     if names:
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     if ekus:
