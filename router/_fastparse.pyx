@@ -17,17 +17,18 @@ API (the contract is ``_fastparse.pyi``)
 * ``StreamEnd`` - the stream's end tag.
 
 Bytes come in through ``feed(data)`` (one copy) or ``get_buffer()`` +
-``buffer_updated(n)`` (``asyncio.BufferedProtocol``, zero copy). A call stops
-scanning right after a top-level TLS ``<proceed/>``/``<starttls/>`` or SASL
-``<success/>`` (the XML document ends there) and returns; the bytes after it
-are left for ``restart(end)`` to hand back, or are scanned by the next call if
-the caller does not restart. ``pin()``
+``buffer_updated(n)`` (``asyncio.BufferedProtocol``, zero copy). ``pin()``
 says a memoryview of the current buffer is still held (e.g. by a pending
 ``transport.write``): the next read then swaps in a fresh ``bytearray``
-instead of moving bytes inside the old one. ``restart(end)`` starts a new
-stream after STARTTLS/SASL. Offsets of events are valid in ``buffer`` until
-the next ``feed``/``get_buffer``; bytes of ``buffer`` past the last event are
-unspecified (the ``bytearray`` is larger than its valid content).
+instead of moving bytes inside the old one. Offsets of events are valid in
+``buffer`` until the next ``feed``/``get_buffer``; bytes of ``buffer`` past
+the last event are unspecified (the ``bytearray`` is larger than its content).
+
+A call stops scanning right after a top-level TLS ``<proceed/>``/``<starttls/>``
+or SASL ``<success/>`` (the XML document ends there) and returns; the bytes
+after it are left for ``restart(end)`` to hand back (it then expects a new XML
+declaration and header), or are scanned by the next call if the caller does
+not restart.
 
 The scanner is a byte-level state machine whose state survives between calls,
 so the work is linear in the bytes fed however they are split: names, attribute
@@ -54,6 +55,11 @@ prefix (``invalid-namespace``, ``bad-namespace-prefix``), UTF-8 only
   libxml2's own default name limit is 50 000, far beyond any use.
 * ``max_attribute_value_length`` = 64 KiB: the largest real values are JIDs
   (<= 3 x 1023 bytes) and ids; big payloads travel as text, not attributes.
+
+Bytes that break the rules of UTF-8 (overlong, surrogates, truncated,
+> U+10FFFF, 0xC0/0xC1/0xF5-0xFF) are ``unsupported-encoding`` as RFC 6120
+§4.9.3.22 says; valid UTF-8 for a character XML forbids (U+FFFE, control
+characters) is ``not-well-formed``.
 
 Deliberate choices beyond plain XML: ``<stream:stream>`` (the stream element)
 is refused anywhere below the header (not-well-formed), so stanza bytes can
@@ -273,6 +279,7 @@ cdef inline int find_colon(const unsigned char* s, Py_ssize_t n) noexcept:
     """Index of the one ':' of a qualified name, -1 if none, -2 if malformed."""
     cdef Py_ssize_t i
     cdef int colon = -1
+    cdef unsigned int cp = 0
     for i in range(n):
         if s[i] == 58:
             if colon >= 0:
@@ -280,6 +287,12 @@ cdef inline int find_colon(const unsigned char* s, Py_ssize_t n) noexcept:
             colon = i
     if colon == 0 or colon == n - 1:
         return -2
+    if colon > 0:  # the local part must start like a name too (an NCName)
+        if NT[s[colon + 1]] == NT_CHAR:
+            return -2
+        if NT[s[colon + 1]] == NT_HIGH and utf8_seq(s + colon + 1, n - colon - 1, &cp) > 0 \
+                and not is_name_char(cp, True):
+            return -2
     return colon
 
 
@@ -527,11 +540,10 @@ cdef class Tokenizer:
             raise self.error
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
-            if view.len == 0:
-                return []
-            self._prepare(view.len)
-            memcpy(PyByteArray_AS_STRING(self.buf) + self.fill, view.buf, view.len)
-            self.fill += view.len
+            if view.len > 0:
+                self._prepare(view.len)
+                memcpy(PyByteArray_AS_STRING(self.buf) + self.fill, view.buf, view.len)
+                self.fill += view.len
         finally:
             PyBuffer_Release(&view)
         return self._run()
@@ -1098,7 +1110,7 @@ cdef class Tokenizer:
         cdef const unsigned char* nm
         cdef const unsigned char* name = b + (self.name_abs - base)
         cdef const unsigned char* local
-        cdef Py_ssize_t ndecls0 = self.ndecls, arena0 = self.arena_len, llen
+        cdef Py_ssize_t ndecls0 = self.ndecls, arena0 = self.arena_len, llen, elem_found
         cdef bint own_default = False, header = not self.seen_header
         cdef const char* uri
         cdef Py_ssize_t ulen
@@ -1139,6 +1151,7 @@ cdef class Tokenizer:
         else:  # a nested unprefixed element's namespace is not needed
             uri = b""
             ulen = 0
+        elem_found = self.found  # attribute lookups below overwrite it
         local = name + colon + 1
         llen = nlen - colon - 1
         if n > 0:
@@ -1165,6 +1178,7 @@ cdef class Tokenizer:
             self._fail("bad-namespace-prefix", "elements in jabber:server must not be prefixed (RFC 6120 §4.8.5)",
                        self.name_abs - base)
         if d == 0:
+            self.found = elem_found
             self._top_start(b, name, colon, nlen, uri, ulen, own_default)
         if empty:
             self.ndecls = ndecls0

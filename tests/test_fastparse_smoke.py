@@ -176,3 +176,13 @@ def test_error_carries_events_completed_before_it():
     with pytest.raises(ParseError) as info:
         Tokenizer().feed(HEADER + b"<presence/><a>\x00</a>")
     assert [type(e).__name__ for e in info.value.events] == ["StreamHeader", "Element"]
+
+
+@pytest.mark.parametrize("stanza, header_prefix", [
+    (b"<message db:a='1'/>", True),
+    (b"<message xmlns:x='urn:x' x:a='1' xml:lang='en'/>", False),
+    (b"<message><x:y xmlns:x='urn:x'><db:z/></x:y></message>", True),
+])
+def test_attribute_prefixes_do_not_change_the_element_namespace(stanza, header_prefix):
+    (element,) = Tokenizer().feed(HEADER + stanza)[1:]
+    assert (element.name, element.ns, element.header_prefix) == ("message", "jabber:server", header_prefix)
