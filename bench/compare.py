@@ -1,0 +1,210 @@
+"""Side by side: the same S2S load against the relay, Prosody and ejabberd.
+
+One run, one machine: each target serves `bench.test` through the same echo
+component (XEP-0114, its own process), is pinned to CPU 0 while the generator
+and the component share CPU 1, and gets the same stream-count sweep in
+saturation (a fixed window of stanzas in flight per stream) with the same TLS
+setting. The relay then gets two more points: a fixed rate at 80% of its own
+saturation rate (for p99) and N idle authenticated bidi streams (for memory).
+Results go to results/compare-<time>.json and into the "Side by side" section
+of docs/benchmarks.md, with a plot beside it.
+
+    python -m bench.compare                      # make bench-compare
+    python -m bench.compare --targets relay --streams 10,100 --duration 5 --idle-streams 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from bench import load
+from bench.loadlib import plot, targets
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+PLOT = ROOT / "docs" / "benchmarks-side-by-side.png"
+BEGIN, END = "<!-- side-by-side:begin -->", "<!-- side-by-side:end -->"
+GOALS = {"prosody": 5.0, "ejabberd": 3.0}  # relay saturation / theirs, at least
+P99_GOAL_MS = 50.0
+IDLE_GOAL_BYTES = 4096
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--targets", default="relay,prosody,ejabberd")
+    p.add_argument("--streams", default="10,100,1000", help="sweep of stream counts (saturation)")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--window", type=int, default=8, help="stanzas in flight per stream when saturating")
+    p.add_argument("--sizes", default="200:0.9,2000:0.1")
+    p.add_argument("--tls", action="store_true", help="STARTTLS + SASL EXTERNAL instead of plaintext dialback")
+    p.add_argument("--idle-streams", type=int, default=10000, help="relay memory point (0 = skip)")
+    p.add_argument("--profile", choices=("py-spy", "cprofile"), default="py-spy",
+                   help="profile the relay's saturation run (its figures then carry the profiler's cost)")
+    p.add_argument("--target-cpu", default="0")
+    p.add_argument("--generator-cpu", default="1")
+    p.add_argument("--workdir", type=Path)
+    p.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    return p
+
+
+def load_args(opts, **over) -> argparse.Namespace:
+    """The bench.load options every target gets (one place, so all targets see the same load)."""
+    argv = ["--saturate", "--window", str(opts.window), "--sizes", opts.sizes, "--duration", str(opts.duration),
+            "--streams", opts.streams, "--quiet", "--target-cpu", opts.target_cpu,
+            "--generator-cpu", opts.generator_cpu, "--ramp-up", "1", "--listen-port", "15269"]
+    if opts.tls:
+        argv += ["--tls", "--mechanism", "external"]
+    args = load.parser().parse_args(argv)
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
+
+
+def run_target(kind: str, opts, workdir: Path, bundle: targets.Pki, **over) -> dict:
+    args = load_args(opts, **over)
+    counts = load.stream_counts(args.streams)
+    pki_files = (str(bundle.ca_file), str(bundle.load_cert), str(bundle.load_key))
+    profile = over.pop("profile", None)
+    target = targets.make_target(kind, workdir / over.get("tag", kind), bundle, opts.tls, opts.target_cpu, profile)
+    try:
+        return load.run_on(target, args, counts, pki_files, workdir)
+    except Exception as exc:  # one target failing must not lose the others' figures
+        traceback.print_exc()
+        return {"target": kind, "points": [], "error": f"{exc!r}"[:2000]}
+
+
+def saturation(result: dict) -> tuple[float, dict | None]:
+    best, where = 0.0, None
+    for p in result.get("points", []):
+        rate = (p.get("throughput") or {}).get("delivered_per_s") or 0
+        if rate > best:
+            best, where = rate, p
+    return best, where
+
+
+def main(argv=None) -> int:
+    opts = parser().parse_args(argv)
+    os.sched_setaffinity(0, {int(opts.generator_cpu)})
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="bench-compare-"))
+    bundle = targets.Pki(workdir / "certs")
+    report = {"command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "machine": load.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "options": {k: str(v) for k, v in vars(opts).items()}, "workdir": str(workdir), "results": {}}
+    kinds = [k for k in opts.targets.split(",") if k]
+    for kind in kinds:
+        print(f"== {kind}: saturation sweep {opts.streams}", file=sys.stderr)
+        over = {"profile": opts.profile} if kind == "relay" else {}
+        report["results"][kind] = run_target(kind, opts, workdir, bundle, **over)
+    relay = report["results"].get("relay")
+    if relay:
+        sat, point = saturation(relay)
+        if point:
+            streams = point["config"]["streams"]
+            print(f"== relay: 80% of {sat:.0f}/s on {streams} streams", file=sys.stderr)
+            report["results"]["relay@80%"] = run_target(
+                "relay", opts, workdir, bundle, tag="relay-80", saturate=False, rate=round(0.8 * sat),
+                streams=str(streams))
+        if opts.idle_streams:
+            print(f"== relay: {opts.idle_streams} idle streams", file=sys.stderr)
+            report["results"]["relay idle"] = run_target(
+                "relay", opts, workdir, bundle, tag="relay-idle", saturate=False, rate=0.0,
+                streams=str(opts.idle_streams), duration=2.0, ramp_up=10.0, connect_concurrency=500,
+                handshake_timeout=120.0)
+    out = ROOT / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    series = {k: r["points"] for k, r in report["results"].items() if k in kinds}
+    plot.plot_sweep(series, PLOT, f"saturation, {'TLS + SASL EXTERNAL' if opts.tls else 'plaintext dialback'}")
+    section = render(report)
+    print(section)
+    if not opts.no_doc:
+        write_section(section)
+    print(f"results: {out}", file=sys.stderr)
+    return 0
+
+
+def _fmt(value, unit="") -> str:
+    return "n/a" if value is None else f"{value:,.1f}{unit}" if isinstance(value, float) else f"{value}{unit}"
+
+
+def render(report: dict) -> str:
+    m = report["machine"]
+    opts = report["options"]
+    lines = [BEGIN, "## Side by side", "",
+             f"Run {report['started']} on {m['cpu']} ({m['cores']} cores, Linux {m['kernel']}, Python {m['python']}).",
+             f"Command: `{report['command']}` (defaults: streams {opts['streams']}, window {opts['window']}, "
+             f"sizes {opts['sizes']}, {opts['duration']} s per point, TLS {opts['tls']}).",
+             "Target pinned to CPU 0; the generator and the echo component share CPU 1. "
+             "Saturation = the highest delivered (echoed) stanzas/s over the sweep; every stanza crosses "
+             "the target twice (S2S in -> component -> S2S out).", "",
+             "| target | streams | delivered/s | latency p50 / p99 / p99.9 ms | handshakes/s | target CPU % | "
+             "target RSS MiB | generator CPU % | echo CPU % | lost / dup / misrouted / errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, result in report["results"].items():
+        if result.get("error"):
+            lines.append(f"| {kind} | - | failed: {result['error'][:200].replace('|', '/')} |||||||| |")
+        for p in result.get("points", []):
+            t, lat, h, d = p.get("throughput", {}), p.get("latency_ms", {}), p.get("handshakes", {}), p["delivery"]
+            cpu = p.get("cpu_percent", {})
+            label = result["target"]
+            rss = (p.get("rss_mib_end") or {}).get(label)
+            lines.append(
+                f"| {kind} | {p['config']['streams']} | {_fmt(t.get('delivered_per_s'))} | "
+                f"{_fmt(lat.get('p50'))} / {_fmt(lat.get('p99'))} / {_fmt(lat.get('p99.9'))} | {_fmt(h.get('per_s'))} | "
+                f"{_fmt(cpu.get(label))} | {_fmt(rss)} | {_fmt(cpu.get('generator'))} | {_fmt(cpu.get('echo'))} | "
+                f"{d['lost']} / {d['duplicated']} / {d['misrouted']} / {d['error_stanzas']} |")
+    lines += ["", "Targets:", ""]
+    relay_sat = saturation(report["results"].get("relay", {}))[0]
+    for kind, goal in GOALS.items():
+        if kind in report["results"]:
+            theirs = saturation(report["results"][kind])[0]
+            ratio = relay_sat / theirs if theirs else None
+            verdict = "met" if ratio and ratio >= goal else "MISSED"
+            lines.append(f"* saturation relay / {kind}: {_fmt(ratio)}x (goal >= {goal:g}x): {verdict}")
+    at80 = report["results"].get("relay@80%", {}).get("points", [])
+    if at80:
+        p99 = at80[0].get("latency_ms", {}).get("p99")
+        verdict = "met" if p99 is not None and p99 < P99_GOAL_MS else "MISSED"
+        lines.append(f"* relay p99 at 80% of its saturation ({at80[0]['config']['rate']:.0f}/s): "
+                     f"{_fmt(p99)} ms (goal < {P99_GOAL_MS:g} ms): {verdict}")
+    idle = report["results"].get("relay idle", {}).get("points", [])
+    if idle:
+        p = idle[0]
+        mem, h = p.get("memory", {}), p.get("handshakes", {})
+        relay_mem = mem.get("relay", {})
+        per = relay_mem.get("bytes_per_stream")
+        verdict = "met" if per is not None and per <= IDLE_GOAL_BYTES and h.get("failed") == 0 else "MISSED"
+        lines.append(f"* idle authenticated streams held by one relay process: {h.get('established')}/"
+                     f"{p['config']['streams']} (bidi {h.get('bidi')}); RSS {relay_mem.get('rss_empty_mib')} -> "
+                     f"{relay_mem.get('rss_held_mib')} MiB = {per} bytes/stream beyond the empty process "
+                     f"(goal <= {IDLE_GOAL_BYTES}): {verdict}; kernel TCP memory (both ends, system-wide) "
+                     f"{mem.get('kernel_tcp', {}).get('bytes_per_stream_both_ends')} bytes/stream")
+    profile = report["results"].get("relay", {}).get("profile")
+    if profile:
+        lines.append(f"* relay profile of the saturation sweep: `{profile}`")
+    lines += ["", f"![throughput and latency against streams]({PLOT.name})", "", END]
+    return "\n".join(lines)
+
+
+def write_section(section: str) -> None:
+    """Replace our section between its markers, or append it; other sections stay as they are."""
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    DOC.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

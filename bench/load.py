@@ -1,0 +1,220 @@
+"""Synthetic S2S load generator: many simulated remote servers against one target.
+
+Each simulated server (`g0001.load.test`, ...) opens an S2S stream to the
+target, authenticates with dialback (the generator answers the target's
+`db:verify` on its own listener, which the target must route `*.load.test`
+to) or SASL EXTERNAL (certificates from the generator's test CA, which the
+target must trust), asks for bidi where offered, then sends messages to
+`echo@<target domain>` at a fixed rate (or saturating, with a window of
+stanzas in flight per stream). The echoes carry `<stream>.<seq>.<sent µs>` in
+their id: that gives end-to-end latency and exposes lost, duplicated and
+misrouted stanzas.
+
+    python -m bench.load --target-port 5269 --target-domain bench.test --streams 50 --rate 2000
+    python -m bench.load --start relay --streams 10,100,1000 --saturate --output results/relay.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.loadlib import procstat, runner
+from bench.loadlib.plot import plot_sweep
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    t = p.add_argument_group("target")
+    t.add_argument("--start", choices=("relay", "prosody", "ejabberd"),
+                   help="start this target (with the echo component) instead of using a running one")
+    t.add_argument("--target-host", default="127.0.0.1")
+    t.add_argument("--target-port", type=int, default=5269)
+    t.add_argument("--target-domain", default="bench.test")
+    t.add_argument("--target-pid", type=int, help="sample this process's CPU and RSS from /proc")
+    t.add_argument("--watch-pid", action="append", default=[], metavar="LABEL=PID", help="sample another process too")
+    t.add_argument("--target-cpu", help="with --start: pin the target to this CPU (taskset)")
+    t.add_argument("--generator-cpu", help="pin the generator (and the echo component) to this CPU")
+    t.add_argument("--profile", choices=("py-spy", "cprofile"), help="with --start relay: profile the relay")
+    t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go")
+    g = p.add_argument_group("load")
+    g.add_argument("--streams", default="50", help="stream count, or a comma list for a sweep (e.g. 10,100,1000)")
+    g.add_argument("--rate", type=float, default=1000.0, help="stanzas/s over all streams; 0 = idle streams")
+    g.add_argument("--saturate", action="store_true", help="closed loop: keep --window stanzas in flight per stream")
+    g.add_argument("--window", type=int, default=16)
+    g.add_argument("--sizes", default="200:1", help="stanza size mix, bytes:weight,... (e.g. 200:0.8,2000:0.2)")
+    g.add_argument("--duration", type=float, default=10.0, help="measurement window, seconds")
+    g.add_argument("--warmup", type=float, default=1.0)
+    g.add_argument("--ramp-up", type=float, default=0.0, help="spread the stream openings over this many seconds")
+    g.add_argument("--connect-concurrency", type=int, default=200, help="handshakes in progress at once")
+    g.add_argument("--handshake-timeout", type=float, default=60.0, help="per stream, seconds")
+    g.add_argument("--drain", type=float, default=5.0, help="after the window, wait for echoes until none came for this many seconds (60 s at most)")
+    g.add_argument("--sink", action="store_true", help="the target sinks the stanzas: measure sending only")
+    a = p.add_argument_group("authentication")
+    a.add_argument("--tls", action="store_true", help="STARTTLS on every stream")
+    a.add_argument("--mechanism", choices=("dialback", "external"), default="dialback")
+    a.add_argument("--no-bidi", action="store_true", help="do not ask for XEP-0288 bidi")
+    a.add_argument("--listen-host", default="127.0.0.1", help="the simulated servers' own S2S listener")
+    a.add_argument("--listen-port", type=int, default=15269)
+    a.add_argument("--secret", default="load-generator-dialback-secret")
+    a.add_argument("--pki-dir", type=Path, help="CA + *.load.test certificate (created if missing)")
+    a.add_argument("--target-ca", help="CA file of the target's certificate (default: the generator's CA)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", type=Path, help="JSON result file (a PNG plot beside it for a sweep)")
+    o.add_argument("--quiet", action="store_true", help="no live status line")
+    return p
+
+
+def generator_pki(directory: Path) -> tuple[str, str, str]:
+    """(ca_file, cert, key) in `directory`, created on first use."""
+    from router import pki
+
+    from bench.loadlib import wire
+
+    ca_file, cert, key = directory / "ca.pem", directory / "load.crt", directory / "load.key"
+    if not (ca_file.exists() and cert.exists() and key.exists()):
+        ca = pki.make_ca("Load Generator CA")
+        directory.mkdir(parents=True, exist_ok=True)
+        ca_file.write_bytes(ca.cert_pem())
+        ca.write(directory, "ca")
+        pki.make_leaf(ca, wire.LOAD_SUFFIX, dns_ids=[f"*.{wire.LOAD_SUFFIX}", wire.LOAD_SUFFIX]).write(directory, "load")
+    return str(ca_file), str(cert), str(key)
+
+
+def base_config(args, **over) -> runner.LoadConfig:
+    pids = {}
+    if args.target_pid:
+        pids["target"] = args.target_pid
+    for item in args.watch_pid:
+        label, _, pid = item.partition("=")
+        pids[label] = int(pid)
+    fields = dict(
+        target_host=args.target_host, target_port=args.target_port, target_domain=args.target_domain,
+        listen_host=args.listen_host, listen_port=args.listen_port, rate=args.rate, saturate=args.saturate,
+        window=args.window, sizes=args.sizes, duration=args.duration, warmup=args.warmup, ramp_up=args.ramp_up,
+        connect_concurrency=args.connect_concurrency, handshake_timeout=args.handshake_timeout, drain=args.drain, tls=args.tls, mechanism=args.mechanism,
+        bidi=not args.no_bidi, echo=not args.sink, secret=args.secret, target_pids=pids, progress=not args.quiet,
+    )
+    fields.update(over)
+    return runner.LoadConfig(**fields)
+
+
+def stream_counts(text: str) -> list[int]:
+    counts = [int(x) for x in text.split(",") if x.strip()]
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"--streams needs positive counts, got {text!r}")
+    return counts
+
+
+def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], workdir: Path) -> dict:
+    """Start `target` (a bench.loadlib.targets.Target), run the sweep, stop it."""
+    from bench.loadlib import targets
+
+    target.start(targets.load_routes(max(counts), args.listen_host, args.listen_port))
+    try:
+        target.start_echo(args.sink, args.generator_cpu, workdir / f"{target.name}-echo-stats.json")
+        cfg = base_config(args, target_host=target.s2s[0], target_port=target.s2s[1], target_domain=target.domain,
+                          ca_file=pki_files[0], cert_file=pki_files[1], key_file=pki_files[2],
+                          target_pids={target.name: target.pid, "echo": target.echo_process.pid})
+        points = uvloop_run(runner.run_sweep(cfg, counts))
+    finally:
+        target.stop()
+    result = {"target": target.name, "points": points}
+    stats = workdir / f"{target.name}-echo-stats.json"
+    if stats.exists():
+        result["echo_component"] = json.loads(stats.read_text())
+    profile = getattr(target, "profile_path", None)
+    if profile is not None:
+        result["profile"] = str(profile)
+    return result
+
+
+def uvloop_run(coro):
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    counts = stream_counts(args.streams)
+    if args.generator_cpu is not None:
+        os.sched_setaffinity(0, {int(args.generator_cpu)})
+    procstat.raise_fd_limit()
+    report = {"command": "python -m bench.load " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.start:
+        from bench.loadlib import targets
+
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-load-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        bundle = targets.Pki(workdir / "certs")
+        pki_files = (str(bundle.ca_file), str(bundle.load_cert), str(bundle.load_key))
+        target = targets.make_target(args.start, workdir, bundle, args.tls, args.target_cpu, args.profile)
+        report |= run_on(target, args, counts, pki_files, workdir)
+        report["workdir"] = str(workdir)
+    else:
+        pki_files = (None, None, None)
+        if args.tls or args.mechanism == "external":
+            pki_dir = args.pki_dir or Path(tempfile.mkdtemp(prefix="bench-load-pki-"))
+            pki_files = generator_pki(pki_dir)
+            print(f"generator CA (the target must trust it): {pki_files[0]}", file=sys.stderr)
+        cfg = base_config(args, ca_file=args.target_ca or pki_files[0], cert_file=pki_files[1], key_file=pki_files[2])
+        report |= {"target": f"{args.target_host}:{args.target_port}", "points": uvloop_run(runner.run_sweep(cfg, counts))}
+    summarize(report)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2, default=str))
+        if len(counts) > 1:
+            plot_sweep({report["target"]: report["points"]}, args.output.with_suffix(".png"),
+                       f"{report['target']}: {args.streams} streams")
+    return 0 if all(ok(p) for p in report["points"]) else 1
+
+
+def ok(point: dict) -> bool:
+    d = point.get("delivery", {})
+    h = point.get("handshakes", {})
+    bad = (d.get("lost", 0) if point["config"]["echo"] else 0) + d.get("duplicated", 0) + d.get("misrouted", 0)
+    return bad == 0 and d.get("error_stanzas", 0) == 0 and h.get("failed", 1) == 0
+
+
+def summarize(report: dict) -> None:
+    for p in report["points"]:
+        h, d = p.get("handshakes", {}), p.get("delivery", {})
+        t, lat = p.get("throughput", {}), p.get("latency_ms", {})
+        print(f"{report['target']} {p['label']}: established {h.get('established')}/{p['config']['streams']}"
+              f" ({h.get('per_s')} handshakes/s, p50 {h.get('p50_ms')} ms)"
+              f" | sent {t.get('sent_per_s')}/s delivered {t.get('delivered_per_s')}/s"
+              f" | latency p50 {lat.get('p50')} p99 {lat.get('p99')} p99.9 {lat.get('p99.9')} ms"
+              f" | lost {d.get('lost')} dup {d.get('duplicated')} misrouted {d.get('misrouted')}"
+              f" errors {d.get('error_stanzas')} | cpu {p.get('cpu_percent')}")
+        for reason, n in p.get("errors", {}).get("failures", {}).items():
+            print(f"  failure x{n}: {reason}")
+        for kind, samples in d.get("samples", {}).items():
+            print(f"  {kind}: {samples[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The XEP-0114 component every target serves its benchmark domain through.
+
+`echo` sends each message back to its sender (from/to swapped, same id and
+payload) so the generator can time and check it; `sink` only counts. It reads
+with the project's Tokenizer and writes one batch per read, so it costs the
+same on every target and stays small next to the target itself.
+
+    python -m bench.loadlib.echo --port 5347 --domain bench.test --secret S [--sink] [--stats FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
+from router.component_client import handshake_digest
+
+COMPONENT_NS = "jabber:component:accept"
+
+
+def _attr(value: str) -> str:
+    if "&" in value or "<" in value or "'" in value:
+        value = value.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;")
+    return value
+
+
+class EchoComponent(asyncio.BufferedProtocol):
+    def __init__(self, domain: str, secret: str, sink: bool, ready: asyncio.Future):
+        self.domain, self.secret, self.sink, self.ready = domain, secret, sink, ready
+        self.tokenizer = Tokenizer(max_stanza_bytes=1 << 20)
+        self.transport = None
+        self.authenticated = False
+        self.counts = {"messages": 0, "errors": 0, "iq": 0, "other": 0}
+        self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(
+            f"<?xml version='1.0'?><stream:stream xmlns='{COMPONENT_NS}' "
+            f"xmlns:stream='http://etherx.jabber.org/streams' to='{self.domain}'>".encode())
+
+    def get_buffer(self, sizehint):
+        return self.tokenizer.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        try:
+            events = self.tokenizer.buffer_updated(nbytes)
+        except ParseError as exc:
+            self.stop(f"server sent bad XML ({exc.condition}): {exc.text}")
+            return
+        buf = self.tokenizer.buffer
+        out = []
+        for event in events:
+            if isinstance(event, Element):
+                if self.authenticated:
+                    self.stanza(event, buf, out)
+                elif event.name == "handshake":
+                    self.authenticated = True
+                    if not self.ready.done():
+                        self.ready.set_result(None)
+                else:
+                    self.stop(f"handshake refused: {bytes(buf[event.start:event.end])!r}")
+                    return
+            elif isinstance(event, StreamHeader):
+                self.transport.write(f"<handshake>{handshake_digest(event.id, self.secret)}</handshake>".encode())
+            elif isinstance(event, StreamEnd):
+                self.stop("server ended the stream")
+                return
+        if out:
+            self.transport.write(b"".join(out))
+
+    def stanza(self, el: Element, buf: bytearray, out: list):
+        counts = self.counts
+        if el.type == "error":
+            counts["errors"] += 1
+            if counts["errors"] <= 3:
+                sys.stderr.write(f"echo: error stanza {bytes(buf[el.start:el.end])[:300]!r}\n")
+            return
+        if el.name == "message":
+            counts["messages"] += 1
+            if self.sink:
+                return
+            gt = buf.index(b">", el.start, el.end)
+            if buf[gt - 1] == 0x2F:  # self-closing: nothing inside
+                inner = b"</message>"
+            else:
+                inner = bytes(buf[gt + 1:el.end])
+            id_attr = f" id='{_attr(el.id)}'" if el.id is not None else ""
+            type_attr = f" type='{_attr(el.type)}'" if el.type else ""
+            out.append(f"<message from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}'{type_attr}{id_attr}>".encode())
+            out.append(inner)
+        elif el.name == "iq" and el.type in ("get", "set"):
+            counts["iq"] += 1
+            out.append(f"<iq type='result' from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}' id='{_attr(el.id or '')}'/>".encode())
+        else:
+            counts["other"] += 1
+
+    def stop(self, reason: str):
+        sys.stderr.write(f"echo component {self.domain}: {reason}\n")
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(reason))
+        if self.transport:
+            self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection lost before the handshake: {exc!r}"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+async def connect(host: str, port: int, domain: str, secret: str, sink: bool = False, timeout: float = 10) -> EchoComponent:
+    """Connect and complete the XEP-0114 handshake (retrying while the server starts)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        ready = loop.create_future()
+        try:
+            _, proto = await loop.create_connection(lambda: EchoComponent(domain, secret, sink, ready), host, port)
+            await asyncio.wait_for(ready, max(0.1, deadline - loop.time()))
+            return proto
+        except (OSError, ConnectionError, asyncio.TimeoutError):
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def _main(args) -> int:
+    proto = await connect(args.host, args.port, args.domain, args.secret, args.sink, args.timeout)
+    print("ready", flush=True)
+    stop = asyncio.get_running_loop().create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    await asyncio.wait([stop, proto.lost], return_when=asyncio.FIRST_COMPLETED)
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(proto.counts, f)
+    if proto.transport and not proto.transport.is_closing():
+        proto.transport.write(b"</stream:stream>")
+        proto.transport.close()
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.loadlib.echo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--domain", required=True)
+    p.add_argument("--secret", required=True)
+    p.add_argument("--sink", action="store_true", help="count messages, send nothing back")
+    p.add_argument("--stats", help="write the counts as JSON here on exit")
+    p.add_argument("--timeout", type=float, default=15)
+    args = p.parse_args(argv)
+    try:
+        import uvloop
+        return uvloop.run(_main(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

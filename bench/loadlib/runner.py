@@ -1,0 +1,351 @@
+"""One load point end to end: connect N simulated servers, load, drain, account.
+
+Phases: `connect` (ramped, bounded concurrency) -> `warmup` -> `measure`
+(the window whose deliveries and latencies count) -> `drain` (stop sending,
+wait for the echoes still in flight) -> `close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import procstat, wire
+from .streams import InboundStream, OutboundStream, bare_domain
+from .tracker import Tracker, handshake_stats, percentiles
+
+TICK_S = 0.002  # rate scheduler period
+STATUS_S = 0.5  # progress line period
+DRAIN_MAX_S = 60.0  # a saturated target's backlog drains within this, or counts as lost
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """Everything one run needs; `streams` is the stream count of this point."""
+
+    target_host: str = "127.0.0.1"
+    target_port: int = 5269
+    target_domain: str = "bench.test"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 15269
+    streams: int = 50
+    rate: float = 1000.0  # stanzas/s over all streams; 0 = idle (hold the streams only)
+    saturate: bool = False  # closed loop: keep `window` stanzas in flight per stream
+    window: int = 16
+    sizes: str = "200:1"
+    duration: float = 10.0
+    warmup: float = 1.0
+    ramp_up: float = 0.0
+    connect_concurrency: int = 200
+    handshake_timeout: float = 60.0
+    drain: float = 5.0  # stop waiting for echoes after this long without one
+    tls: bool = False
+    mechanism: str = "dialback"  # or "external"
+    bidi: bool = True
+    echo: bool = True  # False: the target sinks; only sending is measured
+    secret: str = "load-generator-dialback-secret"
+    ca_file: str | None = None  # CA that signed the target's certificate
+    cert_file: str | None = None  # the simulated servers' certificate (*.load.test)
+    key_file: str | None = None
+    target_pids: dict[str, int] = field(default_factory=dict)  # label -> pid to sample
+    progress: bool = True
+
+
+class LoadContext:
+    """State shared by all streams of one point: accounting, scheduling, TLS."""
+
+    def __init__(self, cfg: LoadConfig):
+        self.cfg = cfg
+        self.target_domain = cfg.target_domain
+        self.any_load_domain = wire.load_domain(0)
+        self.tls, self.mechanism, self.bidi, self.secret = cfg.tls, cfg.mechanism, cfg.bidi, cfg.secret
+        self.size_cycle = wire.size_cycle(wire.parse_size_mix(cfg.sizes))
+        self.tracker = Tracker(cfg.streams)
+        self.streams: list[OutboundStream | None] = [None] * cfg.streams
+        self.failures: dict[str, int] = {}
+        self.failure_samples: list[str] = []
+        self.verifies = 0
+        self.sending = False
+        self.stopping = False
+        self.dirty: set[int] = set()
+        self.flush_scheduled = False
+        self.base_ns = time.perf_counter_ns()
+        self.client_ssl, self.server_ssl = self.ssl_contexts(cfg)
+
+    @staticmethod
+    def ssl_contexts(cfg: LoadConfig):
+        if not (cfg.tls or cfg.mechanism == "external"):
+            return None, None
+        client = ssl.create_default_context(cafile=cfg.ca_file)
+        client.load_cert_chain(cfg.cert_file, cfg.key_file)
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.load_cert_chain(cfg.cert_file, cfg.key_file)
+        if cfg.ca_file:
+            server.load_verify_locations(cfg.ca_file)
+            server.verify_mode = ssl.CERT_OPTIONAL
+        return client, server
+
+    def now_us(self) -> int:
+        return (time.perf_counter_ns() - self.base_ns) // 1000
+
+    def failure(self, reason: str):
+        key = reason.split(":")[0][:80] if ": " in reason else reason[:80]
+        key = " ".join(w for w in key.split() if not w.startswith("g0") and not w.startswith("g1"))
+        self.failures[key] = self.failures.get(key, 0) + 1
+        if len(self.failure_samples) < 5:
+            self.failure_samples.append(reason[:500])
+
+    def arrived(self, element, raw: bytes, via: int | None):
+        to_index = wire.domain_index(bare_domain(element.to) or "")
+        if bare_domain(element.from_) != self.target_domain or (via is not None and via != to_index):
+            to_index = None  # came from elsewhere, or on another simulated server's stream
+        index = self.tracker.arrived(element.id, to_index, self.now_us(), raw)
+        if index is not None and self.cfg.saturate and self.sending:
+            self.dirty.add(index)
+            self.schedule_flush()
+
+    def resumed(self, stream):
+        if isinstance(stream, OutboundStream) and self.cfg.saturate and self.sending:
+            self.dirty.add(stream.index)
+            self.schedule_flush()
+
+    def schedule_flush(self):
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.refill)
+
+    def refill(self):
+        """Saturation mode: top every dirty stream up to `window` stanzas in flight."""
+        self.flush_scheduled = False
+        if not self.sending:
+            self.dirty.clear()
+            return
+        now = self.now_us()
+        window, tracker, streams = self.cfg.window, self.tracker, self.streams
+        for index in self.dirty:
+            stream = streams[index]
+            if stream is None or not stream.ready or stream.paused or stream.closed:
+                continue
+            missing = window - tracker.outstanding(index)
+            if missing > 0:
+                stream.send(missing, now)
+        self.dirty.clear()
+
+    def ready_streams(self) -> list[OutboundStream]:
+        return [s for s in self.streams if s is not None and s.ready and not s.closed]
+
+
+async def _connect_all(ctx: LoadContext, loop) -> tuple[list[float], float]:
+    cfg = ctx.cfg
+    gate = asyncio.Semaphore(cfg.connect_concurrency)
+    durations: list[float] = []
+    start = time.perf_counter()
+
+    async def one(index: int):
+        delay = cfg.ramp_up * index / max(1, cfg.streams)
+        if delay:
+            await asyncio.sleep(delay - (time.perf_counter() - start))
+        async with gate:
+            try:
+                _, proto = await loop.create_connection(
+                    lambda: OutboundStream(ctx, index), cfg.target_host, cfg.target_port)
+            except OSError as exc:
+                ctx.failure(f"connect to {cfg.target_host}:{cfg.target_port} failed: {exc!r}")
+                return
+            ctx.streams[index] = proto
+            try:
+                durations.append(await asyncio.wait_for(asyncio.shield(proto.done), cfg.handshake_timeout))
+            except asyncio.TimeoutError:
+                ctx.failure(f"handshake of {proto.domain} timed out in phase {proto.phase}")
+                proto.close()
+            except ConnectionError:
+                pass  # counted by the stream itself
+
+    await asyncio.gather(*(one(i) for i in range(cfg.streams)))
+    return durations, time.perf_counter() - start
+
+
+class Progress:
+    """A refreshing one-line status on stderr."""
+
+    def __init__(self, ctx: LoadContext, label: str):
+        self.ctx, self.label, self.phase = ctx, label, "connect"
+        self.last = (time.perf_counter(), 0)
+        self.task = asyncio.ensure_future(self.run()) if ctx.cfg.progress else None
+
+    async def run(self):
+        while True:
+            await asyncio.sleep(STATUS_S)
+            self.show()
+
+    def show(self):
+        ctx = self.ctx
+        totals = sum(l.received for l in ctx.tracker.ledgers)
+        sent = sum(l.sent for l in ctx.tracker.ledgers)
+        now = time.perf_counter()
+        rate = (totals - self.last[1]) / max(1e-6, now - self.last[0])
+        self.last = (now, totals)
+        target = ""
+        for label, pid in ctx.cfg.target_pids.items():
+            s = procstat.sample(pid)
+            if s:
+                target += f" | {label} rss {s.rss_bytes / 2**20:.1f}MiB"
+        ready = sum(1 for s in ctx.streams if s is not None and s.ready)
+        line = (f"[{self.label} {self.phase}] ready {ready}/{ctx.cfg.streams} fail {sum(ctx.failures.values())}"
+                f" | sent {sent} recv {totals} | {rate:,.0f}/s{target}")
+        sys.stderr.write("\r" + line[:160].ljust(160))
+        sys.stderr.flush()
+
+    def stop(self):
+        if self.task:
+            self.task.cancel()
+            self.show()
+            sys.stderr.write("\n")
+
+
+def _samples(cfg: LoadConfig) -> dict[str, procstat.Sample | None]:
+    out = {label: procstat.sample(pid) for label, pid in cfg.target_pids.items()}
+    out["generator"] = procstat.sample(os.getpid())
+    return out
+
+
+async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
+    """Run one load point and return its result (JSON-ready)."""
+    loop = asyncio.get_running_loop()
+    procstat.raise_fd_limit()
+    ctx = LoadContext(cfg)
+    server = await loop.create_server(lambda: InboundStream(ctx), cfg.listen_host, cfg.listen_port,
+                                      reuse_address=True, backlog=4096)
+    progress = Progress(ctx, label)
+    empty = _samples(cfg)
+    kernel_before = procstat.tcp_kernel_bytes()
+    result: dict = {"label": label, "config": asdict(cfg)}
+    try:
+        durations, connect_s = await _connect_all(ctx, loop)
+        ready = ctx.ready_streams()
+        result["handshakes"] = handshake_stats(durations) | {
+            "established": len(ready),
+            "failed": cfg.streams - len(ready),
+            "phase_s": round(connect_s, 3),
+            "per_s": round(len(durations) / connect_s, 1) if connect_s > 0 else None,
+            "bidi": sum(1 for s in ready if s.bidi),
+            "verifies_answered": ctx.verifies,
+        }
+        await asyncio.sleep(0.2)  # let the target settle before the idle memory sample
+        held = _samples(cfg)
+        kernel_held = procstat.tcp_kernel_bytes()
+        result["memory"] = {}
+        for name, sample in held.items():
+            if sample and empty.get(name) and ready:
+                result["memory"][name] = {
+                    "rss_empty_mib": round(empty[name].rss_bytes / 2**20, 2),
+                    "rss_held_mib": round(sample.rss_bytes / 2**20, 2),
+                    "bytes_per_stream": round((sample.rss_bytes - empty[name].rss_bytes) / len(ready)),
+                }
+        result["memory"]["kernel_tcp"] = {
+            "before_mib": round(kernel_before / 2**20, 2), "held_mib": round(kernel_held / 2**20, 2),
+            "bytes_per_stream_both_ends": round((kernel_held - kernel_before) / max(1, len(ready))),
+        }
+        await _load(ctx, progress, result)
+    finally:
+        progress.phase = "close"
+        ctx.stopping = True
+        ctx.sending = False
+        for stream in ctx.streams:
+            if stream is not None:
+                stream.close()
+        server.close()
+        await asyncio.sleep(0.2)
+        progress.stop()
+    result["errors"] = {"failures": ctx.failures, "failure_samples": ctx.failure_samples}
+    result["delivery"] = ctx.tracker.totals()
+    if not cfg.echo:
+        result["delivery"]["note"] = "sink mode: the target keeps the stanzas; nothing comes back to count"
+    return result
+
+
+async def _load(ctx: LoadContext, progress: Progress, result: dict):
+    cfg = ctx.cfg
+    streams = ctx.ready_streams()
+    if not streams:
+        return
+    ctx.sending = cfg.rate > 0 or cfg.saturate
+    progress.phase = "warmup"
+    start_us = ctx.now_us()
+    window = (start_us + int(cfg.warmup * 1e6), start_us + int((cfg.warmup + cfg.duration) * 1e6))
+    ctx.tracker.window = window
+    sender = asyncio.ensure_future(_send(ctx, streams, window[1]))
+    await asyncio.sleep(cfg.warmup)
+    progress.phase = "measure"
+    before, t0 = _samples(cfg), time.perf_counter()
+    sent0 = sum(l.sent for l in ctx.tracker.ledgers)
+    await asyncio.sleep(cfg.duration)
+    after, t1 = _samples(cfg), time.perf_counter()
+    sent1 = sum(l.sent for l in ctx.tracker.ledgers)
+    ctx.sending = False
+    await sender
+    progress.phase = "drain"
+    tracker = ctx.tracker
+    hard_stop = time.perf_counter() + DRAIN_MAX_S
+    last_progress, last_received = time.perf_counter(), -1
+    while cfg.echo and time.perf_counter() < min(hard_stop, last_progress + cfg.drain):
+        received = sum(l.received for l in tracker.ledgers)
+        if all(l.received >= l.sent for l in tracker.ledgers):
+            break
+        if received != last_received:
+            last_progress, last_received = time.perf_counter(), received
+        await asyncio.sleep(0.05)
+    wall = t1 - t0
+    result["throughput"] = {
+        "window_s": round(wall, 3),
+        "sent_per_s": round((sent1 - sent0) / wall, 1),
+        "delivered_per_s": round(tracker.delivered_in_window / wall, 1) if cfg.echo else None,
+        "offered_per_s": "saturate" if cfg.saturate else cfg.rate,
+    }
+    result["latency_ms"] = percentiles(tracker.latencies_us)
+    result["cpu_percent"] = {name: procstat.cpu_percent(before[name], after[name], wall) for name in before}
+    result["rss_mib_end"] = {name: round(s.rss_bytes / 2**20, 2) for name, s in after.items() if s}
+
+
+async def _send(ctx: LoadContext, streams: list[OutboundStream], stop_us: int):
+    """Open-loop (rate) or closed-loop (saturate) stanza source until `stop_us`."""
+    cfg = ctx.cfg
+    if cfg.saturate:
+        ctx.dirty.update(s.index for s in streams)
+        ctx.refill()
+        while ctx.sending and ctx.now_us() < stop_us:
+            await asyncio.sleep(0.05)
+            ctx.dirty.update(s.index for s in streams)  # restart any stream whose echoes stalled
+            ctx.schedule_flush()
+        return
+    if cfg.rate <= 0:
+        return
+    n, issued, rr = len(streams), 0, 0
+    t0 = time.perf_counter()
+    while ctx.sending and ctx.now_us() < stop_us:
+        await asyncio.sleep(TICK_S)
+        due = int(cfg.rate * (time.perf_counter() - t0)) - issued
+        if due <= 0:
+            continue
+        issued += due
+        base, extra = divmod(due, n)
+        now = ctx.now_us()
+        for k in (range(n) if base else range(rr, rr + extra)):
+            stream = streams[k % n]
+            count = base + (1 if (k - rr) % n < extra else 0)
+            if count and stream.ready and not stream.closed and not stream.paused:
+                stream.send(count, now)
+        rr = (rr + extra) % n
+
+
+async def run_sweep(base: LoadConfig, counts: list[int], pause_s: float = 1.0) -> list[dict]:
+    points = []
+    for count in counts:
+        cfg = LoadConfig(**(asdict(base) | {"streams": count}))
+        points.append(await run_point(cfg, label=f"{count} streams"))
+        await asyncio.sleep(pause_s)
+    return points

@@ -1,0 +1,278 @@
+"""The servers under test, each serving one domain through the echo component.
+
+Prosody and ejabberd are started with the interop harness's peer classes
+(tests/interop/harness.py), with logging lowered to warnings so a debug log is
+not what gets measured; the relay is started from a TOML config written here.
+Each target routes every simulated server's domain (`gNNNN.load.test`) to the
+generator's listener and can be pinned to a CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from router import pki
+from tests.interop import harness
+
+from . import echo, wire
+
+BENCH_DOMAIN = "bench.test"
+RELAY_READY_TIMEOUT = 20.0
+
+
+def taskset(cpu: str | None) -> list[str]:
+    return ["taskset", "-c", cpu] if cpu is not None else []
+
+
+def load_routes(count: int, host: str, port: int) -> dict[str, tuple[str, int]]:
+    return {wire.load_domain(i): (host, port) for i in range(count)}
+
+
+class Pki:
+    """The run's CA, the target's certificate and the simulated servers' wildcard one."""
+
+    def __init__(self, directory: Path):
+        self.certs = harness.Certificates(directory)
+        self.directory = directory
+        self.ca_file = self.certs.ca_file
+        self.target = self.certs.issue(BENCH_DOMAIN)
+        leaf = pki.make_leaf(self.certs.ca, wire.LOAD_SUFFIX, dns_ids=[f"*.{wire.LOAD_SUFFIX}", wire.LOAD_SUFFIX])
+        self.load_cert, self.load_key = leaf.write(directory, "load")
+
+
+class _Quiet:
+    """Mixin: pin to a CPU and log warnings only."""
+
+    cpu: str | None = None
+
+    def _prepare(self):
+        argv, env = super()._prepare()
+        self.quieten()
+        return taskset(self.cpu) + argv, env
+
+
+class BenchProsody(_Quiet, harness.ProsodyPeer):
+    log_names = ("warn.log", "console.log")
+
+    def quieten(self):
+        path = self.workdir / "prosody.cfg.lua"
+        text = re.sub(r"\nlog = \{.*?\n\}\n",
+                      '\nlog = { { levels = { min = "warn" }, to = "file", filename = base .. "/warn.log" } }\n',
+                      path.read_text(), flags=re.S)
+        path.write_text(text)
+
+
+class BenchEjabberd(_Quiet, harness.EjabberdPeer):
+    def quieten(self):
+        path = self.workdir / "ejabberd.yml"
+        path.write_text(path.read_text().replace("loglevel: debug", "loglevel: warning"))
+        # inet_db keeps 100 records by default: one SRV pin per simulated domain needs more
+        with open(self.workdir / "inetrc", "a") as f:
+            f.write(f"{{cache_size, {len(self.routes) + 100}}}.\n")
+
+
+class Target:
+    """Common surface: `start()`, `s2s` (host, port), `pid`, `component_*`, `stop()`."""
+
+    name = "target"
+    domain = BENCH_DOMAIN
+    bidi = True
+    pid: int | None = None
+    echo_process: subprocess.Popen | None = None
+
+    def start_echo(self, sink: bool, cpu: str | None, stats: Path) -> None:
+        """The echo/sink component as its own process (pinned beside the generator)."""
+        cmd = taskset(cpu) + [sys.executable, "-m", "bench.loadlib.echo", "--host", self.component[0],
+                              "--port", str(self.component[1]), "--domain", self.domain, "--secret", self.secret,
+                              "--stats", str(stats)] + (["--sink"] if sink else [])
+        self.echo_process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
+                                             cwd=Path(__file__).resolve().parents[2])
+        line = self.echo_process.stdout.readline()
+        if line.strip() != "ready":
+            self.stop_echo()
+            raise RuntimeError(f"echo component for {self.name} did not start (said {line!r})")
+
+    def stop_echo(self) -> None:
+        proc, self.echo_process = self.echo_process, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+class PeerTarget(Target):
+    """Prosody or ejabberd via the interop harness."""
+
+    def __init__(self, cls, name: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, bidi: bool):
+        self.name = name
+        mode = harness.SECURE if tls else harness.PLAINTEXT
+        kwargs = {"bidi": bidi} if cls is BenchProsody else {}
+        self.peer = cls(BENCH_DOMAIN, "127.0.0.1", workdir, pki_.target, pki_.ca_file, mode, **kwargs)
+        self.peer.cpu = cpu
+        self.bidi = bidi and cls is BenchProsody
+
+    def start(self, routes: dict[str, tuple[str, int]]) -> None:
+        self.peer.start(routes)
+        self.pid = self.peer.process.pid
+        self.s2s = (self.peer.ip, self.peer.s2s_port)
+        self.component = (self.peer.ip, self.peer.component_port)
+        self.secret = self.peer.secret
+
+    def stop(self) -> None:
+        self.stop_echo()
+        self.peer.stop()
+
+    def logs(self) -> str:
+        return self.peer.logs()
+
+
+class RelayTarget(Target):
+    """`python -m router serve --config FILE`, optionally under a profiler."""
+
+    name = "relay"
+
+    def __init__(self, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None,
+                 secret_dialback: str = "relay-bench-dialback-secret-0123456789"):
+        self.workdir, self.pki, self.tls, self.cpu, self.profile = workdir, pki_, tls, cpu, profile
+        self.dialback_secret = secret_dialback
+        self.secret = "relay-bench-component-secret"
+        self.process: subprocess.Popen | None = None
+        self.profile_path: Path | None = None
+
+    def config_text(self, routes: dict[str, tuple[str, int]]) -> str:
+        route_lines = "\n".join(f'"{d}" = "{h}:{p}"' for d, (h, p) in routes.items())
+        return f"""# written by bench/loadlib/targets.py
+[server]
+state_dir = "{self.workdir / 'state'}"
+dialback_secret = "{self.dialback_secret}"
+
+[listen]
+s2s = "{self.s2s[0]}:{self.s2s[1]}"
+component = "{self.component[0]}:{self.component[1]}"
+metrics = false
+
+[s2s]
+bidi = "always"
+
+[policy]
+require_encryption = {str(self.tls).lower()}
+secure_auth = {str(self.tls).lower()}
+
+[tls]
+required = {str(self.tls).lower()}
+system_trust = false
+trust_anchors = ["{self.pki.ca_file}"]
+
+[tls.certificates."{BENCH_DOMAIN}"]
+cert = "{self.pki.target.crt}"
+key = "{self.pki.target.key}"
+
+[[component]]
+domain = "{BENCH_DOMAIN}"
+secret = "{self.secret}"
+
+[log]
+level = "WARNING"
+
+[routes]
+{route_lines}
+"""
+
+    def command(self, config: Path) -> list[str]:
+        serve = ["-m", "router", "serve", "--config", str(config)]
+        if self.profile == "cprofile":
+            self.profile_path = self.workdir / "relay.cprofile"
+            return taskset(self.cpu) + [sys.executable, "-m", "cProfile", "-o", str(self.profile_path)] + serve
+        if self.profile == "py-spy":
+            self.profile_path = self.workdir / "relay-py-spy.svg"
+            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            return taskset(self.cpu) + [py_spy, "record", "--nonblocking", "-r", "200", "-o", str(self.profile_path),
+                                        "--", sys.executable] + serve
+        return taskset(self.cpu) + [sys.executable] + serve
+
+    def start(self, routes: dict[str, tuple[str, int]]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        config = self.workdir / "relay.toml"
+        config.write_text(self.config_text(routes))
+        console = open(self.workdir / "console.log", "wb")
+        self.process = subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
+                                        stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                        start_new_session=True)
+        console.close()
+        try:
+            asyncio.run(self._wait_ready())
+        except BaseException:
+            self.stop()
+            raise
+        self.pid = self._python_pid()
+
+    def _python_pid(self) -> int:
+        """The relay's own pid (py-spy runs it as a child)."""
+        if self.profile != "py-spy":
+            return self.process.pid
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return int(children[0]) if children else self.process.pid
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + RELAY_READY_TIMEOUT
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"relay exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                probe = await echo.connect(*self.component, self.domain, self.secret, sink=True, timeout=2)
+                probe.transport.write(b"</stream:stream>")
+                probe.transport.close()
+                await asyncio.sleep(0.1)
+                return
+            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"relay not ready after {RELAY_READY_TIMEOUT} s: {last!r}\n{self.logs()}")
+
+    def stop(self) -> None:
+        self.stop_echo()
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        # py-spy writes its profile when its child exits: signal the relay itself
+        target = self._python_pid()
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(target, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(10)
+                return
+            except subprocess.TimeoutExpired:
+                target = proc.pid if sig == signal.SIGTERM else target
+
+    def logs(self) -> str:
+        path = self.workdir / "console.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+def make_target(kind: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None) -> Target:
+    if kind == "relay":
+        return RelayTarget(workdir / "relay", pki_, tls, cpu, profile)
+    if kind == "prosody":
+        return PeerTarget(BenchProsody, "prosody", workdir / "prosody", pki_, tls, cpu, bidi=True)
+    if kind == "ejabberd":
+        return PeerTarget(BenchEjabberd, "ejabberd", workdir / "ejabberd", pki_, tls, cpu, bidi=False)
+    raise ValueError(f"unknown target {kind!r}")
