@@ -88,7 +88,9 @@ cdef class Tokenizer:
 
     # C-level bookkeeping
     cdef Attr* attrs
+    cdef int attrs_cap
     cdef Open* stack
+    cdef int stack_cap
     cdef NsDecl* decls
     cdef Py_ssize_t ndecls
     cdef Py_ssize_t decls_cap
@@ -122,6 +124,8 @@ cdef class Tokenizer:
     cdef int _nwf(self, str what, Py_ssize_t idx) except -1
     cdef int _bad_char(self, int code, Py_ssize_t idx) except -1
     cdef int _prepare(self, Py_ssize_t need) except -1
+    cdef int _grow_attrs(self) except -1
+    cdef int _grow_stack(self, int depth) except -1
     cdef list _run(self)
     cdef int _scan(self) except -1
     cdef Py_ssize_t _angle(self, const unsigned char* b, Py_ssize_t p, Py_ssize_t end, int st) except -2

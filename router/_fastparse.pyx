@@ -89,6 +89,8 @@ DEFAULT_MAX_NAME_LENGTH = 1024
 DEFAULT_MAX_ATTRIBUTE_VALUE_LENGTH = 64 * 1024
 
 cdef Py_ssize_t READ_SIZE = 64 * 1024  # free space get_buffer() offers when asked for "any"
+cdef int INITIAL_SLOTS = 8  # attribute and nesting slots before the first growth
+cdef bytearray EMPTY_BUFFER = bytearray()  # held by a tokenizer with no buffer (new or released)
 cdef Py_ssize_t MAX_REF = 32  # longest character reference accepted, "&#x...;" included
 
 cdef const char* C_STREAM_NS = b"http://etherx.jabber.org/streams"
@@ -474,18 +476,22 @@ cdef class Tokenizer:
         self.max_attributes = max_attributes
         self.max_name_length = max_name_length
         self.max_attribute_value_length = max_attribute_value_length
-        self.attrs = <Attr*>malloc(sizeof(Attr) * (max_attributes + 1))
-        self.stack = <Open*>malloc(sizeof(Open) * (max_depth + 2))
+        # per-element arrays start small and grow up to the limits: an idle
+        # stream should not pay for the worst case (10,000 streams per process)
+        self.attrs_cap = min(INITIAL_SLOTS, max_attributes + 1)
+        self.attrs = <Attr*>malloc(sizeof(Attr) * self.attrs_cap)
+        self.stack_cap = min(INITIAL_SLOTS, max_depth + 2)
+        self.stack = <Open*>malloc(sizeof(Open) * self.stack_cap)
         self.decls_cap = 16
         self.decls = <NsDecl*>malloc(sizeof(NsDecl) * self.decls_cap)
-        self.arena_cap = 1024
+        self.arena_cap = 256
         self.arena = <char*>malloc(self.arena_cap)
         self.scratch_cap = 256
         self.scratch = <unsigned char*>malloc(self.scratch_cap)
         if self.attrs == NULL or self.stack == NULL or self.decls == NULL or self.arena == NULL \
                 or self.scratch == NULL:
             raise MemoryError()
-        self.buf = PyByteArray_FromStringAndSize(NULL, READ_SIZE)
+        self.buf = EMPTY_BUFFER
         self.fill = 0
         self.pos = 0
         self.base = 0
@@ -562,6 +568,19 @@ cdef class Tokenizer:
         self.fill += nbytes
         return self._run()
 
+    def release(self):
+        """Give the receive buffer back when no construct is in progress.
+
+        Call it after acting on a read's events: an idle stream then holds no
+        buffer at all, and the next ``get_buffer()``/``feed()`` allocates one.
+        Ranges of earlier events are invalid afterwards, as after any input call."""
+        if self.pos == self.fill and self.tok_abs < 0:
+            self.base += self.fill
+            self.fill = 0
+            self.pos = 0
+            self.buf = EMPTY_BUFFER
+            self.pinned = False
+
     def pin(self):
         """Somebody holds a view of the current buffer: never write to it again."""
         self.pinned = True
@@ -621,6 +640,24 @@ cdef class Tokenizer:
         self.base += keep
         self.pos -= keep
         self.fill = tail
+        return 0
+
+    cdef int _grow_attrs(self) except -1:
+        cdef int cap = min(self.attrs_cap * 2, self.max_attributes + 1)
+        cdef Attr* grown = <Attr*>realloc(self.attrs, sizeof(Attr) * cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.attrs = grown
+        self.attrs_cap = cap
+        return 0
+
+    cdef int _grow_stack(self, int depth) except -1:
+        cdef int cap = min(max(self.stack_cap * 2, depth + 1), self.max_depth + 2)
+        cdef Open* grown = <Open*>realloc(self.stack, sizeof(Open) * cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.stack = grown
+        self.stack_cap = cap
         return 0
 
     cdef list _run(self):
@@ -797,6 +834,8 @@ cdef class Tokenizer:
                     self._nwf("attributes must be separated by whitespace", p)
                 if self.nattrs >= self.max_attributes:
                     self._fail("policy-violation", f"more than {self.max_attributes} attributes on one element", p)
+                if self.nattrs >= self.attrs_cap:
+                    self._grow_attrs()
                 a = &self.attrs[self.nattrs]
                 a.name = base + p
                 a.flags = 0
@@ -1122,6 +1161,8 @@ cdef class Tokenizer:
                 self.state = ST_CONTENT
             else:
                 d += 1
+                if d >= self.stack_cap:
+                    self._grow_stack(d)
                 self.stack[d].name = self.name_abs
                 self.stack[d].nlen = nlen
                 self.stack[d].ndecls = ndecls0
@@ -1190,6 +1231,8 @@ cdef class Tokenizer:
                 self.state = ST_CONTENT
         else:
             d += 1
+            if d >= self.stack_cap:
+                self._grow_stack(d)
             self.stack[d].name = self.name_abs
             self.stack[d].nlen = nlen
             self.stack[d].ndecls = ndecls0

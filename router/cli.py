@@ -113,7 +113,7 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"invalid domain {args.domain!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    cert, key = make_leaf(None, domain, srv_ids=[domain], xmpp_addrs=[domain]).write(args.out, domain)
+    cert, key = make_leaf(None, domain, srv_ids=[domain]).write(args.out, domain)
     print(f"self-signed certificate for {domain}:")
     print(f"  cert = {cert}")
     print(f"  key  = {key}")

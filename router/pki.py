@@ -184,9 +184,12 @@ def load_credential(cert_path: str | os.PathLike, key_path: str | os.PathLike) -
 
 
 def ensure_self_signed(directory: str | os.PathLike, domain: str) -> tuple[Path, Path]:
-    """Paths of `<domain>.crt/.key` in `directory`, created self-signed on first run."""
+    """Paths of `<domain>.crt/.key` in `directory`, created self-signed on first run.
+
+    DNS-ID and SRV-ID only: ejabberd 23.01 crashes on an id-on-xmppAddr name
+    (docs/interop.md)."""
     directory = Path(directory)
     cert_path, key_path = directory / f"{domain}.crt", directory / f"{domain}.key"
     if cert_path.exists() and key_path.exists():
         return cert_path, key_path
-    return make_leaf(None, domain, srv_ids=[domain], xmpp_addrs=[domain]).write(directory, domain)
+    return make_leaf(None, domain, srv_ids=[domain]).write(directory, domain)

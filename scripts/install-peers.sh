@@ -1,3 +1,71 @@
 #!/usr/bin/env bash
-# Placeholder until the interop harness lands: nothing to install yet.
-exit 0
+# Install the real S2S peers the interop tests federate with (tests/interop/):
+# Prosody 0.12 + lua-unbound and ejabberd 23.01 from Debian packages.
+#
+# Quick and idempotent: does nothing when they are present. As root with apt it
+# installs them without letting their system services start (policy-rc.d), then
+# makes sure no system prosody/ejabberd holds the S2S ports. Without root or apt
+# it says how to enable the interop tests and exits 0 (the tests then skip,
+# except under CI=true where a missing peer fails).
+set -euo pipefail
+
+PACKAGES=(prosody ejabberd lua-unbound)
+HINT="interop tests will skip: run 'make peers' as root on Debian/Ubuntu (apt-get install ${PACKAGES[*]})"
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$package")
+    fi
+done
+
+stop_system_services() {
+    # A system prosody/ejabberd listening on *:5269 makes the peers' bind fail.
+    # Detect them by their service users, never with `service ejabberd status`:
+    # that runs ejabberdctl, which leaves an epmd daemon behind.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --now prosody ejabberd >/dev/null 2>&1 || true
+    fi
+    if pgrep -u prosody >/dev/null 2>&1; then
+        echo "install-peers: stopping the system prosody service"
+        service prosody stop >/dev/null 2>&1 || true
+    fi
+    if pgrep -u ejabberd -x beam.smp >/dev/null 2>&1; then
+        echo "install-peers: stopping the system ejabberd service"
+        service ejabberd stop >/dev/null 2>&1 || true
+    fi
+}
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "install-peers: ${PACKAGES[*]} already installed"
+    if [ "$(id -u)" -eq 0 ]; then
+        stop_system_services
+    fi
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-peers: missing ${missing[*]}; $HINT"
+    exit 0
+fi
+
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# written by scripts/install-peers.sh: no service starts during install\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    created_policy=1
+fi
+remove_policy() {
+    if [ "$created_policy" -eq 1 ]; then
+        rm -f "$policy"
+    fi
+}
+trap remove_policy EXIT
+
+echo "install-peers: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
+stop_system_services
+echo "install-peers: installed $(dpkg-query -W -f='${Package} ${Version}  ' "${PACKAGES[@]}")"

@@ -214,3 +214,19 @@ def test_restart_does_not_clear_an_error_before_the_restart_point():
     assert info.value.condition == "not-well-formed"
     with pytest.raises(ParseError):
         tokenizer.restart(len(data))
+
+
+def test_release_drops_the_buffer_only_between_elements():
+    """An idle stream holds no receive buffer; a partial element keeps its bytes."""
+    tok = Tokenizer()
+    tok.feed(HEADER)
+    tok.release()
+    assert len(tok.buffer) == 0
+    events = tok.feed(b"<message to='a@b' from='c@d'><body>par")
+    assert events == []
+    tok.release()
+    assert len(tok.buffer) > 0  # the partial stanza is kept
+    (message,) = tok.feed(b"tial</body></message>")
+    assert bytes(tok.buffer[message.start:message.end]) == (
+        b"<message to='a@b' from='c@d'><body>partial</body></message>")
+    assert tok.offset == len(HEADER) + len(b"<message to='a@b' from='c@d'><body>partial</body></message>")
