@@ -1,0 +1,179 @@
+"""XEP-0114 component connections.
+
+A component opens a stream in ``jabber:component:accept`` to the domain it
+serves, proves the shared secret with ``<handshake>`` = hex SHA-1 of the
+stream id followed by the secret, and then exchanges stanzas. One component
+per domain; a component may only send from its own domain; stanzas are
+forwarded as byte ranges like on S2S streams (the inherited default namespace
+re-scopes them between ``jabber:server`` and ``jabber:component:accept``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
+from router.component_client import COMPONENT_NS, handshake_digest
+from router.errors import STANZA_KINDS, stream_error
+from router.jid import domain_of
+from router.stream import XmlStream
+from router.xml import STREAM_NS, attr
+
+if TYPE_CHECKING:
+    from router.server import Relay
+
+log = logging.getLogger("router.components")
+
+
+class ComponentStream(XmlStream):
+    """The relay's side of one XEP-0114 connection."""
+
+    kind = "component"
+    content_ns = COMPONENT_NS
+    out_lang = "en"  # declared on our header, so stanzas from 'en' S2S streams need no xml:lang copy
+
+    def __init__(self, relay: Relay) -> None:
+        super().__init__(relay)
+        limits = relay.config.policy
+        self.tokenizer = Tokenizer(max_stanza_bytes=limits.pre_auth_max_stanza_bytes)
+        self.domain: str | None = None
+        self.stream_id = secrets.token_hex(16)
+        self.authenticated = False
+        self.header_sent = False
+
+    # ------------------------------------------------------------------ input
+    def _received(self, nbytes: int) -> None:
+        try:
+            events = self.tokenizer.buffer_updated(nbytes)
+        except ParseError as exc:
+            self._handle_events(exc.events)
+            self.relay.metrics.parse_errors.inc(exc.condition)
+            self.fail(exc.condition, exc.text)
+            return
+        self._handle_events(events)
+
+    def _handle_events(self, events: list[Any]) -> None:
+        view = memoryview(self.tokenizer.buffer)
+        batches: dict[XmlStream, list[Any]] = {}
+        for event in events:
+            if self.closing:
+                break
+            if isinstance(event, Element):
+                if self.authenticated and event.name in STANZA_KINDS and event.ns == COMPONENT_NS:
+                    self._stanza(event, view, batches)
+                else:
+                    self.forward(batches)
+                    batches = {}
+                    self._control(event)
+            elif isinstance(event, StreamHeader):
+                self._header(event)
+            elif isinstance(event, StreamEnd):
+                self.forward(batches)
+                batches = {}
+                log.info("component stream closed by peer domain=%s peer=%s", self.domain or "-", self.peer)
+                self.write(b"</stream:stream>")
+                self.close_transport()
+        if batches:
+            self.forward(batches)
+
+    def _header(self, header: StreamHeader) -> None:
+        # RFC 6120 §4.9.1.2: even when refusing, send our header first
+        self.write(
+            "<?xml version='1.0'?>"
+            f"<stream:stream xmlns:stream='{STREAM_NS}' xmlns='{COMPONENT_NS}' "
+            f"id='{self.stream_id}' from={attr(header.to or '')} xml:lang='{self.out_lang}'>".encode()
+        )
+        self.header_sent = True
+        if header.namespaces.get(None) != COMPONENT_NS:
+            self.fail("invalid-namespace", f"a component stream's default namespace must be {COMPONENT_NS}")
+            return
+        try:
+            domain = domain_of(header.to or "")
+        except ValueError:
+            self.fail("host-unknown", "the stream header has no valid 'to' domain")
+            return
+        if self.relay.component_secret(domain) is None:
+            self.fail("host-unknown", f"{domain} is not a component domain of this relay")
+            return
+        self.domain = domain
+
+    def _control(self, element: Element) -> None:
+        if self.authenticated:
+            if element.name in STANZA_KINDS:
+                self._reject("invalid-namespace", f"stanzas on a component stream must be in {COMPONENT_NS}")
+            else:
+                self._reject("unsupported-stanza-type", f"<{element.name}/> is not a stanza")
+            return
+        if element.name != "handshake" or element.ns != COMPONENT_NS or self.domain is None:
+            self.fail("not-authorized", "the component must complete the handshake first")
+            return
+        proof = self.tokenizer.buffer[element.start : element.end]
+        digest = _text_of(bytes(proof)).strip().lower()
+        secret = self.relay.component_secret(self.domain)
+        if not hmac.compare_digest(digest.encode(), handshake_digest(self.stream_id, secret).encode()):
+            log.info("component handshake failed domain=%s peer=%s", self.domain, self.peer)
+            self.fail("not-authorized", "wrong handshake digest")
+            return
+        if not self.relay.component_online(self):
+            self.fail("conflict", f"another component is already connected for {self.domain}")
+            return
+        self.authenticated = True
+        # the pre-authentication limit no longer applies once the secret is proven
+        self.tokenizer.max_stanza_bytes = self.relay.config.policy.max_stanza_bytes
+        self.write(b"<handshake/>")
+        log.info("component authenticated domain=%s mechanism=handshake peer=%s", self.domain, self.peer)
+
+    def _stanza(self, element: Element, view: memoryview, batches: dict[XmlStream, list[Any]]) -> None:
+        if not element.from_ or not element.to:
+            self._reject("improper-addressing", f"<{element.name}/> needs both 'from' and 'to'")
+            return
+        try:
+            from_domain = domain_of(element.from_)
+            to_domain = domain_of(element.to)
+        except ValueError as exc:
+            self._reject("improper-addressing", str(exc))
+            return
+        if from_domain != self.domain:
+            self._reject("invalid-from", f"a component for {self.domain} may not send from {from_domain}")
+            return
+        self.relay.route(self, element, from_domain, to_domain, view, batches)
+
+    def _reject(self, condition: str, text: str) -> None:
+        """A stanza this component may not send: the stream error ends the stream."""
+        self.relay.metrics.stanzas_rejected.inc(condition)
+        self.fail(condition, text)
+
+    # ------------------------------------------------------------------ output
+    def fail(self, condition: str, text: str) -> None:
+        if self.closing:
+            return
+        log.info("component stream error domain=%s peer=%s condition=%s text=%s",
+                 self.domain or "-", self.peer, condition, text)
+        if not self.header_sent:
+            self.write(
+                f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAM_NS}' "
+                f"xmlns='{COMPONENT_NS}' id='{self.stream_id}'>".encode()
+            )
+            self.header_sent = True
+        self.write(stream_error(condition, text) + b"</stream:stream>")
+        self.close_transport()
+
+    def close_gracefully(self, condition: str | None = None, text: str | None = None) -> None:
+        if self.closing or self.transport is None:
+            return
+        if condition:
+            self.write(stream_error(condition, text))
+        self.write(b"</stream:stream>")
+        self.abort_after(self.relay.config.s2s.close_timeout)
+
+
+def _text_of(element_bytes: bytes) -> str:
+    """Character data of a simple element like ``<handshake>hex</handshake>``."""
+    start = element_bytes.find(b">") + 1
+    end = element_bytes.rfind(b"<")
+    if start <= 0 or end < start or element_bytes[start - 2 : start] == b"/>":
+        return ""
+    return element_bytes[start:end].decode("utf-8", "replace")

@@ -1,0 +1,578 @@
+"""S2S streams against a running relay: negotiation (STARTTLS, SASL EXTERNAL,
+dialback, bidi), routing in every direction, piggybacked pairs, bounces, and bad
+input on live streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from cryptography import x509
+from lxml import etree
+
+from router.component_client import ComponentClient
+from router.errors import STANZAS_NS
+from router.pki import make_leaf
+
+from .conftest import arun, free_port, running
+from .peer import AuthoritativeServer, Peer
+from .rawstream import RawComponent
+
+
+@pytest.fixture
+def relay(relay_spec):
+    return relay_spec("relay", domains=("relay.test",), echo=("echo.relay.test",),
+                      components={"bot.relay.test": "bot-secret"})
+
+
+async def component(spec, domain, secret) -> ComponentClient:
+    client = ComponentClient()
+    await client.connect("127.0.0.1", spec.component_port, domain, secret)
+    return client
+
+
+def error_condition(stanza) -> tuple[str, str]:
+    error = stanza.find("{jabber:component:accept}error")
+    return error.get("type"), etree.QName(error[0]).localname
+
+
+def parse_component(data: bytes) -> etree._Element:
+    """Parse bytes in the component stream's context (no prefixes declared but stream:)."""
+    return etree.fromstring(b"<w xmlns='jabber:component:accept'>" + data + b"</w>")[0]
+
+
+def parse(data: bytes) -> etree._Element:
+    return etree.fromstring(b"<w xmlns='jabber:server'>" + data + b"</w>")[0]
+
+
+def test_peer_authenticates_with_sasl_external_and_gets_echo_over_bidi(relay, pki, peers_cert):
+    async def scenario():
+        async with running(relay.config()) as r:
+            peer = await Peer.connect(relay.s2s_port, "p1.peers.test", "echo.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path)
+            await peer.authenticated()
+            assert peer.session.bidi
+            peer.send("<message from='juliet@p1.peers.test/b' to='echo.relay.test' id='e1' type='chat'>"
+                      "<body>Art thou not Romeo?</body></message>")
+            reply = parse(await peer.receive())
+            assert (reply.get("from"), reply.get("to"), reply.get("id")) == ("echo.relay.test", "juliet@p1.peers.test/b", "e1")
+            assert reply.findtext("{jabber:server}body") == "Art thou not Romeo?"
+            assert r.connections_opened == 0  # the reply used the inbound bidi stream
+            # one SASL EXTERNAL authentication, usable in both directions thanks to bidi
+            assert r.metrics.negotiations_completed.get("in", "sasl-external") == 1
+            assert r.metrics.negotiations_completed.get("out", "sasl-external") == 1
+            await peer.close()
+
+    arun(scenario())
+
+
+# ---------------------------------------------------------------------- relay to relay
+
+@pytest.fixture
+def pair_of_relays(relay_spec):
+    """Relays A (a.test) and B (b.test), each with two components, routed to each other."""
+    a = relay_spec("a", domains=("a.test",), echo=("echo.a.test",),
+                   components={"bot.a.test": "sa", "bot2.a.test": "sa2"})
+    b = relay_spec("b", domains=("b.test",), echo=("echo.b.test",),
+                   components={"bot.b.test": "sb", "bot2.b.test": "sb2"})
+    a.routes.update({d: b.s2s_port for d in ("b.test", "bot.b.test", "bot2.b.test", "echo.b.test")})
+    b.routes.update({d: a.s2s_port for d in ("a.test", "bot.a.test", "bot2.a.test", "echo.a.test")})
+    return a, b
+
+
+def test_component_to_remote_component_and_back_over_bidi(pair_of_relays):
+    a, b = pair_of_relays
+
+    async def scenario():
+        async with running(a.config()) as relay_a, running(b.config()) as relay_b:
+            bot_a = await component(a, "bot.a.test", "sa")
+            bot_b = await component(b, "bot.b.test", "sb")
+            for i in range(20):
+                bot_a.send(f"<message from='romeo@bot.a.test/orchard' to='juliet@bot.b.test' id='r{i}' type='chat'>"
+                           f"<body>line {i}</body></message>")
+            got = [await bot_b.receive() for _ in range(20)]
+            assert [m.get("id") for m in got] == [f"r{i}" for i in range(20)]  # in order
+            assert got[3].findtext("{jabber:component:accept}body") == "line 3"
+            bot_b.send("<message from='juliet@bot.b.test' to='romeo@bot.a.test/orchard' id='back'><body>hi</body></message>")
+            back = await bot_a.receive()
+            assert (back.get("id"), back.get("from")) == ("back", "juliet@bot.b.test")
+            # one TCP connection: A's outbound stream, used by B in reverse (bidi)
+            assert (relay_a.connections_opened, relay_b.connections_opened) == (1, 0)
+            stream = relay_b.table.remote[("bot.b.test", "bot.a.test")]
+            assert not stream.outbound and stream.bidi and stream.mechanism == "sasl-external"
+            await bot_a.close()
+            await bot_b.close()
+
+    arun(scenario())
+
+
+def test_pairs_starting_together_share_one_new_connection(pair_of_relays):
+    a, b = pair_of_relays
+
+    async def scenario():
+        async with running(a.config()) as relay_a, running(b.config()):
+            bot_a = await component(a, "bot.a.test", "sa")
+            bot2_a = await component(a, "bot2.a.test", "sa2")
+            bot_b = await component(b, "bot.b.test", "sb")
+            bot_a.send("<message from='x@bot.a.test' to='y@bot.b.test' id='one'/>")
+            bot2_a.send("<message from='x@bot2.a.test' to='y@bot.b.test' id='two'/>")
+            got = {(await bot_b.receive()).get("id") for _ in range(2)}
+            assert got == {"one", "two"}
+            assert relay_a.connections_opened == 1
+            for client in (bot_a, bot2_a, bot_b):
+                await client.close()
+
+    arun(scenario())
+
+
+def test_without_bidi_each_direction_gets_its_own_connection(pair_of_relays):
+    a, b = pair_of_relays
+    a.s2s["bidi"] = "off"  # A never requests bidi, so B must open its own stream back
+
+    async def scenario():
+        async with running(a.config()) as relay_a, running(b.config()) as relay_b:
+            bot_a = await component(a, "bot.a.test", "sa")
+            bot_b = await component(b, "bot.b.test", "sb")
+            bot_a.send("<message from='x@bot.a.test' to='y@bot.b.test' id='there'/>")
+            assert (await bot_b.receive()).get("id") == "there"
+            bot_b.send("<message from='y@bot.b.test' to='x@bot.a.test' id='back'/>")
+            assert (await bot_a.receive()).get("id") == "back"
+            assert (relay_a.connections_opened, relay_b.connections_opened) == (1, 1)
+            assert relay_b.table.remote[("bot.b.test", "bot.a.test")].outbound
+            assert not relay_a.table.remote[("bot.a.test", "bot.b.test")].bidi
+            await bot_a.close()
+            await bot_b.close()
+
+    arun(scenario())
+
+
+def test_dialback_with_untrusted_certificate_verifies_over_another_connection(pair_of_relays):
+    a, b = pair_of_relays
+    a.trusted = False  # A's certificates are self-signed: B must use dialback (flows.md b)
+
+    async def scenario():
+        async with running(a.config()) as relay_a, running(b.config()) as relay_b:
+            bot_a = await component(a, "bot.a.test", "sa")
+            bot_b = await component(b, "bot.b.test", "sb")
+            bot_a.send("<message from='romeo@bot.a.test' to='juliet@bot.b.test' id='db1'><body>x</body></message>")
+            assert (await bot_b.receive()).get("id") == "db1"
+            origin = relay_b.table.remote[("bot.b.test", "bot.a.test")]
+            assert origin.mechanism == "dialback" and origin.bidi
+            # B verified the key over a connection of its own to A (never the one carrying the request)
+            assert relay_b.connections_opened == 1
+            assert relay_a.connections_opened == 1
+            bot_b.send("<message from='juliet@bot.b.test' to='romeo@bot.a.test' id='db2'/>")
+            assert (await bot_a.receive()).get("id") == "db2"
+            await bot_a.close()
+            await bot_b.close()
+
+    arun(scenario())
+
+
+def test_piggybacked_pairs_share_one_connection(pair_of_relays):
+    a, b = pair_of_relays
+    a.trusted = False  # dialback for every pair, so B advertises dialback errors on the final stream
+
+    async def scenario():
+        async with running(a.config()) as relay_a, running(b.config()) as relay_b:
+            bot_a = await component(a, "bot.a.test", "sa")
+            bot2_a = await component(a, "bot2.a.test", "sa2")
+            bot_b = await component(b, "bot.b.test", "sb")
+            bot2_b = await component(b, "bot2.b.test", "sb2")
+            bot_a.send("<message from='x@bot.a.test' to='y@bot.b.test' id='first'/>")
+            assert (await bot_b.receive()).get("id") == "first"
+            # sender multiplexing: a new local domain on the same stream (dialback for it)
+            bot2_a.send("<message from='x@bot2.a.test' to='y@bot.b.test' id='sender-mux'/>")
+            assert (await bot_b.receive()).get("id") == "sender-mux"
+            # target multiplexing: a new remote domain served at the same address and port
+            bot_a.send("<message from='x@bot.a.test' to='y@bot2.b.test' id='target-mux'/>")
+            assert (await bot2_b.receive()).get("id") == "target-mux"
+            assert relay_a.connections_opened == 1
+            # B verified each of the three keys over a verify-only connection of its own, never
+            # over the stream that carried the request, although that stream reaches A too (T-05)
+            assert relay_b.connections_opened == 3
+            stream = relay_a.table.remote[("bot.a.test", "bot.b.test")]
+            assert relay_a.table.remote[("bot2.a.test", "bot.b.test")] is stream
+            assert relay_a.table.remote[("bot.a.test", "bot2.b.test")] is stream
+            for client in (bot_a, bot2_a, bot_b, bot2_b):
+                await client.close()
+
+    arun(scenario())
+
+
+# ---------------------------------------------------------------------- bounces
+
+
+def test_unreachable_unresolvable_and_slow_remotes_bounce_to_the_sender(relay_spec):
+    async def silent(reader, writer):  # accepts TCP, never says a word
+        await reader.read()
+        writer.close()
+
+    async def scenario():
+        slow = await asyncio.start_server(silent, "127.0.0.1", 0)
+        spec = relay_spec(
+            "relay", domains=("relay.test",), components={"bot.relay.test": "s"},
+            routes={"dead.test": free_port(), "nowhere.test": "nonexistent.invalid:5269",
+                    "slow.test": slow.sockets[0].getsockname()[1]},
+            s2s={"negotiation_timeout": 1.0, "connect_timeout": 1.0},
+        )
+        try:
+            async with running(spec.config()) as relay:
+                bot = await component(spec, "bot.relay.test", "s")
+                for remote in ("dead.test", "nowhere.test", "slow.test"):
+                    # an IQ result and an error stanza never bounce; the message does
+                    bot.send(f"<iq from='bot.relay.test' to='{remote}' id='res-{remote}' type='result'/>")
+                    bot.send(f"<message from='bot.relay.test' to='{remote}' id='err-{remote}' type='error'/>")
+                    bot.send(f"<message from='u@bot.relay.test' to='v@{remote}' id='m-{remote}'><body>x</body></message>")
+                bounces = {}
+                for _ in range(3):
+                    stanza = await bot.receive(timeout=10)
+                    assert stanza.get("type") == "error"
+                    bounces[stanza.get("id")] = (stanza.get("from"), stanza.get("to"), error_condition(stanza))
+                assert bounces == {
+                    "m-dead.test": ("v@dead.test", "u@bot.relay.test", ("wait", "remote-server-timeout")),
+                    "m-nowhere.test": ("v@nowhere.test", "u@bot.relay.test", ("cancel", "remote-server-not-found")),
+                    "m-slow.test": ("v@slow.test", "u@bot.relay.test", ("wait", "remote-server-timeout")),
+                }
+                assert relay.metrics.stanzas_bounced.get("remote-server-timeout") == 2
+                assert not relay.table.pending  # nothing left queued
+                with pytest.raises(TimeoutError):
+                    await bot.receive(timeout=0.3)  # and nothing else came back
+                await bot.close()
+        finally:
+            slow.close()
+
+    arun(scenario())
+
+
+def test_stanza_for_offline_component_bounces_back_over_s2s(relay, pki, peers_cert):
+    async def scenario():
+        async with running(relay.config()):
+            peer = await Peer.connect(relay.s2s_port, "p1.peers.test", "bot.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path)
+            await peer.authenticated()
+            peer.send("<message from='juliet@p1.peers.test' to='someone@bot.relay.test' id='off'><body>?</body></message>")
+            error = parse(await peer.receive())
+            assert (error.get("type"), error.get("id"), error.get("to")) == ("error", "off", "juliet@p1.peers.test")
+            assert error.find("{jabber:server}error/{%s}service-unavailable" % STANZAS_NS) is not None
+            await peer.close()
+
+    arun(scenario())
+
+
+# ---------------------------------------------------------------------- bad input on live streams
+
+
+@pytest.mark.parametrize(
+    "bad, condition",
+    [
+        ("<message from='romeo@montague.test' to='echo.relay.test'><body>spoof</body></message>", "invalid-from"),
+        ("<message from='j@p1.peers.test' to='x@elsewhere.test'><body>relay me</body></message>", "host-unknown"),
+        ("<message from='j@p1.peers.test'><body>no to</body></message>", "improper-addressing"),
+        ("<message from='j@p1.peers.test' to='echo.relay.test'><!--x--><body>hi</body></message>", "restricted-xml"),
+        ("<message from='j@p1.peers.test' to='echo.relay.test'><body>hi</message>", "not-well-formed"),
+        ("<message from='j@p1.peers.test' to='echo.relay.test'><body>" + "x" * 600_000 + "</body></message>",
+         "policy-violation"),
+        ("<message xmlns='jabber:client' from='j@p1.peers.test' to='echo.relay.test'/>", "invalid-namespace"),
+    ],
+    ids=["spoofed-from", "foreign-to", "missing-to", "comment", "mismatched-tag", "oversize", "client-namespace"],
+)
+def test_bad_input_on_authenticated_stream(relay, pki, peers_cert, bad, condition):
+    async def scenario():
+        async with running(relay.config()):
+            good = await Peer.connect(relay.s2s_port, "good.peers.test", "echo.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path)
+            bad_peer = await Peer.connect(relay.s2s_port, "p1.peers.test", "echo.relay.test",
+                                          cert=peers_cert, ca_path=pki.ca_path)
+            await good.authenticated()
+            await bad_peer.authenticated()
+            bad_peer.send(bad)
+            closed = await bad_peer.stream_error()
+            assert closed.condition == condition
+            assert closed.text
+            for i in range(3):  # the other stream keeps delivering
+                good.send(f"<message from='g@good.peers.test' to='echo.relay.test' id='g{i}'/>")
+                assert parse(await good.receive()).get("id") == f"g{i}"
+            await good.close()
+
+    arun(scenario())
+
+
+def test_stanza_before_authentication_is_not_authorized(relay):
+    async def scenario():
+        async with running(relay.config()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.s2s_port)
+            writer.write(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                         b"xmlns='jabber:server' xmlns:db='jabber:server:dialback' to='echo.relay.test' "
+                         b"from='early.peers.test' version='1.0'>"
+                         b"<message from='j@early.peers.test' to='echo.relay.test'><body>early</body></message>")
+            data = await reader.read()  # until the relay closes the connection
+            assert b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in data
+            assert data.endswith(b"</stream:stream>")
+            assert b"<body>" not in data  # not processed, not echoed
+            writer.close()
+
+    arun(scenario())
+
+
+def test_unauthenticated_stream_is_closed_after_the_negotiation_timeout(relay):
+    relay.s2s.update(negotiation_timeout=0.5)
+
+    async def scenario():
+        async with running(relay.config()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.s2s_port)
+            writer.write(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                         b"xmlns='jabber:server' to='relay.test' from='lazy.peers.test' version='1.0'>")
+            data = await reader.read()
+            assert b"<policy-violation xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in data
+            assert b"not authenticated within" in data
+            writer.close()
+
+    arun(scenario())
+
+
+def test_keepalives_and_idle_timeout(relay, pki, peers_cert):
+    relay.s2s.update(keepalive_interval=0.2, idle_timeout=1.0)
+
+    async def scenario():
+        async with running(relay.config()):
+            peer = await Peer.connect(relay.s2s_port, "p1.peers.test", "echo.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path)
+            await peer.authenticated()
+            reads_before = len(peer.reads)
+            closed = await peer.stream_error()  # we stay silent
+            assert closed.condition == "connection-timeout"
+            # meanwhile the relay kept the stream alive with single spaces (RFC 6120 §4.6.1)
+            assert peer.reads[reads_before:].count(b" ") >= 2
+
+    arun(scenario())
+
+
+# ---------------------------------------------------------------------- flows.md (c)
+
+CAPULET_SECRET = "s3cr3tf0rd14lb4ck"  # the XEP-0220 example secret of flows.md
+MONTAGUE_SECRET = "d14lb4ck43v3r-montague"  # flows.md's is shorter than the config's HMAC key minimum
+
+
+def test_flow_c_classic_dialback_return_connection_and_piggybacking(relay_spec, pki):
+    """flows.md (c): no TLS, no bidi. The relay (montague.example) verifies the
+    peer's keys with capulet's authoritative server over connections of its own,
+    sends errors on a return connection, and accepts a piggybacked sender."""
+
+    async def scenario():
+        authority = AuthoritativeServer({"capulet.example", "rooms.capulet.example"}, CAPULET_SECRET, MONTAGUE_SECRET)
+        as_port = await authority.start()
+        spec = relay_spec("montague", domains=("montague.example",), tls=False, secret=MONTAGUE_SECRET,
+                          policy={"require_encryption": False},
+                          routes={"capulet.example": as_port, "rooms.capulet.example": as_port})
+        try:
+            async with running(spec.config()) as relay:
+                peer = await Peer.connect(spec.s2s_port, "capulet.example", "montague.example",
+                                          cert=None, ca_path=pki.ca_path, secret=CAPULET_SECRET,
+                                          require_encryption=False, other_domains=("rooms.capulet.example",))
+                await peer.authenticated()
+                origin_id = peer.session.stream_id
+                # Step 2 went to the authoritative server, never back over TCP#1 (T-05)
+                assert any(b"<db:verify" in data and origin_id.encode() in data for data in authority.inputs)
+                assert not any(b"db:verify" in data for data in peer.reads)
+                peer.send("<message from='juliet@capulet.example/balcony' id='ju2ba41c' to='romeo@montague.example' "
+                          "type='chat' xml:lang='en'><body>Art thou not Romeo, and a Montague?</body></message>")
+                # the relay's domain takes no messages: the error comes back on a return connection
+                error = parse(await asyncio.wait_for(authority.stanzas.get(), 10))
+                assert (error.get("type"), error.get("id"), error.get("from"), error.get("to")) == (
+                    "error", "ju2ba41c", "romeo@montague.example", "juliet@capulet.example/balcony")
+                assert error.find("{jabber:server}error/{%s}service-unavailable" % STANZAS_NS) is not None
+                assert relay.connections_opened >= 2  # a verify-only connection and the return connection
+                assert not peer.stanzas  # nothing was sent back over TCP#1 (no bidi)
+                # piggybacking: a new sender domain on the same stream
+                assert peer.session.request_pair("rooms.capulet.example", "montague.example")
+                await peer._flush()
+                while ("rooms.capulet.example", "montague.example") not in peer.session.outbound_pairs:
+                    await peer._read()
+                peer.send("<iq from='nurse@rooms.capulet.example/r' to='montague.example' id='g7' type='get'>"
+                          "<ping xmlns='urn:xmpp:ping'/></iq>")
+                pong = parse(await asyncio.wait_for(authority.stanzas.get(), 10))
+                assert (pong.get("type"), pong.get("id"), pong.get("to")) == ("result", "g7", "nurse@rooms.capulet.example/r")
+                await peer.close()
+        finally:
+            await authority.stop()
+
+    arun(scenario())
+
+
+def test_direct_tls_route_xep_0368(pair_of_relays):
+    a, b = pair_of_relays
+    b.direct_tls_port = free_port()
+    a.routes["bot.b.test"] = {"port": b.direct_tls_port, "direct_tls": True}
+
+    async def scenario():
+        async with running(a.config()) as relay_a, running(b.config()) as relay_b:
+            bot_a = await component(a, "bot.a.test", "sa")
+            bot_b = await component(b, "bot.b.test", "sb")
+            bot_a.send("<message from='x@bot.a.test' to='y@bot.b.test' id='direct'/>")
+            assert (await bot_b.receive()).get("id") == "direct"
+            outbound = relay_a.table.remote[("bot.a.test", "bot.b.test")]
+            inbound = relay_b.table.remote[("bot.b.test", "bot.a.test")]
+            assert outbound.direct_tls and inbound.direct_tls
+            assert outbound.target == ("127.0.0.1", b.direct_tls_port)
+            assert outbound.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "xmpp-server"
+            assert inbound.mechanism == "sasl-external"  # certificates checked as with STARTTLS
+            await bot_a.close()
+            await bot_b.close()
+
+    arun(scenario())
+
+
+def test_reload_applies_new_policy_and_certificate_without_dropping_streams(relay, pki, peers_cert):
+    async def scenario():
+        async with running(relay.config()) as r:
+            old = await Peer.connect(relay.s2s_port, "p1.peers.test", "echo.relay.test",
+                                     cert=peers_cert, ca_path=pki.ca_path)
+            await old.authenticated()
+            old_cert = old.writer.get_extra_info("ssl_object").getpeercert(True)
+            # a new certificate for the domain, and a deny rule for the peer's domain
+            fresh = make_leaf(pki.ca, "echo.relay.test", srv_ids=["echo.relay.test"])
+            cert_path, key_path = fresh.write(pki.directory, "echo.relay.test.renewed")
+            relay.pki.issued[("echo.relay.test", True)] = (cert_path, key_path)
+            relay.policy["deny"] = ["*.denied.test"]
+            r.reload(relay.config())
+            renewed = await Peer.connect(relay.s2s_port, "p2.peers.test", "echo.relay.test",
+                                         cert=peers_cert, ca_path=pki.ca_path)
+            await renewed.authenticated()
+            new_cert = renewed.writer.get_extra_info("ssl_object").getpeercert(True)
+            assert new_cert != old_cert
+            assert x509.load_der_x509_certificate(new_cert).serial_number == fresh.cert.serial_number
+            denied = await Peer.connect(relay.s2s_port, "x.denied.test", "echo.relay.test",
+                                        cert=peers_cert, ca_path=pki.ca_path)
+            closed = await denied.stream_error()
+            assert closed.condition == "policy-violation"
+            # the stream from before the reload still delivers
+            old.send("<message from='j@p1.peers.test' to='echo.relay.test' id='kept'/>")
+            assert parse(await old.receive()).get("id") == "kept"
+            for peer in (old, renewed):
+                await peer.close()
+
+    arun(scenario())
+
+
+def test_namespace_and_language_fixups_towards_a_component(relay_spec, pki, peers_cert):
+    """Bytes are forwarded untouched unless the component would read them
+    differently: own jabber:server namespace, a header-bound prefix, or a
+    stream-level xml:lang that the component stream does not declare."""
+    spec = relay_spec("relay", domains=("relay.test",), components={"bot.relay.test": "bot-secret"})
+
+    async def scenario():
+        async with running(spec.config()):
+            bot = await RawComponent.connect(spec.component_port, "bot.relay.test", "bot-secret")
+            peer = await Peer.connect(spec.s2s_port, "p1.peers.test", "bot.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path, lang="fr")
+            await peer.authenticated()
+            plain = "<message from='j@p1.peers.test' to='r@bot.relay.test' id='plain' xml:lang='de'><body>x</body></message>"
+            peer.send(plain)
+            assert await bot.read_until(b"</message>") == plain.encode()  # forwarded as is
+            peer.send("<message from='j@p1.peers.test' to='r@bot.relay.test' id='lang'><body>y</body></message>")
+            lang = parse_component(await bot.read_until(b"</message>"))
+            assert lang.get("{http://www.w3.org/XML/1998/namespace}lang") == "fr"
+            peer.send("<message xmlns='jabber:server' from='j@p1.peers.test' to='r@bot.relay.test' id='ns' xml:lang='fr'>"
+                      "<body>z</body></message>")
+            ns = parse_component(await bot.read_until(b"</message>"))
+            assert ns.tag == "{jabber:component:accept}message"
+            assert ns.find("{jabber:component:accept}body").text == "z"
+            peer.send("<message from='j@p1.peers.test' to='r@bot.relay.test' id='prefix' xml:lang='fr'>"
+                      "<db:x/></message>")
+            prefixed = parse_component(await bot.read_until(b"</message>"))
+            assert prefixed[0].tag == "{jabber:server:dialback}x"
+            await peer.close()
+            await bot.close()
+
+    arun(scenario())
+
+
+def test_queue_limits_bounce_overflow_at_once_and_the_rest_on_timeout(relay_spec):
+    async def silent(reader, writer):
+        await reader.read()
+        writer.close()
+
+    async def scenario():
+        slow = await asyncio.start_server(silent, "127.0.0.1", 0)
+        spec = relay_spec("relay", domains=("relay.test",), components={"bot.relay.test": "s"},
+                          routes={"slow.test": slow.sockets[0].getsockname()[1]},
+                          s2s={"negotiation_timeout": 1.5, "queue_max_stanzas": 3})
+        try:
+            async with running(spec.config()):
+                bot = await component(spec, "bot.relay.test", "s")
+                for i in range(5):
+                    bot.send(f"<message from='u@bot.relay.test' to='v@slow.test' id='q{i}'/>")
+                first = [await bot.receive(timeout=1.0) for _ in range(2)]  # before the timeout
+                assert [(m.get("id"), error_condition(m)) for m in first] == [
+                    ("q3", ("wait", "resource-constraint")), ("q4", ("wait", "resource-constraint"))]
+                rest = [await bot.receive(timeout=10) for _ in range(3)]
+                assert [(m.get("id"), error_condition(m)) for m in rest] == [
+                    (f"q{i}", ("wait", "remote-server-timeout")) for i in range(3)]
+                await bot.close()
+        finally:
+            slow.close()
+
+    arun(scenario())
+
+
+def test_flow_control_over_a_tls_s2s_stream(relay_spec, pki, peers_cert):
+    """A remote server that stops reading pauses the component feeding it; the
+    relay buffers a bounded amount, and everything arrives once it reads again."""
+    high = 256 * 1024
+    spec = relay_spec("relay", domains=("relay.test",), components={"bot.relay.test": "bot-secret"},
+                      s2s={"write_high_water": high, "write_low_water": 64 * 1024})
+    total, size = 600, 32_000
+    payload = [(f"<message from='r@bot.relay.test' to='j@p1.peers.test' id='t{i}'><body>"
+                + "z" * size + "</body></message>").encode() for i in range(total)]
+
+    async def scenario():
+        async with running(spec.config()) as relay:
+            peer = await Peer.connect(spec.s2s_port, "p1.peers.test", "bot.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path)
+            await peer.authenticated()
+            bot = await RawComponent.connect(spec.component_port, "bot.relay.test", "bot-secret")
+            sent = 0
+
+            async def push():
+                nonlocal sent
+                for data in payload:
+                    bot.send(data)
+                    await bot.writer.drain()
+                    sent += 1
+
+            pusher = asyncio.ensure_future(push())
+            stream = None
+            peak = 0
+            for _ in range(40):  # 2 s during which the peer reads nothing
+                await asyncio.sleep(0.05)
+                stream = relay.table.remote.get(("bot.relay.test", "p1.peers.test"), stream)
+                if stream is not None:
+                    peak = max(peak, stream.transport.get_write_buffer_size())
+            assert stream is not None and not stream.outbound  # the peer's bidi stream carries it
+            assert not pusher.done() and sent < total
+            assert relay.table.local["bot.relay.test"]._blockers == {stream}
+            assert peak <= high + 2 * 512 * 1024
+            received = [await peer.receive() for _ in range(total)]
+            await pusher
+            assert received == payload
+            await peer.close()
+            await bot.close()
+
+    arun(scenario(), timeout=120)
+
+
+def test_shutdown_closes_s2s_streams_with_system_shutdown(relay, pki, peers_cert):
+    async def scenario():
+        async with running(relay.config()) as r:
+            peer = await Peer.connect(relay.s2s_port, "p1.peers.test", "echo.relay.test",
+                                      cert=peers_cert, ca_path=pki.ca_path)
+            await peer.authenticated()
+            stopping = asyncio.ensure_future(r.stop(timeout=5.0))
+            closed = await peer.stream_error()
+            assert closed.condition == "system-shutdown"
+            await peer.close()
+            await stopping
+            assert not r.streams
+
+    arun(scenario())
