@@ -126,6 +126,7 @@ cdef class Tokenizer:
     cdef int _prepare(self, Py_ssize_t need) except -1
     cdef int _grow_attrs(self) except -1
     cdef int _grow_stack(self, int depth) except -1
+    cdef int _push(self, int d, int nlen, Py_ssize_t ndecls0, Py_ssize_t arena0) except -1
     cdef list _run(self)
     cdef int _scan(self) except -1
     cdef Py_ssize_t _angle(self, const unsigned char* b, Py_ssize_t p, Py_ssize_t end, int st) except -2

@@ -1160,15 +1160,7 @@ cdef class Tokenizer:
             if empty:
                 self.state = ST_CONTENT
             else:
-                d += 1
-                if d >= self.stack_cap:
-                    self._grow_stack(d)
-                self.stack[d].name = self.name_abs
-                self.stack[d].nlen = nlen
-                self.stack[d].ndecls = ndecls0
-                self.stack[d].arena = arena0
-                self.depth = d
-                self.state = ST_CONTENT
+                self._push(d + 1, nlen, ndecls0, arena0)
             return 0
         for i in range(n):
             a = &self.attrs[i]
@@ -1230,15 +1222,19 @@ cdef class Tokenizer:
             else:
                 self.state = ST_CONTENT
         else:
-            d += 1
-            if d >= self.stack_cap:
-                self._grow_stack(d)
-            self.stack[d].name = self.name_abs
-            self.stack[d].nlen = nlen
-            self.stack[d].ndecls = ndecls0
-            self.stack[d].arena = arena0
-            self.depth = d
-            self.state = ST_CONTENT
+            self._push(d + 1, nlen, ndecls0, arena0)
+        return 0
+
+    cdef int _push(self, int d, int nlen, Py_ssize_t ndecls0, Py_ssize_t arena0) except -1:
+        """Open the element whose start tag just ended at depth ``d``."""
+        if d >= self.stack_cap:
+            self._grow_stack(d)
+        self.stack[d].name = self.name_abs
+        self.stack[d].nlen = nlen
+        self.stack[d].ndecls = ndecls0
+        self.stack[d].arena = arena0
+        self.depth = d
+        self.state = ST_CONTENT
         return 0
 
     cdef int _declare(self, const unsigned char* b, Attr* a, Py_ssize_t p) except -1:
