@@ -34,6 +34,7 @@ class ComponentStream(XmlStream):
     kind = "component"
     content_ns = COMPONENT_NS
     out_lang = "en"  # declared on our header, so stanzas from 'en' S2S streams need no xml:lang copy
+    __slots__ = ("tokenizer", "domain", "stream_id", "authenticated", "header_sent")
 
     def __init__(self, relay: Relay) -> None:
         super().__init__(relay)
@@ -54,6 +55,7 @@ class ComponentStream(XmlStream):
             self.fail(exc.condition, exc.text)
             return
         self._handle_events(events)
+        self.tokenizer.release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
 
     def _handle_events(self, events: list[Any]) -> None:
         view = memoryview(self.tokenizer.buffer)

@@ -100,7 +100,7 @@ class RouteTable:
         self.remote: dict[Pair, Any] = {}
         self.pending: dict[Pair, PendingQueue] = {}
         self.backoff: dict[str, Backoff] = {}
-        self._pairs_of: dict[Hashable, set[Pair]] = {}
+        self._pairs_of: dict[Hashable, tuple[Pair, ...]] = {}  # tuples: a link carries one or two pairs
 
     # local targets -------------------------------------------------------
     def set_local(self, domain: str, target: Any) -> None:
@@ -122,16 +122,18 @@ class RouteTable:
         if current is not None and current is not link:
             return False
         self.remote[pair] = link
-        self._pairs_of.setdefault(link, set()).add(pair)
+        pairs = self._pairs_of.get(link, ())
+        if pair not in pairs:
+            self._pairs_of[link] = (*pairs, pair)
         return True
 
     def remove_link(self, link: Any) -> set[Pair]:
         """Forget every pair routed over ``link``; return them."""
-        pairs = self._pairs_of.pop(link, set())
+        pairs = self._pairs_of.pop(link, ())
         for pair in pairs:
             if self.remote.get(pair) is link:
                 del self.remote[pair]
-        return pairs
+        return set(pairs)
 
     def links_to(self, remote: str) -> Iterator[Any]:
         """Links carrying any pair towards ``remote`` (candidates for piggybacking)."""

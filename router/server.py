@@ -69,6 +69,8 @@ class Relay:
         self.servers: list[asyncio.base_events.Server] = []
         self.listening: dict[str, tuple[str, int]] = {}
         self._pair_waiters: dict[tuple[S2SStream, Pair], asyncio.Future] = {}
+        # pairs that failed before anyone waited for them (a peer may refuse before connect() returns)
+        self._early_failures: dict[tuple[S2SStream, Pair], tuple[str, str]] = {}
         self._verify_waiters: dict[tuple[S2SStream, Any], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -183,7 +185,7 @@ class Relay:
             done, pending = await asyncio.wait([asyncio.ensure_future(s.wait_closed()) for s in streams],
                                                timeout=timeout)
             for stream in streams:
-                if stream.transport is not None and not stream._closed_future.done():
+                if stream.transport is not None and not stream.closed:
                     stream.transport.abort()
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
@@ -242,9 +244,12 @@ class Relay:
             for other in list(self.streams):
                 if isinstance(other, S2SStream) and not orphaned.isdisjoint(other.session.outbound_pairs):
                     self.routes_changed(other)
+        lost = _lost_reason(stream, exc)
         for (waiting_stream, pair), future in list(self._pair_waiters.items()):
             if waiting_stream is stream and not future.done():
-                future.set_result("remote-server-timeout")
+                future.set_result(("remote-server-timeout", lost))
+        for key in [key for key in self._early_failures if key[0] is stream]:
+            del self._early_failures[key]
         for (waiting_stream, token), future in list(self._verify_waiters.items()):
             if waiting_stream is stream and not future.done():
                 future.set_result("remote-server-timeout")
@@ -384,6 +389,7 @@ class Relay:
         s2s = self.config.s2s
         backoff = self.table.backoff_for(remote, s2s.backoff_base, s2s.backoff_max)
         outcome: str | None = "remote-server-timeout"
+        reason = "the attempt was interrupted"
         try:
             await asyncio.sleep(backoff.wait(self.loop.time()))
             targets = await self.resolver.resolve(remote)
@@ -398,20 +404,22 @@ class Relay:
                 else:
                     link.pump()
                     self.routes_changed(link)  # the pair may be authorized on it already
-            outcome = await self._wait_pair(link, pair)
+            failure = await self._wait_pair(link, pair)
+            outcome, reason = failure if failure is not None else (None, "")
         except resolver.ResolutionError as exc:
             log.info("cannot resolve %s: %s", remote, exc)
-            outcome = bounce_condition(resolution_failed=True)
+            outcome, reason = bounce_condition(resolution_failed=True), f"cannot resolve: {exc}"
         except ConnectFailed as exc:
             log.info("cannot connect to %s: %s", remote, exc)
-            outcome = bounce_condition(resolution_failed=False)
+            outcome, reason = bounce_condition(resolution_failed=False), f"cannot connect: {exc}"
         finally:
             if outcome is None:
                 backoff.succeeded()
             else:
                 backoff.failed(self.loop.time())
+                log.info("pair %s -> %s failed (%s): %s", local, remote, outcome, reason)
                 for item in self.table.take_queue(pair):
-                    self._bounce(item, outcome, f"cannot reach {remote}")
+                    self._bounce(item, outcome, f"cannot reach {remote}: {reason}")
                 self.metrics.negotiations_failed.inc("out", outcome)
             self._update_queue_gauges()
 
@@ -425,18 +433,24 @@ class Relay:
                        and s.target in addresses and s not in carrying]
         return [s for s in carrying + same_target if not s.closing and not s.verify_only]
 
-    async def _wait_pair(self, stream: S2SStream, pair: Pair) -> str | None:
-        """None once ``pair`` is routed over ``stream``, else the bounce condition."""
+    async def _wait_pair(self, stream: S2SStream, pair: Pair) -> tuple[str, str] | None:
+        """None once ``pair`` is routed over ``stream``, else the bounce condition and why."""
         if self.table.remote.get(pair) is stream:
             return None
+        early = self._early_failures.pop((stream, pair), None)
+        if early is not None:
+            return early
+        if stream.closed:
+            return "remote-server-timeout", _lost_reason(stream, None)
         future = self.loop.create_future()
         self._pair_waiters[(stream, pair)] = future
         try:
             return await asyncio.wait_for(future, self.config.s2s.negotiation_timeout)
         except asyncio.TimeoutError:
+            timeout = self.config.s2s.negotiation_timeout
             if not stream.authenticated:
                 stream.fail("connection-timeout", "stream negotiation did not complete in time")
-            return "remote-server-timeout"
+            return "remote-server-timeout", f"the stream was not authorized within {timeout:g} seconds"
         finally:
             self._pair_waiters.pop((stream, pair), None)
 
@@ -489,9 +503,13 @@ class Relay:
 
     def auth_failed(self, stream: S2SStream, event) -> None:
         pair = (event.local, event.remote)
+        result = (event.bounce, event.text or event.condition)
         future = self._pair_waiters.get((stream, pair))
-        if future is not None and not future.done():
-            future.set_result(event.bounce)
+        if future is None:
+            if not stream.closed:
+                self._early_failures[(stream, pair)] = result
+        elif not future.done():
+            future.set_result(result)
 
     # ------------------------------------------------------------------ dialback verification
     def verify_key(self, origin: S2SStream, event) -> None:
@@ -564,6 +582,13 @@ class Relay:
                           verify_only: bool = False) -> Session:
         return Session("initiator", self.session_config, local, remote, verify_only=verify_only,
                        direct_tls=direct_tls)
+
+
+def _lost_reason(stream: S2SStream, exc: Exception | None) -> str:
+    """Why pairs still waiting on a closed stream failed, for their bounces."""
+    if stream.failure:
+        return stream.failure
+    return f"connection lost: {exc}" if exc else "the connection closed before the pair was authorized"
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, relay: Relay, stop: asyncio.Event) -> None:

@@ -38,6 +38,9 @@ log = logging.getLogger("router.stream")
 raw_log = logging.getLogger("router.raw")
 
 WHITESPACE_KEEPALIVE = b" "
+# Flow-control sets are empty on nearly every stream: they share this one and are
+# replaced (not mutated) when a stream waits or is waited for.
+NO_STREAMS: frozenset[XmlStream] = frozenset()
 # Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
 EARLY_BUFFER_SIZE = 16384
 
@@ -126,6 +129,9 @@ class XmlStream(asyncio.BufferedProtocol):
     content_ns = SERVER_NS
     out_lang: str | None = "en"
     kind = "stream"
+    # one per connection: no instance dict; timers are the relay's shared sweep
+    __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
+                 "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -133,14 +139,18 @@ class XmlStream(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.paused = False  # our transport's write buffer is above the high-water mark
-        self._waiting_sources: set[XmlStream] = set()  # sources paused because of us
-        self._blockers: set[XmlStream] = set()  # destinations we wait for
+        self._waiting_sources: frozenset[XmlStream] = NO_STREAMS  # sources paused because of us
+        self._blockers: frozenset[XmlStream] = NO_STREAMS  # destinations we wait for
         self.closing = False
-        self._closed_future: asyncio.Future[None] = self.loop.create_future()
+        self.closed = False  # connection_lost ran
+        self._closed_waiter: asyncio.Future[None] | None = None  # made by wait_closed only
         self.opened_at = self.last_rx = self.last_tx = self.loop.time()
-        self._close_timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None  # only after we sent </stream:stream>
         self.raw_xml = relay.config.log.raw_xml
-        self._rx_view: memoryview | None = None
+        # raw_xml: where the last get_buffer() view starts (the bytearray, not a view of
+        # it: an exported view would stop the tokenizer resizing or dropping its buffer
+        # when uvloop asks for a buffer and then reads nothing)
+        self._rx_at: tuple[bytearray, int] | None = None
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -155,7 +165,7 @@ class XmlStream(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         view = self._buffer_for(sizehint)
         if self.raw_xml:
-            self._rx_view = view
+            self._rx_at = (view.obj, len(view.obj) - len(view))  # views end where their buffer ends
         return view
 
     def _buffer_for(self, sizehint: int) -> memoryview:
@@ -163,9 +173,10 @@ class XmlStream(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = self.loop.time()
-        if self.raw_xml and self._rx_view is not None:
-            raw_log.info("%s %s RECV %r", self.kind, self.peer, bytes(self._rx_view[:nbytes]))
-            self._rx_view = None  # a view kept past this read would stop the tokenizer resizing its buffer
+        if self.raw_xml and self._rx_at is not None:
+            buffer, start = self._rx_at
+            self._rx_at = None
+            raw_log.info("%s %s RECV %r", self.kind, self.peer, bytes(buffer[start : start + nbytes]))
         self.relay.metrics.bytes_received.inc(self.kind, by=nbytes)
         try:
             self._received(nbytes)
@@ -181,7 +192,7 @@ class XmlStream(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        waiting, self._waiting_sources = self._waiting_sources, set()
+        waiting, self._waiting_sources = self._waiting_sources, NO_STREAMS
         for source in waiting:
             source._unblock(self)
 
@@ -191,11 +202,12 @@ class XmlStream(asyncio.BufferedProtocol):
             self._close_timer.cancel()
         # sources paused on us may read again (their stanzas will bounce or queue)
         self.resume_writing()
-        for dest in list(self._blockers):
-            dest._waiting_sources.discard(self)
-        self._blockers.clear()
-        if not self._closed_future.done():
-            self._closed_future.set_result(None)
+        for dest in self._blockers:
+            dest._waiting_sources -= {self}
+        self._blockers = NO_STREAMS
+        self.closed = True
+        if self._closed_waiter is not None and not self._closed_waiter.done():
+            self._closed_waiter.set_result(None)
         self.relay.stream_closed(self, exc)
 
     # ------------------------------------------------------------------ forwarding
@@ -234,11 +246,12 @@ class XmlStream(asyncio.BufferedProtocol):
         """Stop reading until ``dest`` drains below its low-water mark (itself included)."""
         if not self._blockers and self.transport is not None and not self.closing:
             self.transport.pause_reading()
-        self._blockers.add(dest)
-        dest._waiting_sources.add(self)
+        if dest not in self._blockers:
+            self._blockers |= {dest}
+            dest._waiting_sources |= {self}
 
     def _unblock(self, dest: XmlStream) -> None:
-        self._blockers.discard(dest)
+        self._blockers -= {dest}
         if not self._blockers and self.transport is not None and not self.closing:
             self.transport.resume_reading()
 
@@ -278,7 +291,11 @@ class XmlStream(asyncio.BufferedProtocol):
             self.transport.close()
 
     async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed_future)
+        if self.closed:
+            return
+        if self._closed_waiter is None:
+            self._closed_waiter = self.loop.create_future()
+        await asyncio.shield(self._closed_waiter)
 
 
 class S2SStream(XmlStream):
@@ -290,6 +307,8 @@ class S2SStream(XmlStream):
     """
 
     kind = "s2s"
+    __slots__ = ("session", "outbound", "direct_tls", "authenticated", "bidi", "mechanism", "local_domain",
+                 "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early", "_early_buffer")
 
     def __init__(self, relay: Relay, session: Any, *, outbound: bool, direct_tls: bool = False,
                  local: str | None = None, remote: str | None = None) -> None:
@@ -304,8 +323,9 @@ class S2SStream(XmlStream):
         self.remote_domain = remote
         self.verify_only = False
         self.target: tuple[str, int] | None = None  # outbound: the address and port we connected to
+        self.failure: str | None = None  # why the stream ended, for the bounces of pairs waiting on it
         self._tls_starting = False  # between StartTLS and the end of the handshake
-        self._early: list[bytes] = []  # decrypted bytes that arrived in that window
+        self._early: list[bytes] | None = None  # decrypted bytes that arrived in that window
         self._early_buffer: bytearray | None = None
 
     @property
@@ -330,6 +350,11 @@ class S2SStream(XmlStream):
             self._tls_done()
         self.pump()
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._tls_starting and self.failure is None:
+            self.failure = f"TLS handshake failed: {exc or 'the connection closed'}"
+        super().connection_lost(exc)
+
     def _buffer_for(self, sizehint: int) -> memoryview:
         if self._tls_starting:
             return memoryview(self._early_buffer)
@@ -338,10 +363,13 @@ class S2SStream(XmlStream):
     def _received(self, nbytes: int) -> None:
         if self._tls_starting:
             # uvloop delivers the first decrypted bytes before start_tls() returns
+            if self._early is None:
+                self._early = []
             self._early.append(bytes(self._early_buffer[:nbytes]))
             return
         self.session.buffer_updated(nbytes)
         self.pump()
+        self.tokenizer.release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
 
     # ------------------------------------------------------------------ session -> I/O
     def pump(self) -> None:
@@ -395,16 +423,25 @@ class S2SStream(XmlStream):
         elif isinstance(event, ev.VerifyResult):
             self.relay.verify_result(self, event)
         elif isinstance(event, ev.Closed):
+            metrics = self.relay.metrics
+            if event.cause == "parse":
+                metrics.parse_errors.inc(event.condition)
+            elif event.cause == "stanza":
+                metrics.stanzas_rejected.inc(event.condition)
             if event.condition and not self.authenticated:
-                self.relay.metrics.negotiations_failed.inc(self.direction, event.condition)
-            log.info("s2s stream closed by us peer=%s domain=%s condition=%s text=%s",
-                     self.peer, self.remote_domain or "-", event.condition, event.text)
+                metrics.negotiations_failed.inc(self.direction, event.condition)
+            if event.condition:
+                self.failure = f"we closed the stream with <{event.condition}/>: {event.text}"
+            log.info("s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
+                     self.peer, self.remote_domain or "-", event.condition, event.cause, event.text)
             self._flush_session()
             if event.condition:
                 self.close_transport()
             else:
                 self.abort_after(self.relay.config.s2s.close_timeout)
         elif isinstance(event, ev.PeerClosed):
+            self.failure = "the peer closed the stream" + (f" with <{event.condition}/>" if event.condition else "") \
+                + (f": {event.text}" if event.text else "")
             log.info("s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
                      self.peer, self.remote_domain or "-", event.condition, event.text)
             self._flush_session()
@@ -427,6 +464,7 @@ class S2SStream(XmlStream):
         except (OSError, asyncio.TimeoutError, ValueError) as exc:
             # RFC 6120 §5.4.3.2: a failed handshake ends TCP without </stream>
             log.info("s2s TLS handshake failed peer=%s domain=%s: %s", self.peer, self.remote_domain or "-", exc)
+            self.failure = self.failure or f"TLS handshake failed: {exc or type(exc).__name__}"
             self.relay.metrics.negotiations_failed.inc(self.direction, "tls-handshake")
             if self.transport is not None:
                 self.transport.abort()
@@ -439,10 +477,11 @@ class S2SStream(XmlStream):
         self._tls_starting = False
         self._early_buffer = None
         self._tls_done()
-        early, self._early = self._early, []
+        early, self._early = self._early or [], None
         for data in early:
             self.session.receive_data(data)
         self.pump()
+        self.tokenizer.release()
 
     def _tls_done(self) -> None:
         ssl_object = self.transport.get_extra_info("ssl_object")
@@ -455,7 +494,7 @@ class S2SStream(XmlStream):
     def fail(self, condition: str, text: str) -> None:
         if self.closing:
             return
-        self.session.close(condition, text)
+        self.session.close(condition, text, cause="local")
         self.pump()
         self.close_transport()
 
@@ -464,6 +503,6 @@ class S2SStream(XmlStream):
         a bounded time for the peer's close."""
         if self.closing or self.transport is None:
             return
-        self.session.close(condition, text)
+        self.session.close(condition, text, cause="local")
         self.pump()
         self.abort_after(self.relay.config.s2s.close_timeout)

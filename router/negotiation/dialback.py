@@ -27,7 +27,8 @@ from router import policy as pol
 from router.errors import STANZAS_NS, error_child
 from router.negotiation.events import VerifyKey, VerifyResult
 from router.negotiation.features import DIALBACK_FEATURE_NS, Offer
-from router.xml import DIALBACK_NS, attr, first_condition, text_node
+from router.negotiation.pairs import NO_REQUESTS, without
+from router.xml import DIALBACK_NS, attr, first_condition, text_in, text_node
 
 if TYPE_CHECKING:
     from router.negotiation.session import Session
@@ -80,12 +81,14 @@ def available(s: Session) -> bool:
 def send_result_request(s: Session, local: str, remote: str) -> None:
     """Step 1: ask the peer to accept ``local -> remote`` (XEP-0220 §2.1.1)."""
     key = dialback_key(s.config.dialback_secret, remote, local, s.stream_id)
-    s.results_out.add((local, remote))
+    s.results_out |= {(local, remote)}
     s.send(f"<db:result from={attr(local)} to={attr(remote)}>{key}</db:result>".encode())
 
 
 def send_verify_request(s: Session, token, receiving: str, originating: str, stream_id: str, key: str) -> None:
     """Step 2, sent to the authoritative server of `originating` (XEP-0220 §2.1.2)."""
+    if not s.verifies_out:
+        s.verifies_out = {}
     s.verifies_out.setdefault((receiving, originating, stream_id), []).append(token)
     s.send(
         f"<db:verify from={attr(receiving)} to={attr(originating)} id={attr(stream_id)}>{text_node(key)}</db:verify>".encode()
@@ -156,6 +159,8 @@ def _result_request(s: Session, remote: str, local: str, key: str) -> None:
         send_error(s, "result", local, remote, decision.condition, decision.text)
         return
     token = next(_tokens)
+    if not s.results_in:
+        s.results_in = {}
     s.results_in[pair] = token
     s.emit(VerifyKey(token, local, remote, s.stream_id, key))
 
@@ -166,6 +171,8 @@ def key_verified(s: Session, token, result: str) -> None:
     if pair is None:
         return  # the stream dropped that request (closed or re-keyed); nothing is waiting for it
     del s.results_in[pair]
+    if not s.results_in:
+        s.results_in = NO_REQUESTS
     remote, local = pair
     if result == "valid":
         _send_valid(s, remote, local)
@@ -190,22 +197,26 @@ def _result_answer(s: Session, remote: str, local: str, element) -> None:
     if (local, remote) not in s.results_out:
         s.close("not-authorized", f"unsolicited dialback result for {local} -> {remote} on this stream")
         return
-    s.results_out.discard((local, remote))
+    s.results_out = without(s.results_out, (local, remote))
     if element.type == "valid":
         s.accept_outbound(local, remote, "dialback")
     elif element.type == "invalid":
-        s.outbound_failed(local, remote, "invalid", "internal-server-error")
+        s.outbound_failed(local, remote, "invalid", "internal-server-error",
+                          f"{remote} answered our dialback key for {local} with type='invalid'")
     elif element.type == "error":
-        s.outbound_failed(local, remote, _error_condition(s, element), "remote-server-timeout")
+        condition, text = _error_of(s, element)
+        s.outbound_failed(local, remote, condition, "remote-server-timeout",
+                          f"{remote} refused dialback for {local}: {condition}" + (f" ({text})" if text else ""))
     else:
         s.close("bad-format", f"dialback result type {element.type!r} is not valid, invalid or error")
 
 
-def _error_condition(s: Session, element) -> str:
+def _error_of(s: Session, element) -> tuple[str, str | None]:
+    """The stanza error condition and text of a dialback ``type='error'`` answer."""
     for sub in s.tree(element):
         if isinstance(sub.tag, str) and sub.tag.endswith("}error"):
-            return first_condition(sub, STANZAS_NS) or "undefined-condition"
-    return "undefined-condition"
+            return first_condition(sub, STANZAS_NS) or "undefined-condition", text_in(sub, STANZAS_NS)
+    return "undefined-condition", None
 
 
 def handle_verify(s: Session, element) -> None:
@@ -223,10 +234,12 @@ def handle_verify(s: Session, element) -> None:
     token = tokens.pop(0)
     if not tokens:
         del s.verifies_out[(to, from_, element.id)]
+        if not s.verifies_out:
+            s.verifies_out = NO_REQUESTS
     if element.type in ("valid", "invalid"):
         s.emit(VerifyResult(token, element.type))
     elif element.type == "error":
-        s.emit(VerifyResult(token, _error_condition(s, element)))
+        s.emit(VerifyResult(token, _error_of(s, element)[0]))
     else:
         s.close("bad-format", f"dialback verify type {element.type!r} is not valid, invalid or error")
 

@@ -7,7 +7,7 @@ own outgoing stream, or an inbound one with bidi).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -36,6 +36,7 @@ class AuthFailed:
     local: str
     condition: str  # "invalid", or the dialback / SASL / stream condition that ended it
     bounce: str  # stanza error condition for queued stanzas (XEP-0220 §2.1.1)
+    text: str | None = field(default=None, compare=False)  # why, for the bounces' <text/>; not part of equality
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +78,16 @@ class Stanza:
 
 @dataclass(frozen=True, slots=True)
 class Closed:
-    """We closed the stream (`condition` None: a graceful ``</stream:stream>``). Flush, then close TCP."""
+    """We closed the stream (`condition` None: a graceful ``</stream:stream>``). Flush, then close TCP.
+
+    `cause` says what the peer did, for metrics: "parse" (the bytes were not
+    acceptable XML), "stanza" (a stanza broke addressing or authorization
+    rules), "negotiation" (a negotiation element or header was wrong or
+    negotiation failed) or "local" (the runtime asked, or an internal error)."""
 
     condition: str | None
     text: str | None
+    cause: str = "negotiation"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from router import certs
@@ -34,6 +35,7 @@ from router.negotiation.events import (
     StartTLS,
     VerifyResult,
 )
+from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS, without
 from router.xml import CLIENT_NS, DIALBACK_NS, SERVER_NS, STREAM_CLOSE, STREAM_NS, first_condition, parse_element, stream_header, text_in
 
 log = logging.getLogger("router.negotiation")
@@ -43,6 +45,8 @@ _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")
 # Content namespaces we do not serve: a first-level element in one is <invalid-namespace/> (RFC 6120 §4.8.3).
 _FOREIGN_CONTENT_NS = frozenset({"", CLIENT_NS, "jabber:component:accept"})
 _HEADER_NAMESPACES = frozenset({STREAM_NS, SERVER_NS, DIALBACK_NS})
+# The few distinct feature sets a receiver offers, shared between streams.
+_OFFERED: dict[frozenset[str], frozenset[str]] = {}
 
 
 def new_stream_id() -> str:
@@ -57,7 +61,8 @@ def parse_version(value: str | None) -> tuple[int, int] | None:
     match = _VERSION.fullmatch(value.strip())
     if match is None:
         raise ValueError(f"version {value!r} is not 'major.minor'")
-    return int(match.group(1)), int(match.group(2))
+    version = int(match.group(1)), int(match.group(2))
+    return OUR_VERSION if version == OUR_VERSION else version  # one tuple shared by every 1.0 stream
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,10 @@ class SessionConfig:
 class Session:
     """Negotiation and authorization of one S2S stream, in either role.
 
+    One exists per connection, so it has ``__slots__`` and keeps negotiation-only
+    state (pending requests, the parsed negotiation element, certificate checks)
+    small or shared once the stream is idle.
+
     ``Session("initiator", config, local, remote)`` writes its stream header at
     once and asks to send ``local -> remote``; ``Session("receiver", config)``
     waits for the peer's header. ``verify_only`` initiators only carry
@@ -95,6 +104,18 @@ class Session:
     ``direct_tls``: the connection is TLS from the first byte (XEP-0368); the
     runtime calls `tls_established` before any data.
     """
+
+    __slots__ = (
+        "role", "config", "verify_only", "tokenizer", "local_domain", "remote_domain", "_new_id",
+        "inbound_pairs", "outbound_pairs", "encrypted", "peer_chain", "sasl_done", "sasl_failures",
+        "sasl_tried", "sasl_pending", "sasl_condition", "results_out", "results_in", "verifies_out",
+        "_requested", "_wanted", "_verify_queue", "_out", "_events", "_cert_status", "_tree_cache",
+        "_restarted", "_awaiting_tls", "_direct_tls_pending", "_close_sent", "_dead",
+        "_dialback_unavailable", "bidi",
+        # per stream (reset on restart)
+        "stream_id", "peer_version", "peer_declares_dialback", "stream_lang", "advertised", "offered",
+        "starttls_sent", "_header_sent", "_header_seen", "_dialback_started",
+    )
 
     def __init__(
         self,
@@ -127,15 +148,16 @@ class Session:
         self.sasl_tried = False
         self.sasl_pending = False
         self.sasl_condition: str | None = None
-        self.results_out: set[tuple[str, str]] = set()  # db:result requests we sent: (local, remote)
-        self.results_in: dict[tuple[str, str], object] = {}  # requests we verify: (remote, local) -> token
-        self.verifies_out: dict[tuple[str, str, str], list] = {}  # (receiving, originating, id) -> tokens
-        self._requested: set[tuple[str, str]] = set()  # outbound pairs asked for, not yet decided
-        self._wanted: list[tuple[str, str]] = []  # ... and not yet sent as db:result
-        self._verify_queue: list[tuple] = []
+        self.results_out: frozenset[tuple[str, str]] = NO_PAIRS  # db:result requests we sent: (local, remote)
+        self.results_in: Mapping[tuple[str, str], object] = NO_REQUESTS  # requests we verify: (remote, local) -> token
+        self.verifies_out: Mapping[tuple[str, str, str], list] = NO_REQUESTS  # (receiving, originating, id) -> tokens
+        self._requested: frozenset[tuple[str, str]] = NO_PAIRS  # outbound pairs asked for, not yet decided
+        # tuples, like the pair sets: empty on an idle stream, so shared
+        self._wanted: tuple[tuple[str, str], ...] = ()  # ... and not yet sent as db:result
+        self._verify_queue: tuple[tuple, ...] = ()
         self._out = bytearray()
-        self._events: list = []
-        self._cert_status: dict[str, bool] = {}
+        self._events: list | tuple = ()  # a list while events wait to be drained
+        self._cert_status: dict[str, bool] | None = None  # domain -> proven by the TLS chain; made when asked
         self._tree_cache: tuple[object, object] | None = None
         self._restarted: bytes | None = None
         self._awaiting_tls = False
@@ -146,8 +168,8 @@ class Session:
         self.bidi = False
         self._reset_stream_state()
         if role == "initiator" and not verify_only:
-            self._requested.add((self.local_domain, self.remote_domain))
-            self._wanted.append((self.local_domain, self.remote_domain))
+            self._requested = frozenset({(self.local_domain, self.remote_domain)})
+            self._wanted = ((self.local_domain, self.remote_domain),)
         if role == "initiator" and not direct_tls:
             self._send_header()
 
@@ -158,6 +180,7 @@ class Session:
         if self._input_refused():
             return
         self._run(self.tokenizer.feed, data)
+        self._tree_cache = None  # the parsed negotiation element is not needed past its input call
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         return self.tokenizer.get_buffer(sizehint)
@@ -166,16 +189,17 @@ class Session:
         if self._input_refused():
             return
         self._run(self.tokenizer.buffer_updated, nbytes)
+        self._tree_cache = None  # the parsed negotiation element is not needed past its input call
 
     def tls_established(self, peer_chain_der) -> None:
         """The TLS handshake after `StartTLS` (or a direct-TLS connection's) finished."""
         if not (self._awaiting_tls or self._direct_tls_pending) or self._dead:
-            self.close("internal-server-error", "TLS was established when the stream did not expect it")
+            self.close("internal-server-error", "TLS was established when the stream did not expect it", cause="local")
             return
         self._awaiting_tls = self._direct_tls_pending = False
         self.encrypted = True
         self.peer_chain = tuple(peer_chain_der or ())
-        self._cert_status.clear()
+        self._cert_status = None
         # RFC 6120 §5.4.3.3: everything learned before TLS is forgotten
         if self.role == "receiver":
             self.local_domain = self.remote_domain = None
@@ -205,11 +229,11 @@ class Session:
             return True
         if not self._may_carry(local, remote):
             return False
-        self._requested.add(pair)
+        self._requested |= {pair}
         if self._dialback_ready():
             self._guarded(dialback.send_result_request, self, local, remote)
         else:
-            self._wanted.append(pair)
+            self._wanted += (pair,)
         return True
 
     def request_verify(self, token, receiving: str, originating: str, stream_id: str, key: str) -> None:
@@ -221,10 +245,12 @@ class Session:
         elif self._dialback_ready():
             dialback.send_verify_request(self, token, receiving, originating, stream_id, key)
         else:
-            self._verify_queue.append((token, receiving, originating, stream_id, key))
+            self._verify_queue += ((token, receiving, originating, stream_id, key),)
 
-    def close(self, condition: str | None = None, text: str | None = None) -> None:
-        """End the stream: an optional stream error, then ``</stream:stream>``."""
+    def close(self, condition: str | None = None, text: str | None = None, *, cause: str = "negotiation") -> None:
+        """End the stream: an optional stream error, then ``</stream:stream>``.
+
+        ``cause`` goes on the `Closed` event: the runtime passes "local"."""
         if self._close_sent:
             return
         if condition is not None and condition not in STREAM_CONDITIONS:
@@ -236,7 +262,7 @@ class Session:
             self._dead = True
         self._out += STREAM_CLOSE
         self._close_sent = True
-        self.emit(Closed(condition, text))
+        self.emit(Closed(condition, text, cause))
         self._fail_pending(condition or "remote-server-timeout", text or "stream closed")
 
     def connection_lost(self) -> None:
@@ -253,8 +279,8 @@ class Session:
         return data
 
     def events(self) -> list:
-        events, self._events = self._events, []
-        return events
+        events, self._events = self._events, ()
+        return events if events else []
 
     @property
     def authenticated(self) -> bool:
@@ -272,7 +298,10 @@ class Session:
             self._out += data
 
     def emit(self, event) -> None:
-        self._events.append(event)
+        if self._events:
+            self._events.append(event)
+        else:
+            self._events = [event]
 
     def normalize(self, domain: str) -> str:
         return normalize_domain(domain)
@@ -288,6 +317,8 @@ class Session:
         """Does the TLS peer's chain reach our trust store and name `domain` (RFC 6125)?"""
         if not self.encrypted:
             return False
+        if self._cert_status is None:
+            self._cert_status = {}
         if domain not in self._cert_status:
             status = certs.peer_status(list(self.peer_chain), self.config.trust_store, domain)
             if not status.authenticated:
@@ -328,12 +359,12 @@ class Session:
         self.emit(Authenticated(remote, local, mechanism, "inbound"))
         if self.bidi and (local, remote) not in self.outbound_pairs:
             self.outbound_pairs.add((local, remote))
-            self._requested.discard((local, remote))
+            self._requested = without(self._requested, (local, remote))
             self.emit(Authenticated(remote, local, mechanism, "outbound"))
 
     def accept_outbound(self, local: str, remote: str, mechanism: str) -> None:
         """We may now send ``local -> remote``; with bidi the peer may send the inverse."""
-        self._requested.discard((local, remote))
+        self._requested = without(self._requested, (local, remote))
         self.outbound_pairs.add((local, remote))
         self._raise_stanza_limit()
         self.emit(Authenticated(remote, local, mechanism, "outbound"))
@@ -346,19 +377,18 @@ class Session:
         authenticate with a certificate may only send back if the TLS peer proved it."""
         return self.config.policy.auth_mode(remote) != pol.AUTH_SECURE or self.peer_certificate_ok(remote)
 
-    def outbound_failed(self, local: str, remote: str, condition: str, bounce: str) -> None:
-        self._requested.discard((local, remote))
-        self.results_out.discard((local, remote))
-        self.emit(AuthFailed(remote, local, condition, bounce))
+    def outbound_failed(self, local: str, remote: str, condition: str, bounce: str, text: str | None = None) -> None:
+        self._requested = without(self._requested, (local, remote))
+        self.results_out = without(self.results_out, (local, remote))
+        self.emit(AuthFailed(remote, local, condition, bounce, text))
 
     def fail_outbound(self, condition: str, text: str) -> None:
         """Every outbound pair still pending on this stream failed."""
         log.info("outbound negotiation failed (%s): %s", condition, text)
         for local, remote in sorted(self._requested):
-            self.emit(AuthFailed(remote, local, condition, "remote-server-timeout"))
-        self._requested.clear()
-        self._wanted.clear()
-        self.results_out.clear()
+            self.emit(AuthFailed(remote, local, condition, "remote-server-timeout", text))
+        self._requested = self.results_out = NO_PAIRS
+        self._wanted = ()
 
     def continue_negotiation(self) -> None:
         """Initiator: take the next step the peer's features (or their absence) allow."""
@@ -370,7 +400,7 @@ class Session:
             pair = (self.local_domain, self.remote_domain)
             if pair in self._requested:
                 self.accept_outbound(*pair, sasl.EXTERNAL)
-                self._wanted = [p for p in self._wanted if p != pair]
+                self._wanted = tuple(p for p in self._wanted if p != pair)
             self._start_dialback()
             return
         if tls.choose(self, adv):
@@ -433,7 +463,7 @@ class Session:
                     self._run(self.tokenizer.feed, tail)
                 return  # later events and errors belong to the discarded tail
         if error is not None and not self._dead:
-            self.close(error.condition, error.text)
+            self.close(error.condition, error.text, cause="parse")
 
     def _guarded(self, handler, *args) -> None:
         """Run a handler; a bug in it closes this stream instead of escaping to the runtime."""
@@ -441,7 +471,7 @@ class Session:
             handler(*args)
         except Exception as exc:  # noqa: BLE001 - the session must never raise on input
             log.exception("internal error in stream negotiation")
-            self.close("internal-server-error", f"internal error: {type(exc).__name__}")
+            self.close("internal-server-error", f"internal error: {type(exc).__name__}", cause="local")
 
     def _on_event(self, event) -> None:
         if isinstance(event, StreamHeader):
@@ -535,7 +565,8 @@ class Session:
     def _send_features(self) -> None:
         to, from_ = self.local_domain, self.remote_domain
         offers = self._offers()
-        self.offered = frozenset(offer.name for offer in offers)
+        offered = frozenset(offer.name for offer in offers)
+        self.offered = _OFFERED.setdefault(offered, offered)
         self.send(features.render(offers, self.config.required_flags))
         if not self.authenticated and not self.offered & {"starttls", "mechanisms", "dialback"}:
             self.close("policy-violation", f"no authentication method acceptable for {from_} is available on this stream")
@@ -568,19 +599,21 @@ class Session:
         ns = element.ns
         if ns == SERVER_NS and element.name in STANZA_KINDS:
             if element.prefix is not None:
-                self.close("bad-namespace-prefix", f"jabber:server elements must not be prefixed ({element.prefix}:)")
+                self.close("bad-namespace-prefix", f"jabber:server elements must not be prefixed ({element.prefix}:)",
+                           cause="stanza")
                 return
             verdict = pol.check_stanza(element.from_, element.to, self.inbound_pairs, self.config.local_domains)
             if verdict is None:
                 self.emit(Stanza(element))
             else:
-                self.close(*verdict)
+                self.close(*verdict, cause="stanza")
             return
         handler = _HANDLERS.get((ns, element.name))
         if handler is not None:
             handler(self, element)
         elif ns in _FOREIGN_CONTENT_NS:
-            self.close("invalid-namespace", f"<{element.name}/> in content namespace {ns or '(none)'!r}; this is a jabber:server stream")
+            self.close("invalid-namespace", f"<{element.name}/> in content namespace {ns or '(none)'!r}; this is a jabber:server stream",
+                       cause="stanza" if element.name in STANZA_KINDS else "negotiation")
         else:
             self.close("unsupported-stanza-type", f"unknown first-level element {{{ns}}}{element.name}")
 
@@ -607,7 +640,8 @@ class Session:
             self._close_sent = True
         self._dead = True
         self.emit(PeerClosed(condition, text))
-        self._fail_pending(condition or "remote-server-timeout", text or "the peer closed the stream")
+        reason = "the peer closed the stream" + (f" with <{condition}/>" if condition else "")
+        self._fail_pending(condition or "remote-server-timeout", f"{reason}: {text}" if text else reason)
 
     # -- dialback plumbing
 
@@ -637,19 +671,20 @@ class Session:
         if not self._dialback_started:
             self._dialback_unavailable = True
             for local, remote in self._wanted:
-                self.outbound_failed(local, remote, "unsupported-feature", "remote-server-timeout")
-            self._wanted.clear()
+                self.outbound_failed(local, remote, "unsupported-feature", "remote-server-timeout",
+                                     f"{self.remote_domain} offers no authentication we can use (no dialback)")
+            self._wanted = ()
             for token, *_ in self._verify_queue:
                 self.emit(VerifyResult(token, "remote-server-timeout"))
-            self._verify_queue.clear()
+            self._verify_queue = ()
             return
-        wanted, self._wanted = self._wanted, []
+        wanted, self._wanted = self._wanted, ()
         for local, remote in wanted:
             dialback.send_result_request(self, local, remote)
         self._flush_verifies()
 
     def _flush_verifies(self) -> None:
-        queue, self._verify_queue = self._verify_queue, []
+        queue, self._verify_queue = self._verify_queue, ()
         for request in queue:
             dialback.send_verify_request(self, *request)
 
@@ -665,11 +700,11 @@ class Session:
             self.fail_outbound(condition, text)
         pending = [t for tokens in self.verifies_out.values() for t in tokens]
         pending += [request[0] for request in self._verify_queue]
-        self.verifies_out.clear()
-        self._verify_queue.clear()
+        self.verifies_out = NO_REQUESTS
+        self._verify_queue = ()
         for token in pending:
             self.emit(VerifyResult(token, "remote-server-timeout"))  # XEP-0220 §2.1.2
-        self.results_in.clear()
+        self.results_in = NO_REQUESTS
 
     def _raise_stanza_limit(self) -> None:
         self.tokenizer.max_stanza_bytes = self.config.policy.max_stanza_bytes

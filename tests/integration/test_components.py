@@ -246,6 +246,40 @@ def test_raw_xml_logging_switch(relay_spec, caplog):
     assert any("SEND" in line and "id=\"logged\"" in line.replace("'", '"') for line in raw)
 
 
+def test_raw_xml_logging_survives_a_read_that_returns_nothing(relay_spec, caplog):
+    """uvloop asks for a buffer before every read, and a read may find nothing (EAGAIN):
+    with raw_xml on, that must not leave a view exported on the tokenizer's buffer,
+    which would make the next get_buffer fail with BufferError when the buffer grows."""
+    spec = relay_spec("raw", domains=("relay.test",), components={"a.relay.test": SECRET_A},
+                      echo=("echo.relay.test",), raw_xml=True)
+    head = b"<message from='a.relay.test' to='echo.relay.test' id='big'><body>"
+    body = b"y" * 150_000
+
+    async def scenario():
+        async with running(spec.config()) as relay:
+            a = await component(spec.component_port, "a.relay.test", SECRET_A)
+            stream = relay.table.local["a.relay.test"]
+            start = stream.tokenizer.offset
+            a.send(head + body[:50_000])
+            for _ in range(200):  # bounded: until the relay has read the first part
+                if stream.tokenizer.offset - start >= len(head) + 50_000:
+                    break
+                await asyncio.sleep(0.01)
+            stream.get_buffer(-1)  # what uvloop does before a read that then returns nothing
+            buffer = stream.tokenizer.buffer
+            buffer.extend(b"?")  # BufferError if the stream kept a view of the buffer exported
+            del buffer[-1]
+            a.send(body[50_000:] + b"</body></message>")
+            echo = await a.receive()
+            assert echo.get("id") == "big" and len(echo.findtext("{jabber:component:accept}body")) == len(body)
+            await a.close()
+
+    arun(scenario())
+    raw = [r.getMessage() for r in caplog.records if r.name == "router.raw"]
+    assert any("RECV" in line and "id='big'" in line for line in raw)
+    assert not [r for r in caplog.records if r.exc_info and r.exc_info[0] is BufferError]
+
+
 def test_raw_xml_is_not_logged_by_default(spec, caplog):
     async def scenario():
         async with running(spec.config()):

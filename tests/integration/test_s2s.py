@@ -5,6 +5,7 @@ input on live streams."""
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from cryptography import x509
@@ -12,11 +13,13 @@ from lxml import etree
 
 from router.component_client import ComponentClient
 from router.errors import STANZAS_NS
+from router.metrics import PREFIX
 from router.pki import make_leaf
 
 from .conftest import arun, free_port, running
 from .peer import AuthoritativeServer, Peer
 from .rawstream import RawComponent
+from .test_many_streams import sample, scrape
 
 
 @pytest.fixture
@@ -208,39 +211,97 @@ def test_unreachable_unresolvable_and_slow_remotes_bounce_to_the_sender(relay_sp
         await reader.read()
         writer.close()
 
+    async def refusing(reader, writer):  # answers the header with a stream error that says why
+        await reader.readuntil(b">")
+        writer.write(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                     b"xmlns='jabber:server' id='r1' from='refusing.test' version='1.0'><stream:error>"
+                     b"<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/><text "
+                     b"xmlns='urn:ietf:params:xml:ns:xmpp-streams'>Your server's certificate is not trusted"
+                     b"</text></stream:error></stream:stream>")
+        await reader.read()
+        writer.close()
+
     async def scenario():
         slow = await asyncio.start_server(silent, "127.0.0.1", 0)
+        refuser = await asyncio.start_server(refusing, "127.0.0.1", 0)
         spec = relay_spec(
             "relay", domains=("relay.test",), components={"bot.relay.test": "s"},
             routes={"dead.test": free_port(), "nowhere.test": "nonexistent.invalid:5269",
-                    "slow.test": slow.sockets[0].getsockname()[1]},
+                    "slow.test": slow.sockets[0].getsockname()[1],
+                    "refusing.test": refuser.sockets[0].getsockname()[1]},
             s2s={"negotiation_timeout": 1.0, "connect_timeout": 1.0},
         )
         try:
             async with running(spec.config()) as relay:
                 bot = await component(spec, "bot.relay.test", "s")
-                for remote in ("dead.test", "nowhere.test", "slow.test"):
+                for remote in ("dead.test", "nowhere.test", "slow.test", "refusing.test"):
                     # an IQ result and an error stanza never bounce; the message does
                     bot.send(f"<iq from='bot.relay.test' to='{remote}' id='res-{remote}' type='result'/>")
                     bot.send(f"<message from='bot.relay.test' to='{remote}' id='err-{remote}' type='error'/>")
                     bot.send(f"<message from='u@bot.relay.test' to='v@{remote}' id='m-{remote}'><body>x</body></message>")
-                bounces = {}
-                for _ in range(3):
+                bounces, texts = {}, {}
+                for _ in range(4):
                     stanza = await bot.receive(timeout=10)
                     assert stanza.get("type") == "error"
                     bounces[stanza.get("id")] = (stanza.get("from"), stanza.get("to"), error_condition(stanza))
+                    texts[stanza.get("id")] = stanza.findtext(f"{{jabber:component:accept}}error/{{{STANZAS_NS}}}text")
                 assert bounces == {
                     "m-dead.test": ("v@dead.test", "u@bot.relay.test", ("wait", "remote-server-timeout")),
                     "m-nowhere.test": ("v@nowhere.test", "u@bot.relay.test", ("cancel", "remote-server-not-found")),
                     "m-slow.test": ("v@slow.test", "u@bot.relay.test", ("wait", "remote-server-timeout")),
+                    "m-refusing.test": ("v@refusing.test", "u@bot.relay.test", ("wait", "remote-server-timeout")),
                 }
-                assert relay.metrics.stanzas_bounced.get("remote-server-timeout") == 2
+                # each bounce says why the remote could not be reached
+                assert texts["m-dead.test"].startswith("cannot reach dead.test: cannot connect: 127.0.0.1:")
+                assert texts["m-nowhere.test"].startswith("cannot reach nowhere.test: cannot resolve")
+                # the relay's negotiation timeout or the pair's wait, whichever fires first
+                assert re.fullmatch(r"cannot reach slow.test: .*not (authenticated|authorized) within 1 seconds",
+                                    texts["m-slow.test"]), texts["m-slow.test"]
+                assert texts["m-refusing.test"] == ("cannot reach refusing.test: the peer closed the stream with "
+                                                    "<not-authorized/>: Your server's certificate is not trusted")
+                assert relay.metrics.stanzas_bounced.get("remote-server-timeout") == 3
                 assert not relay.table.pending  # nothing left queued
                 with pytest.raises(TimeoutError):
                     await bot.receive(timeout=0.3)  # and nothing else came back
                 await bot.close()
         finally:
             slow.close()
+            refuser.close()
+
+    arun(scenario())
+
+
+def test_failed_tls_handshake_bounce_says_why(relay_spec):
+    """A remote that offers STARTTLS, says <proceed/> and then sends no TLS: the
+    queued stanza bounces with the handshake failure in its <text/>."""
+    async def broken_tls(reader, writer):
+        await reader.readuntil(b">")
+        writer.write(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' "
+                     b"xmlns='jabber:server' id='t1' from='broken.test' version='1.0'><stream:features>"
+                     b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>")
+        await reader.readuntil(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        writer.write(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+        await reader.read(1)  # the ClientHello
+        writer.write(b"this is not a TLS record" * 4)
+        await reader.read()
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(broken_tls, "127.0.0.1", 0)
+        spec = relay_spec("relay", domains=("relay.test",), components={"bot.relay.test": "s"},
+                          routes={"broken.test": server.sockets[0].getsockname()[1]},
+                          s2s={"negotiation_timeout": 5.0, "connect_timeout": 5.0})
+        try:
+            async with running(spec.config()):
+                bot = await component(spec, "bot.relay.test", "s")
+                bot.send("<message from='u@bot.relay.test' to='v@broken.test' id='t'><body>x</body></message>")
+                stanza = await bot.receive(timeout=10)
+                assert (stanza.get("id"), error_condition(stanza)) == ("t", ("wait", "remote-server-timeout"))
+                text = stanza.findtext(f"{{jabber:component:accept}}error/{{{STANZAS_NS}}}text")
+                assert text.startswith("cannot reach broken.test: TLS handshake failed: "), text
+                await bot.close()
+        finally:
+            server.close()
 
     arun(scenario())
 
@@ -264,20 +325,29 @@ def test_stanza_for_offline_component_bounces_back_over_s2s(relay, pki, peers_ce
 
 
 @pytest.mark.parametrize(
-    "bad, condition",
+    "bad, condition, counter",
     [
-        ("<message from='romeo@montague.test' to='echo.relay.test'><body>spoof</body></message>", "invalid-from"),
-        ("<message from='j@p1.peers.test' to='x@elsewhere.test'><body>relay me</body></message>", "host-unknown"),
-        ("<message from='j@p1.peers.test'><body>no to</body></message>", "improper-addressing"),
-        ("<message from='j@p1.peers.test' to='echo.relay.test'><!--x--><body>hi</body></message>", "restricted-xml"),
-        ("<message from='j@p1.peers.test' to='echo.relay.test'><body>hi</message>", "not-well-formed"),
+        ("<message from='romeo@montague.test' to='echo.relay.test'><body>spoof</body></message>", "invalid-from",
+         "stanzas_rejected"),
+        ("<message from='j@p1.peers.test' to='x@elsewhere.test'><body>relay me</body></message>", "host-unknown",
+         "stanzas_rejected"),
+        ("<message from='j@p1.peers.test'><body>no to</body></message>", "improper-addressing", "stanzas_rejected"),
+        ("<message from='j@p1.peers.test' to='echo.relay.test'><!--x--><body>hi</body></message>", "restricted-xml",
+         "parse_errors"),
+        ("<message from='j@p1.peers.test' to='echo.relay.test'><body>hi</message>", "not-well-formed", "parse_errors"),
         ("<message from='j@p1.peers.test' to='echo.relay.test'><body>" + "x" * 600_000 + "</body></message>",
-         "policy-violation"),
-        ("<message xmlns='jabber:client' from='j@p1.peers.test' to='echo.relay.test'/>", "invalid-namespace"),
+         "policy-violation", "parse_errors"),
+        ("<message xmlns='jabber:client' from='j@p1.peers.test' to='echo.relay.test'/>", "invalid-namespace",
+         "stanzas_rejected"),
     ],
     ids=["spoofed-from", "foreign-to", "missing-to", "comment", "mismatched-tag", "oversize", "client-namespace"],
 )
-def test_bad_input_on_authenticated_stream(relay, pki, peers_cert, bad, condition):
+def test_bad_input_on_authenticated_stream(relay, pki, peers_cert, bad, condition, counter):
+    """The bad stream ends with the right stream error, the metrics endpoint counts it
+    as a parse error or a rejected stanza (and not as the other), and the good one goes on."""
+    relay.metrics_port = free_port()
+    other = {"parse_errors": "stanzas_rejected", "stanzas_rejected": "parse_errors"}[counter]
+
     async def scenario():
         async with running(relay.config()):
             good = await Peer.connect(relay.s2s_port, "good.peers.test", "echo.relay.test",
@@ -293,6 +363,9 @@ def test_bad_input_on_authenticated_stream(relay, pki, peers_cert, bad, conditio
             for i in range(3):  # the other stream keeps delivering
                 good.send(f"<message from='g@good.peers.test' to='echo.relay.test' id='g{i}'/>")
                 assert parse(await good.receive()).get("id") == f"g{i}"
+            metrics = await scrape(relay.metrics_port)
+            assert sample(metrics, f"{PREFIX}{counter}_total", condition=condition) == 1
+            assert sample(metrics, f"{PREFIX}{other}_total", condition=condition) == 0
             await good.close()
 
     arun(scenario())
