@@ -1,5 +1,7 @@
 # Declarations of the tokenizer so other Cython modules can cimport its events.
 
+cimport cython
+
 cdef struct NsDecl:
     Py_ssize_t poff  # prefix bytes in the arena; plen == 0 is the default namespace
     Py_ssize_t plen
@@ -56,6 +58,7 @@ cdef class StreamEnd:
     cdef readonly Py_ssize_t end
 
 
+@cython.final  # direct (inlinable) calls to its cdef methods instead of the vtable
 cdef class Tokenizer:
     cdef public Py_ssize_t max_stanza_bytes
     cdef readonly int max_depth
@@ -106,15 +109,9 @@ cdef class Tokenizer:
     cdef StreamHeader header_ev
     cdef bytes hdr_qname
     cdef list hdr_uris
-    cdef str t_name
-    cdef str t_ns
-    cdef object t_prefix
-    cdef object t_to
-    cdef object t_from
-    cdef object t_type
-    cdef object t_id
-    cdef object t_lang
-    cdef bint t_own_xmlns
+    cdef Element t_elem  # the top-level element in progress, filled from its start tag
+    cdef object last_to  # the last to/from decoded, reused while the next stanzas repeat it
+    cdef object last_from
     cdef bint t_hdr_prefix
     cdef bint t_restart  # the element ends the XML document (TLS proceed/starttls, SASL success)
     cdef bint paused  # scanning stopped after such an element, until restart() or the next call
@@ -135,7 +132,7 @@ cdef class Tokenizer:
     cdef int _etag_name(self, const unsigned char* b, Py_ssize_t start, Py_ssize_t p) except -1
     cdef int _stag_end(self, const unsigned char* b, Py_ssize_t p, bint empty) except -1
     cdef int _declare(self, const unsigned char* b, Attr* a, Py_ssize_t p) except -1
-    cdef bint _lookup(self, const unsigned char* pre, Py_ssize_t plen, const char** uri, Py_ssize_t* ulen)
+    cdef bint _lookup(self, const unsigned char* pre, Py_ssize_t plen, const char** uri, Py_ssize_t* ulen) noexcept
     cdef int _top_start(self, const unsigned char* b, const unsigned char* name, int colon, int nlen,
                         const char* uri, Py_ssize_t ulen, bint own_default) except -1
     cdef int _header(self, const unsigned char* b, Py_ssize_t p, bint empty,
@@ -144,3 +141,4 @@ cdef class Tokenizer:
     cdef int _etag_end(self, Py_ssize_t p) except -1
     cdef int _emit_element(self, Py_ssize_t p) except -1
     cdef object _value(self, const unsigned char* b, Attr* a)
+    cdef object _value_as(self, const unsigned char* b, Attr* a, object prev)

@@ -74,7 +74,7 @@ and a ``StreamEnd``.
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memchr
 cimport cython
@@ -102,6 +102,9 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <string.h>
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    #endif
     #define FP_L 0x0101010101010101ULL
     #define FP_H 0x8080808080808080ULL
     #define FP_HAS(x, c) ((((x) ^ (FP_L * (c))) - FP_L) & ~((x) ^ (FP_L * (c))) & FP_H)
@@ -122,11 +125,79 @@ cdef extern from *:
     #else
     static inline int fp_first(uint64_t m) { (void)m; return 0; }  /* byte loop decides */
     #endif
+    /* Skip bytes that need no attention (16 at a time with SSE2, else 8):
+       returns the index of the first byte that may need attention, or a
+       position within 8 bytes of end (the caller looks at those one by one).
+       Flagged: bytes < 0x20 or >= 0x80 and the given specials. */
+    static inline Py_ssize_t fp_skip_text(const unsigned char *b, Py_ssize_t p, Py_ssize_t end) {
+    #if defined(__SSE2__)
+        const __m128i lt = _mm_set1_epi8(0x3C), amp = _mm_set1_epi8(0x26), rb = _mm_set1_epi8(0x5D),
+                      sp = _mm_set1_epi8(0x20);
+        while (p + 16 <= end) {
+            __m128i x = _mm_loadu_si128((const __m128i *)(b + p));
+            __m128i f = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, lt), _mm_cmpeq_epi8(x, amp)),
+                                     _mm_or_si128(_mm_cmpeq_epi8(x, rb), _mm_cmplt_epi8(x, sp)));
+            unsigned m = (unsigned)_mm_movemask_epi8(f);
+            if (m) return p + __builtin_ctz(m);
+            p += 16;
+        }
+    #endif
+        while (p + 8 <= end) {
+            uint64_t m = fp_text_mask(b + p);
+            if (m) return p + fp_first(m);
+            p += 8;
+        }
+        return p;
+    }
+    static inline Py_ssize_t fp_skip_attr(const unsigned char *b, Py_ssize_t p, Py_ssize_t end) {
+    #if defined(__SSE2__)
+        const __m128i lt = _mm_set1_epi8(0x3C), amp = _mm_set1_epi8(0x26), q1 = _mm_set1_epi8(0x27),
+                      q2 = _mm_set1_epi8(0x22), sp = _mm_set1_epi8(0x20);
+        while (p + 16 <= end) {
+            __m128i x = _mm_loadu_si128((const __m128i *)(b + p));
+            __m128i f = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, lt), _mm_cmpeq_epi8(x, amp)),
+                                     _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, q1), _mm_cmpeq_epi8(x, q2)),
+                                                  _mm_cmplt_epi8(x, sp)));
+            unsigned m = (unsigned)_mm_movemask_epi8(f);
+            if (m) return p + __builtin_ctz(m);
+            p += 16;
+        }
+    #endif
+        while (p + 8 <= end) {
+            uint64_t m = fp_attr_mask(b + p);
+            if (m) return p + fp_first(m);
+            p += 8;
+        }
+        return p;
+    }
+    static inline int fp_is_ascii(const unsigned char *s, Py_ssize_t n) {
+        uint64_t acc = 0, x;
+        Py_ssize_t i = 0;
+        for (; i + 8 <= n; i += 8) { memcpy(&x, s + i, 8); acc |= x; }
+        for (; i < n; i++) acc |= s[i];
+        return (acc & FP_H) == 0;
+    }
+    /* A str for n bytes of UTF-8 already validated: ASCII is copied straight into a new str. */
+    static PyObject *fp_utf8_str(const char *s, Py_ssize_t n) {
+        PyObject *r;
+        if (!fp_is_ascii((const unsigned char *)s, n))
+            return PyUnicode_DecodeUTF8(s, n, NULL);
+        r = PyUnicode_New(n, 127);
+        if (r != NULL)
+            memcpy(PyUnicode_1BYTE_DATA(r), s, n);
+        return r;
+    }
+    /* prev (a str or None) is the ASCII string of the n bytes at s */
+    static inline int fp_same_str(PyObject *prev, const char *s, Py_ssize_t n) {
+        return prev != Py_None && PyUnicode_IS_COMPACT_ASCII(prev) && PyUnicode_GET_LENGTH(prev) == n
+               && memcmp(PyUnicode_1BYTE_DATA(prev), s, n) == 0;
+    }
     """
     ctypedef unsigned long long uint64_t
-    uint64_t fp_text_mask(const unsigned char* s) noexcept nogil
-    uint64_t fp_attr_mask(const unsigned char* s) noexcept nogil
-    int fp_first(uint64_t m) noexcept nogil
+    object fp_utf8_str(const char* s, Py_ssize_t n)
+    bint fp_same_str(object prev, const char* s, Py_ssize_t n) noexcept
+    Py_ssize_t fp_skip_text(const unsigned char* b, Py_ssize_t p, Py_ssize_t end) noexcept nogil
+    Py_ssize_t fp_skip_attr(const unsigned char* b, Py_ssize_t p, Py_ssize_t end) noexcept nogil
 
 
 cdef enum:
@@ -160,6 +231,7 @@ cdef unsigned char CT[256]
 cdef unsigned char AT[256]
 cdef unsigned char DT[256]
 cdef unsigned char NT[256]
+cdef unsigned char NC[256]  # ASCII name characters (NT_START or NT_CHAR): 2 for ':', 1 for the others
 
 
 cdef void _init_tables() noexcept:
@@ -177,6 +249,7 @@ cdef void _init_tables() noexcept:
             NT[c] = NT_CHAR
         else:
             NT[c] = NT_NONE
+        NC[c] = 2 if c == 58 else (NT[c] == NT_START or NT[c] == NT_CHAR)
 
 
 _init_tables()
@@ -229,6 +302,33 @@ cdef inline int utf8_seq(const unsigned char* s, Py_ssize_t avail, unsigned int*
     return 4
 
 
+cdef inline Py_ssize_t utf8_run(const unsigned char* b, Py_ssize_t p, Py_ssize_t end, int* status) noexcept:
+    """Accept the multibyte sequences from b[p] up to the next ASCII byte; returns where it
+    stopped with status 0 (at an ASCII byte or the end of data), 1 (data ended inside a
+    sequence) or the negative utf8_seq code of the sequence there."""
+    cdef unsigned int c, cp = 0
+    cdef int n
+    while p < end:
+        c = b[p]
+        if c < 0x80:
+            break
+        # the plain 2- and 3-byte sequences (no overlong/surrogate/U+FFFx cases) inline
+        if 0xC2 <= c <= 0xDF and p + 1 < end and (b[p + 1] & 0xC0) == 0x80:
+            p += 2
+            continue
+        if (0xE1 <= c <= 0xEC or c == 0xEE) and p + 2 < end and (b[p + 1] & 0xC0) == 0x80 \
+                and (b[p + 2] & 0xC0) == 0x80:
+            p += 3
+            continue
+        n = utf8_seq(b + p, end - p, &cp)
+        if n <= 0:
+            status[0] = 1 if n == 0 else n
+            return p
+        p += n
+    status[0] = 0
+    return p
+
+
 cdef inline bint is_name_char(unsigned int cp, bint first) noexcept:
     """XML 1.0 (5th edition) NameStartChar / NameChar for code points >= 0x80."""
     if (0xC0 <= cp <= 0xD6) or (0xD8 <= cp <= 0xF6) or (0xF8 <= cp <= 0x2FF) or \
@@ -246,47 +346,77 @@ cdef inline bint is_xml_char(unsigned int cp) noexcept:
         (0xE000 <= cp <= 0xFFFD) or (0x10000 <= cp <= 0x10FFFF)
 
 
+cdef Py_ssize_t scan_name_high(const unsigned char* b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t start,
+                               int* status) noexcept:
+    """scan_name from a byte >= 0x80 on (names are nearly always ASCII, so this stays out of line)."""
+    cdef unsigned int cp = 0
+    cdef int n
+    while True:
+        n = utf8_seq(b + p, end - p, &cp)
+        if n <= 0:
+            status[0] = 1 if n == 0 else n
+            return p
+        if not is_name_char(cp, p == start):
+            status[0] = -3
+            return p
+        p += n
+        while p < end and NC[b[p]]:
+            p += 1
+        if p >= end:
+            status[0] = 1
+            return p
+        if b[p] < 0x80:
+            status[0] = 0
+            return p
+
+
 cdef inline Py_ssize_t scan_name(const unsigned char* b, Py_ssize_t p, Py_ssize_t end, Py_ssize_t start,
                                  int* status) noexcept:
     """Scan name characters from b[p]; returns where it stopped with status 0 (the
     name ended there), 1 (data ended, maybe inside a UTF-8 sequence) or a
-    negative code (-1/-2 see utf8_seq, -3 not a name character)."""
-    cdef unsigned char t
-    cdef unsigned int cp = 0
-    cdef int n
-    if p == start and p < end and NT[b[p]] == NT_CHAR:  # '-', '.', digits cannot start a name
-        status[0] = -3
-        return p
-    while p < end:
-        t = NT[b[p]]
-        if t == NT_START or t == NT_CHAR:
-            p += 1
-        elif t == NT_HIGH:
-            n = utf8_seq(b + p, end - p, &cp)
-            if n <= 0:
-                status[0] = 1 if n == 0 else n
-                return p
-            if not is_name_char(cp, p == start):
-                status[0] = -3
-                return p
-            p += n
-        else:
-            status[0] = 0
+    negative code (-1/-2 see utf8_seq, -3 not a name character); status 0 has
+    bit 4 set (16) when b[start:p] may hold a ':' (seen, or scanned in an earlier call)."""
+    cdef unsigned char seen = 0
+    if p == start:
+        if p < end and NT[b[p]] == NT_CHAR:  # '-', '.', digits cannot start a name
+            status[0] = -3
             return p
-    status[0] = 1
+    else:
+        seen = 2
+    while p < end and NC[b[p]]:  # ASCII name characters (':' is 2, the others 1)
+        seen |= NC[b[p]]
+        p += 1
+    if p >= end:
+        status[0] = 1
+        return p
+    if b[p] < 0x80:
+        status[0] = (seen & 2) << 3
+        return p
+    p = scan_name_high(b, p, end, start, status)
+    if status[0] == 0:
+        status[0] = 16
     return p
+
+
+cdef inline bint same_bytes(const unsigned char* x, const unsigned char* y, Py_ssize_t n) noexcept:
+    """memcmp(x, y, n) == 0 for the short names of end tags, without a call."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if x[i] != y[i]:
+            return False
+    return True
 
 
 cdef inline int find_colon(const unsigned char* s, Py_ssize_t n) noexcept:
     """Index of the one ':' of a qualified name, -1 if none, -2 if malformed."""
-    cdef Py_ssize_t i
-    cdef int colon = -1
+    cdef const unsigned char* hit = <const unsigned char*>memchr(s, 58, n)
+    cdef int colon
     cdef unsigned int cp = 0
-    for i in range(n):
-        if s[i] == 58:
-            if colon >= 0:
-                return -2
-            colon = i
+    if hit == NULL:
+        return -1
+    colon = hit - s
+    if memchr(hit + 1, 58, n - colon - 1) != NULL:
+        return -2
     if colon == 0 or colon == n - 1:
         return -2
     if colon > 0:  # the local part must start like a name too (an NCName)
@@ -394,7 +524,7 @@ cdef str name_str(const unsigned char* s, Py_ssize_t n):
         return "result"
     if n == 6 and memcmp(s, b"verify", 6) == 0:
         return "verify"
-    return PyUnicode_DecodeUTF8(<const char*>s, n, NULL)
+    return fp_utf8_str(<const char*>s, n)
 
 
 cdef tuple TYPE_VALUES = ("chat", "get", "set", "result", "error", "groupchat", "normal", "headline",
@@ -411,7 +541,7 @@ cdef object type_str(const unsigned char* s, Py_ssize_t n):
         candidate = <bytes>TYPE_BYTES[i]
         if len(candidate) == n and memcmp(s, PyBytes_AS_STRING(candidate), n) == 0:
             return TYPE_VALUES[i]
-    return PyUnicode_DecodeUTF8(<const char*>s, n, NULL)
+    return fp_utf8_str(<const char*>s, n)
 
 
 class ParseError(Exception):
@@ -435,7 +565,7 @@ cdef class StreamHeader:
 
 
 @cython.no_gc  # only str/None fields: no cycles, so no GC tracking per stanza
-@cython.freelist(64)
+@cython.freelist(256)  # a 64 KiB read returns ~200 elements
 cdef class Element:
     """One complete top-level element (a stanza or a negotiation element)."""
 
@@ -544,6 +674,12 @@ cdef class Tokenizer:
         cdef Py_buffer view
         if self.error is not None:
             raise self.error
+        if type(data) is bytes:  # the common case, without the buffer protocol
+            if PyBytes_GET_SIZE(data) > 0:
+                self._prepare(PyBytes_GET_SIZE(data))
+                memcpy(PyByteArray_AS_STRING(self.buf) + self.fill, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                self.fill += PyBytes_GET_SIZE(data)
+            return self._run()
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             if view.len > 0:
@@ -682,30 +818,39 @@ cdef class Tokenizer:
         cdef int st = self.state, n, status = 0, colon
         cdef unsigned char c, quote
         cdef unsigned int cp = 0
-        cdef uint64_t m
         cdef Attr* a
+        cdef Open* o
         # One pass over the states in the order a tag is written, so that the
         # common transitions fall through without going back to the loop head.
         while p < end:
             if st == ST_CONTENT:
-                while p < end:
-                    if p + 8 <= end:
-                        m = fp_text_mask(b + p)
-                        if m == 0:
-                            p += 8
-                            continue
-                        p += fp_first(m)
+                while True:
+                    p = fp_skip_text(b, p, end)
+                    if p >= end:
+                        break
                     c = b[p]
+                    if c == 60:  # '<'
+                        break
+                    if c >= 0x80:
+                        p = utf8_run(b, p, end, &status)
+                        if status == 0:
+                            continue
+                        if status == 1:
+                            break
+                        self._bad_char(status, p)
                     if CT[c] == 0:
                         p += 1
-                    elif c == 60:  # '<'
-                        break
                     elif c == 38:  # '&'
                         if p + 4 < end and b[p + 1] == 97 and b[p + 2] == 109 and b[p + 3] == 112 and b[p + 4] == 59:
                             p += 5  # &amp;
                         elif p + 3 < end and (b[p + 1] == 108 or b[p + 1] == 103) and b[p + 2] == 116 \
                                 and b[p + 3] == 59:
                             p += 4  # &lt; &gt;
+                        elif p + 5 < end and b[p + 5] == 59 and ((b[p + 1] == 113 and b[p + 2] == 117 and b[p + 3] == 111
+                                                               and b[p + 4] == 116)
+                                                              or (b[p + 1] == 97 and b[p + 2] == 112 and b[p + 3] == 111
+                                                                  and b[p + 4] == 115)):
+                            p += 6  # &quot; &apos;
                         else:
                             q = self._ref(b, p, end)
                             if q < 0:
@@ -720,21 +865,6 @@ cdef class Tokenizer:
                             if b[p + 2] == 62:
                                 self._nwf("']]>' is not allowed in text", p)
                         p += 1
-                    elif c >= 0x80:
-                        # inline the plain 2- and 3-byte sequences (no overlong/surrogate/U+FFFx cases)
-                        if 0xC2 <= c <= 0xDF and p + 1 < end and (b[p + 1] & 0xC0) == 0x80:
-                            p += 2
-                            continue
-                        if (0xE1 <= c <= 0xEC or c == 0xEE) and p + 2 < end and (b[p + 1] & 0xC0) == 0x80 \
-                                and (b[p + 2] & 0xC0) == 0x80:
-                            p += 3
-                            continue
-                        n = utf8_seq(b + p, end - p, &cp)
-                        if n == 0:
-                            break
-                        if n < 0:
-                            self._bad_char(n, p)
-                        p += n
                     else:
                         self._bad_char(c, p)
                 if p >= end or b[p] != 60 or p + 1 >= end:
@@ -745,6 +875,16 @@ cdef class Tokenizer:
                     self.name_abs = base + p
                     st = ST_STAG_NAME
                 elif c == 47:  # '/'
+                    # the common end tag: the open element's name right followed by '>'
+                    o = &self.stack[self.depth]
+                    q = p + 2 + o.nlen
+                    if q < end and b[q] == 62 and same_bytes(b + p + 2, b + (o.name - base), o.nlen):
+                        p = q + 1
+                        self._etag_end(p)
+                        st = self.state
+                        if self.paused:
+                            break
+                        continue
                     p += 2
                     self.name_abs = base + p
                     st = ST_ETAG_NAME
@@ -769,7 +909,7 @@ cdef class Tokenizer:
                     self._etag_name(b, start, p)
                     st = ST_ETAG_END
                 else:
-                    colon = find_colon(b + start, p - start)
+                    colon = find_colon(b + start, p - start) if status else -1
                     if colon == -2:
                         self._nwf("malformed qualified name", start)
                     self.name_len = p - start
@@ -852,7 +992,7 @@ cdef class Tokenizer:
                 p = q
                 if status == 1:
                     break
-                colon = find_colon(b + start, p - start)
+                colon = find_colon(b + start, p - start) if status else -1
                 if colon == -2:
                     self._nwf("malformed qualified name", start)
                 a.nlen = p - start
@@ -884,19 +1024,21 @@ cdef class Tokenizer:
                 start = a.value - base
                 quote = self.quote
                 status = 0
-                while p < end:
-                    if p + 8 <= end:
-                        m = fp_attr_mask(b + p)
-                        if m == 0:
-                            p += 8
-                            continue
-                        p += fp_first(m)
-                    c = b[p]
-                    if AT[c] == 0:
-                        p += 1
-                    elif c == quote:
+                while True:
+                    p = fp_skip_attr(b, p, end)
+                    if p >= end:
                         break
-                    elif c == 34 or c == 39:
+                    c = b[p]
+                    if c == quote:
+                        break
+                    if c >= 0x80:
+                        p = utf8_run(b, p, end, &status)
+                        if status == 0:
+                            continue
+                        if status == 1:
+                            break
+                        self._bad_char(status, p)
+                    if AT[c] == 0 or c == 34 or c == 39:
                         p += 1
                     elif c == 9 or c == 10 or c == 13:
                         a.flags |= A_DECODE
@@ -910,14 +1052,6 @@ cdef class Tokenizer:
                         p = q
                     elif c == 60:
                         self._nwf("'<' is not allowed in an attribute value", p)
-                    elif c >= 0x80:
-                        n = utf8_seq(b + p, end - p, &cp)
-                        if n == 0:
-                            status = 1
-                            break
-                        if n < 0:
-                            self._bad_char(n, p)
-                        p += n
                     else:
                         self._bad_char(c, p)
                 if p - start > self.max_attribute_value_length:
@@ -1289,7 +1423,7 @@ cdef class Tokenizer:
         self.ndecls += 1
         return 0
 
-    cdef bint _lookup(self, const unsigned char* pre, Py_ssize_t plen, const char** uri, Py_ssize_t* ulen):
+    cdef bint _lookup(self, const unsigned char* pre, Py_ssize_t plen, const char** uri, Py_ssize_t* ulen) noexcept:
         """Namespace of prefix pre (plen == 0: the default namespace); False if unbound."""
         cdef Py_ssize_t i = self.ndecls - 1
         cdef NsDecl* dcl
@@ -1319,74 +1453,71 @@ cdef class Tokenizer:
         cdef const char* s = <const char*>b + (a.value - self.base)
         cdef Py_ssize_t n
         if not (a.flags & A_DECODE):
-            return PyUnicode_DecodeUTF8(s, a.vlen, NULL)
+            return fp_utf8_str(s, a.vlen)
         if a.vlen > self.scratch_cap:
             self.scratch_cap = a.vlen * 2
             self.scratch = <unsigned char*>realloc(self.scratch, self.scratch_cap)
             if self.scratch == NULL:
                 raise MemoryError()
         n = decode_value(<const unsigned char*>s, a.vlen, self.scratch)
-        return PyUnicode_DecodeUTF8(<const char*>self.scratch, n, NULL)
+        return fp_utf8_str(<const char*>self.scratch, n)
+
+    cdef object _value_as(self, const unsigned char* b, Attr* a, object prev):
+        """_value, reusing prev when it is the same string (consecutive stanzas often share to/from)."""
+        if not (a.flags & A_DECODE) and fp_same_str(prev, <const char*>b + (a.value - self.base), a.vlen):
+            return prev
+        return self._value(b, a)
 
     cdef int _top_start(self, const unsigned char* b, const unsigned char* name, int colon, int nlen,
                         const char* uri, Py_ssize_t ulen, bint own_default) except -1:
-        """Python-level facts of a top-level element, taken from its start tag."""
+        """The top-level element's event, filled from its start tag (the range when it ends)."""
         cdef int i
         cdef Attr* a
         cdef const unsigned char* nm
-        cdef const unsigned char* local
-        self.t_name = name_str(name + colon + 1, nlen - colon - 1)
+        cdef const unsigned char* local = name + colon + 1
+        cdef Element ev = Element.__new__(Element)
+        ev.name = name_str(local, nlen - colon - 1)
         if 0 <= self.found < self.nhdecls:
-            self.t_ns = self.hdr_uris[self.found]
+            ev.ns = self.hdr_uris[self.found]
         else:
-            self.t_ns = PyUnicode_DecodeUTF8(uri, ulen, NULL)
-        self.t_prefix = None if colon < 0 else PyUnicode_DecodeUTF8(<const char*>name, colon, NULL)
-        self.t_own_xmlns = own_default
-        local = name + colon + 1
+            ev.ns = fp_utf8_str(uri, ulen)
+        if colon >= 0:
+            ev.prefix = fp_utf8_str(<const char*>name, colon)
+        ev.own_xmlns = own_default
         self.t_restart = (eq(uri, ulen, b"urn:ietf:params:xml:ns:xmpp-tls", 31)
                           and (eq(local, nlen - colon - 1, b"proceed", 7) or eq(local, nlen - colon - 1, b"starttls", 8))) \
             or (eq(uri, ulen, b"urn:ietf:params:xml:ns:xmpp-sasl", 32) and eq(local, nlen - colon - 1, b"success", 7))
-        local = name + colon + 1
-        self.t_to = self.t_from = self.t_type = self.t_id = self.t_lang = None
         for i in range(self.nattrs):
             a = &self.attrs[i]
             nm = b + (a.name - self.base)
             if a.nlen == 2:
                 if nm[0] == 116 and nm[1] == 111:  # to
-                    self.t_to = self._value(b, a)
+                    ev.to = self.last_to = self._value_as(b, a, self.last_to)
                 elif nm[0] == 105 and nm[1] == 100:  # id
-                    self.t_id = self._value(b, a)
+                    ev.id = self._value(b, a)
             elif a.nlen == 4:
                 if memcmp(nm, b"from", 4) == 0:
-                    self.t_from = self._value(b, a)
+                    ev.from_ = self.last_from = self._value_as(b, a, self.last_from)
                 elif memcmp(nm, b"type", 4) == 0:
                     if a.flags & A_DECODE:
-                        self.t_type = self._value(b, a)
+                        ev.type = self._value(b, a)
                     else:
-                        self.t_type = type_str(b + (a.value - self.base), a.vlen)
+                        ev.type = type_str(b + (a.value - self.base), a.vlen)
             elif a.nlen == 8 and memcmp(nm, b"xml:lang", 8) == 0:
-                self.t_lang = self._value(b, a)
+                ev.lang = self._value(b, a)
+        self.t_elem = ev
         return 0
 
     cdef int _emit_element(self, Py_ssize_t p) except -1:
-        cdef Element ev
+        cdef Element ev = self.t_elem
         if self.base + p - self.tok_abs > self.max_stanza_bytes:
             self._fail("policy-violation", f"stanza larger than {self.max_stanza_bytes} bytes",
                        self.tok_abs + self.max_stanza_bytes - self.base)
-        ev = Element.__new__(Element)
-        ev.name = self.t_name
-        ev.ns = self.t_ns
-        ev.prefix = self.t_prefix
-        ev.to = self.t_to
-        ev.from_ = self.t_from
-        ev.type = self.t_type
-        ev.id = self.t_id
-        ev.lang = self.t_lang
         ev.start = self.tok_abs - self.base
         ev.end = p
         ev.header_prefix = self.t_hdr_prefix
-        ev.own_xmlns = self.t_own_xmlns
         self.events.append(ev)
+        self.t_elem = None
         self.tok_abs = -1
         self.paused = self.t_restart
         return 0
