@@ -91,6 +91,17 @@ DEFAULT_MAX_ATTRIBUTE_VALUE_LENGTH = 64 * 1024
 cdef Py_ssize_t READ_SIZE = 64 * 1024  # free space get_buffer() offers when asked for "any"
 cdef int INITIAL_SLOTS = 8  # attribute and nesting slots before the first growth
 cdef bytearray EMPTY_BUFFER = bytearray()  # held by a tokenizer with no buffer (new or released)
+cdef bytes B_STREAM_QNAME = b"stream:stream"
+# Strings every stream header repeats; one shared copy each instead of one per
+# stream keeps an idle stream small (10,000 streams per process).
+cdef dict WELL_KNOWN = {v: v for v in (
+    "http://etherx.jabber.org/streams", "jabber:server", "jabber:server:dialback",
+    "jabber:component:accept", "stream", "db", "to", "from", "id", "version",
+    "{http://www.w3.org/XML/1998/namespace}lang", "1.0", "en")}
+
+
+cdef inline object well_known(object s):
+    return WELL_KNOWN.get(s, s)
 cdef Py_ssize_t MAX_REF = 32  # longest character reference accepted, "&#x...;" included
 
 cdef const char* C_STREAM_NS = b"http://etherx.jabber.org/streams"
@@ -608,18 +619,14 @@ cdef class Tokenizer:
         self.max_attribute_value_length = max_attribute_value_length
         # per-element arrays start small and grow up to the limits: an idle
         # stream should not pay for the worst case (10,000 streams per process)
-        self.attrs_cap = min(INITIAL_SLOTS, max_attributes + 1)
-        self.attrs = <Attr*>malloc(sizeof(Attr) * self.attrs_cap)
-        self.stack_cap = min(INITIAL_SLOTS, max_depth + 2)
-        self.stack = <Open*>malloc(sizeof(Open) * self.stack_cap)
-        self.decls_cap = 16
+        self.attrs_cap = 0  # attrs, stack and scratch are allocated on first use
+        self.stack_cap = 0
+        self.decls_cap = 4  # a stream header declares about three; grows by doubling
         self.decls = <NsDecl*>malloc(sizeof(NsDecl) * self.decls_cap)
         self.arena_cap = 256
         self.arena = <char*>malloc(self.arena_cap)
-        self.scratch_cap = 256
-        self.scratch = <unsigned char*>malloc(self.scratch_cap)
-        if self.attrs == NULL or self.stack == NULL or self.decls == NULL or self.arena == NULL \
-                or self.scratch == NULL:
+        self.scratch_cap = 0
+        if self.decls == NULL or self.arena == NULL:
             raise MemoryError()
         self.buf = EMPTY_BUFFER
         self.fill = 0
@@ -716,6 +723,15 @@ cdef class Tokenizer:
             self.pos = 0
             self.buf = EMPTY_BUFFER
             self.pinned = False
+            # outside a top-level element no start tag, open element or
+            # attribute value is in progress: the per-element arrays can go too
+            free(self.attrs)
+            free(self.stack)
+            free(self.scratch)
+            self.attrs = NULL
+            self.stack = NULL
+            self.scratch = NULL
+            self.attrs_cap = self.stack_cap = self.scratch_cap = 0
 
     def pin(self):
         """Somebody holds a view of the current buffer: never write to it again."""
@@ -779,7 +795,7 @@ cdef class Tokenizer:
         return 0
 
     cdef int _grow_attrs(self) except -1:
-        cdef int cap = min(self.attrs_cap * 2, self.max_attributes + 1)
+        cdef int cap = min(max(self.attrs_cap * 2, INITIAL_SLOTS), self.max_attributes + 1)
         cdef Attr* grown = <Attr*>realloc(self.attrs, sizeof(Attr) * cap)
         if grown == NULL:
             raise MemoryError()
@@ -788,7 +804,7 @@ cdef class Tokenizer:
         return 0
 
     cdef int _grow_stack(self, int depth) except -1:
-        cdef int cap = min(max(self.stack_cap * 2, depth + 1), self.max_depth + 2)
+        cdef int cap = min(max(self.stack_cap * 2, depth + 1, INITIAL_SLOTS), self.max_depth + 2)
         cdef Open* grown = <Open*>realloc(self.stack, sizeof(Open) * cap)
         if grown == NULL:
             raise MemoryError()
@@ -1454,8 +1470,8 @@ cdef class Tokenizer:
         cdef Py_ssize_t n
         if not (a.flags & A_DECODE):
             return fp_utf8_str(s, a.vlen)
-        if a.vlen > self.scratch_cap:
-            self.scratch_cap = a.vlen * 2
+        if a.vlen >= self.scratch_cap:
+            self.scratch_cap = max(a.vlen * 2, 64)
             self.scratch = <unsigned char*>realloc(self.scratch, self.scratch_cap)
             if self.scratch == NULL:
                 raise MemoryError()
@@ -1572,9 +1588,10 @@ cdef class Tokenizer:
         self.hdr_uris = []
         for i in range(self.ndecls):
             dcl = &self.decls[i]
-            u = PyUnicode_DecodeUTF8(self.arena + dcl.uoff, dcl.ulen, NULL)
+            u = well_known(PyUnicode_DecodeUTF8(self.arena + dcl.uoff, dcl.ulen, NULL))
             self.hdr_uris.append(u)
-            ev.namespaces[PyUnicode_DecodeUTF8(self.arena + dcl.poff, dcl.plen, NULL) if dcl.plen else None] = u
+            ev.namespaces[well_known(PyUnicode_DecodeUTF8(self.arena + dcl.poff, dcl.plen, NULL))
+                          if dcl.plen else None] = u
         for i in range(self.nattrs):
             a = &self.attrs[i]
             if a.flags & A_DECL:
@@ -1585,8 +1602,8 @@ cdef class Tokenizer:
                 key = "{%s}%s" % (PyUnicode_DecodeUTF8(a.uri, a.ulen, NULL),
                                   PyUnicode_DecodeUTF8(<const char*>nm + a.colon + 1, a.nlen - a.colon - 1, NULL))
             else:
-                key = PyUnicode_DecodeUTF8(<const char*>nm, a.nlen, NULL)
-            ev.attributes[key] = value
+                key = well_known(PyUnicode_DecodeUTF8(<const char*>nm, a.nlen, NULL))
+            ev.attributes[well_known(key)] = well_known(value)
         ev.to = ev.attributes.get("to")
         ev.from_ = ev.attributes.get("from")
         ev.id = ev.attributes.get("id")
@@ -1595,7 +1612,8 @@ cdef class Tokenizer:
         ev.start = self.tok_abs - self.base
         ev.end = p
         self.nhdecls = self.ndecls
-        self.hdr_qname = PyBytes_FromStringAndSize(<const char*>name, nlen)
+        self.hdr_qname = B_STREAM_QNAME if eq(name, nlen, b"stream:stream", 13) else \
+            PyBytes_FromStringAndSize(<const char*>name, nlen)
         self.header_ev = ev
         self.seen_header = True
         self.events.append(ev)

@@ -230,3 +230,18 @@ def test_release_drops_the_buffer_only_between_elements():
     assert bytes(tok.buffer[message.start:message.end]) == (
         b"<message to='a@b' from='c@d'><body>partial</body></message>")
     assert tok.offset == len(HEADER) + len(b"<message to='a@b' from='c@d'><body>partial</body></message>")
+
+
+def test_release_keeps_parsing_correct_after_dropping_per_element_arrays():
+    """After release() frees the per-element arrays, attributes, nesting and
+    entity decoding still work (they are reallocated on demand)."""
+    tok = Tokenizer()
+    tok.feed(HEADER)
+    for round_ in range(3):
+        tok.release()
+        stanza = (b"<message to='a@b' from='c@d' type='chat' id='m%d' a1='1' a2='2' a3='3' a4='4' a5='5'"
+                  b" a6='6' a7='7' a8='8' a9='9'><x xmlns='urn:x'><y><z q='&amp;&lt;'>t</z></y></x></message>"
+                  % round_)
+        (message,) = tok.feed(stanza)
+        assert (message.to, message.from_, message.type, message.id) == ("a@b", "c@d", "chat", "m%d" % round_)
+        assert bytes(tok.buffer[message.start:message.end]) == stanza
