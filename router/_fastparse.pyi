@@ -60,7 +60,7 @@ of events are meaningful. ``get_buffer`` keeps working after an error (so a
 raise it again.
 """
 
-from typing import Final
+from typing import Final, final
 
 STREAM_NS: Final[str]  # "http://etherx.jabber.org/streams"
 XML_NS: Final[str]  # "http://www.w3.org/XML/1998/namespace"
@@ -113,6 +113,7 @@ class StreamEnd:
     start: int
     end: int
 
+@final
 class Tokenizer:
     def __init__(
         self,
@@ -138,4 +139,8 @@ class Tokenizer:
     def get_buffer(self, sizehint: int = -1) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> list[StreamHeader | Element | StreamEnd]: ...
     def pin(self) -> None: ...
+    def release(self) -> None:
+        """Between top-level elements, drop the receive buffer and the per-element
+        arrays (an idle stream then holds neither); the next input call allocates
+        them again. Call it after acting on a read's events."""
     def restart(self, end: int) -> bytes: ...
