@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 from bench import load
-from bench.loadlib import plot, targets
+from bench.loadlib import plot, procstat, targets
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -35,6 +35,7 @@ BEGIN, END = "<!-- side-by-side:begin -->", "<!-- side-by-side:end -->"
 GOALS = {"prosody": 5.0, "ejabberd": 3.0}  # relay saturation / theirs, at least
 P99_GOAL_MS = 50.0
 IDLE_GOAL_BYTES = 4096
+SWEPT = ("relay", "prosody", "ejabberd")  # the saturation sweeps (plotted); other results are single points
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,13 +47,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=8, help="stanzas in flight per stream when saturating")
     p.add_argument("--sizes", default="200:0.9,2000:0.1")
     p.add_argument("--tls", action="store_true", help="STARTTLS + SASL EXTERNAL instead of plaintext dialback")
+    p.add_argument("--rate-points", default="0.5,0.8",
+                   help="relay open-loop points, as fractions of its saturation (the p99 goal is at 0.8)")
     p.add_argument("--idle-streams", type=int, default=10000, help="relay memory point (0 = skip)")
-    p.add_argument("--profile", choices=("py-spy", "cprofile"), default="py-spy",
-                   help="profile the relay's saturation run (its figures then carry the profiler's cost)")
+    p.add_argument("--profile", choices=("py-spy", "none"), default="py-spy",
+                   help="py-spy the relay during each measurement window (its figures then carry the sampler's cost)")
     p.add_argument("--target-cpu", default="0")
     p.add_argument("--generator-cpu", default="1")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
+    p.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
+                   help="start from an earlier run's results and add (or replace) this run's points, e.g. "
+                        "the idle point measured later on its own: --targets '' --rate-points '' --merge FILE")
     return p
 
 
@@ -82,6 +88,10 @@ def run_target(kind: str, opts, workdir: Path, bundle: targets.Pki, **over) -> d
         return {"target": kind, "points": [], "error": f"{exc!r}"[:2000]}
 
 
+def profiled(kind: str, opts) -> dict:
+    return {"profile": opts.profile} if kind == "relay" and opts.profile != "none" else {}
+
+
 def saturation(result: dict) -> tuple[float, dict | None]:
     best, where = 0.0, None
     for p in result.get("points", []):
@@ -94,36 +104,42 @@ def saturation(result: dict) -> tuple[float, dict | None]:
 def main(argv=None) -> int:
     opts = parser().parse_args(argv)
     os.sched_setaffinity(0, {int(opts.generator_cpu)})
+    procstat.raise_fd_limit()  # before the targets start: they inherit it (10,000 streams need it)
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="bench-compare-"))
     bundle = targets.Pki(workdir / "certs")
     report = {"command": "python -m bench.compare " + shlex.join(sys.argv[1:] if argv is None else argv),
               "machine": load.machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
               "options": {k: str(v) for k, v in vars(opts).items()}, "workdir": str(workdir), "results": {}}
+    if opts.merge:
+        earlier = json.loads(opts.merge.read_text())
+        report = earlier | {"command": f"{earlier['command']}, then {report['command']}",
+                            "started": f"{earlier['started']} (then {report['started']})",
+                            "results": earlier["results"]}
     kinds = [k for k in opts.targets.split(",") if k]
     for kind in kinds:
         print(f"== {kind}: saturation sweep {opts.streams}", file=sys.stderr)
-        over = {"profile": opts.profile} if kind == "relay" else {}
-        report["results"][kind] = run_target(kind, opts, workdir, bundle, **over)
+        report["results"][kind] = run_target(kind, opts, workdir, bundle, **profiled(kind, opts))
     relay = report["results"].get("relay")
     if relay:
         sat, point = saturation(relay)
-        if point:
-            streams = point["config"]["streams"]
-            print(f"== relay: 80% of {sat:.0f}/s on {streams} streams", file=sys.stderr)
-            report["results"]["relay@80%"] = run_target(
-                "relay", opts, workdir, bundle, tag="relay-80", saturate=False, rate=round(0.8 * sat),
-                streams=str(streams))
-        if opts.idle_streams:
-            print(f"== relay: {opts.idle_streams} idle streams", file=sys.stderr)
-            report["results"]["relay idle"] = run_target(
-                "relay", opts, workdir, bundle, tag="relay-idle", saturate=False, rate=0.0,
-                streams=str(opts.idle_streams), duration=2.0, ramp_up=10.0, connect_concurrency=500,
-                handshake_timeout=120.0)
+        for fraction in (float(f) for f in opts.rate_points.split(",") if f) if point else ():
+            streams, label = point["config"]["streams"], f"relay@{fraction:.0%}"
+            print(f"== {label} of {sat:.0f}/s on {streams} streams (open loop)", file=sys.stderr)
+            report["results"][label] = run_target(
+                "relay", opts, workdir, bundle, tag=f"relay-{fraction:.0%}", saturate=False,
+                rate=round(fraction * sat), streams=str(streams), **profiled("relay", opts))
+    if opts.idle_streams:
+        print(f"== relay: {opts.idle_streams} idle streams", file=sys.stderr)
+        report["results"]["relay idle"] = run_target(
+            "relay", opts, workdir, bundle, tag="relay-idle", saturate=False, rate=0.0,
+            streams=str(opts.idle_streams), duration=2.0, ramp_up=20.0, connect_concurrency=200,
+            handshake_timeout=120.0)
     out = ROOT / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
-    series = {k: r["points"] for k, r in report["results"].items() if k in kinds}
-    plot.plot_sweep(series, PLOT, f"saturation, {'TLS + SASL EXTERNAL' if opts.tls else 'plaintext dialback'}")
+    series = {k: r["points"] for k, r in report["results"].items() if k in SWEPT}
+    plot.plot_sweep(series, out.with_suffix(".png") if opts.no_doc else PLOT,
+                    f"saturation, {'TLS + SASL EXTERNAL' if opts.tls else 'plaintext dialback'}")
     section = render(report)
     print(section)
     if not opts.no_doc:
@@ -146,21 +162,29 @@ def render(report: dict) -> str:
              "Target pinned to CPU 0; the generator and the echo component share CPU 1. "
              "Saturation = the highest delivered (echoed) stanzas/s over the sweep; every stanza crosses "
              "the target twice (S2S in -> component -> S2S out).", "",
-             "| target | streams | delivered/s | latency p50 / p99 / p99.9 ms | handshakes/s | target CPU % | "
-             "target RSS MiB | generator CPU % | echo CPU % | lost / dup / misrouted / errors |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Other jobs share this machine: \"others %\" is the CPU time of both cores during the window "
+             "not used by the target, the generator or the echo component, i.e. by other jobs and, on "
+             "profiled relay rows, the py-spy sampler (~0 = a quiet machine; 100 = a whole core taken "
+             "away).", "",
+             "| target | streams | offered/s | delivered/s | latency p50 / p99 / p99.9 ms | handshakes/s | "
+             "target CPU % | target RSS MiB | generator CPU % | echo CPU % | others % | "
+             "lost / dup / misrouted / errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, result in report["results"].items():
         if result.get("error"):
-            lines.append(f"| {kind} | - | failed: {result['error'][:200].replace('|', '/')} |||||||| |")
+            lines.append(f"| {kind} | - | failed: {result['error'][:200].replace('|', '/')} |||||||||| |")
         for p in result.get("points", []):
             t, lat, h, d = p.get("throughput", {}), p.get("latency_ms", {}), p.get("handshakes", {}), p["delivery"]
             cpu = p.get("cpu_percent", {})
             label = result["target"]
             rss = (p.get("rss_mib_end") or {}).get(label)
+            offered = t.get("offered_per_s")
             lines.append(
-                f"| {kind} | {p['config']['streams']} | {_fmt(t.get('delivered_per_s'))} | "
+                f"| {kind} | {p['config']['streams']} | {'closed loop' if offered == 'saturate' else _fmt(offered)} | "
+                f"{_fmt(t.get('delivered_per_s'))} | "
                 f"{_fmt(lat.get('p50'))} / {_fmt(lat.get('p99'))} / {_fmt(lat.get('p99.9'))} | {_fmt(h.get('per_s'))} | "
                 f"{_fmt(cpu.get(label))} | {_fmt(rss)} | {_fmt(cpu.get('generator'))} | {_fmt(cpu.get('echo'))} | "
+                f"{_fmt((p.get('machine_busy_percent') or {}).get('others'))} | "
                 f"{d['lost']} / {d['duplicated']} / {d['misrouted']} / {d['error_stanzas']} |")
     lines += ["", "Targets:", ""]
     relay_sat = saturation(report["results"].get("relay", {}))[0]
@@ -170,12 +194,17 @@ def render(report: dict) -> str:
             ratio = relay_sat / theirs if theirs else None
             verdict = "met" if ratio and ratio >= goal else "MISSED"
             lines.append(f"* saturation relay / {kind}: {_fmt(ratio)}x (goal >= {goal:g}x): {verdict}")
-    at80 = report["results"].get("relay@80%", {}).get("points", [])
-    if at80:
-        p99 = at80[0].get("latency_ms", {}).get("p99")
-        verdict = "met" if p99 is not None and p99 < P99_GOAL_MS else "MISSED"
-        lines.append(f"* relay p99 at 80% of its saturation ({at80[0]['config']['rate']:.0f}/s): "
-                     f"{_fmt(p99)} ms (goal < {P99_GOAL_MS:g} ms): {verdict}")
+    for kind, result in report["results"].items():
+        if not kind.startswith("relay@") or not result.get("points"):
+            continue
+        p = result["points"][0]
+        p99 = p.get("latency_ms", {}).get("p99")
+        gaps = (p.get("sender") or {}).get("tick_gap_ms", {})
+        goal = f" (goal < {P99_GOAL_MS:g} ms): {'met' if p99 is not None and p99 < P99_GOAL_MS else 'MISSED'}" \
+            if kind == "relay@80%" else ""
+        lines.append(f"* {kind} of its saturation, open loop ({p['config']['rate']:.0f}/s offered, one write "
+                     f"per stanza): p99 {_fmt(p99)} ms{goal}; the generator's 2 ms send tick came every "
+                     f"{_fmt(gaps.get('p50'))} ms (p50), {_fmt(gaps.get('p99'))} ms (p99)")
     idle = report["results"].get("relay idle", {}).get("points", [])
     if idle:
         p = idle[0]
@@ -187,10 +216,17 @@ def render(report: dict) -> str:
                      f"{p['config']['streams']} (bidi {h.get('bidi')}); RSS {relay_mem.get('rss_empty_mib')} -> "
                      f"{relay_mem.get('rss_held_mib')} MiB = {per} bytes/stream beyond the empty process "
                      f"(goal <= {IDLE_GOAL_BYTES}): {verdict}; kernel TCP memory (both ends, system-wide) "
-                     f"{mem.get('kernel_tcp', {}).get('bytes_per_stream_both_ends')} bytes/stream")
-    profile = report["results"].get("relay", {}).get("profile")
-    if profile:
-        lines.append(f"* relay profile of the saturation sweep: `{profile}`")
+                     f"{mem.get('kernel_tcp', {}).get('bytes_per_stream_both_ends')} bytes/stream of socket buffers "
+                     f"and {mem.get('kernel_tcp', {}).get('slab_bytes_per_stream_both_ends')} bytes/stream of TCP "
+                     f"socket structures (slab)")
+    for kind in ("relay", "relay@80%"):
+        points = [p for p in report["results"].get(kind, {}).get("points", []) if p.get("profile")]
+        if points:
+            p = max(points, key=lambda q: (q.get("throughput") or {}).get("delivered_per_s") or 0)
+            prof = p["profile"]
+            top = ", ".join(f"{name} {share}%" for name, share in prof.get("self_percent", [])[:6])
+            lines.append(f"* py-spy, {kind} at {p['config']['streams']} streams, measurement window only "
+                         f"(`{prof['file']}`): self time {top or prof.get('error')}")
     lines += ["", f"![throughput and latency against streams]({PLOT.name})", "", END]
     return "\n".join(lines)
 

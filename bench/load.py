@@ -17,7 +17,6 @@ misrouted stanzas.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -57,7 +56,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--watch-pid", action="append", default=[], metavar="LABEL=PID", help="sample another process too")
     t.add_argument("--target-cpu", help="with --start: pin the target to this CPU (taskset)")
     t.add_argument("--generator-cpu", help="pin the generator (and the echo component) to this CPU")
-    t.add_argument("--profile", choices=("py-spy", "cprofile"), help="with --start relay: profile the relay")
+    t.add_argument("--profile", choices=("py-spy", "cprofile"),
+                   help="with --start: py-spy the target during each measurement window (any target), "
+                        "or run the relay under cProfile (whole run)")
     t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go")
     g = p.add_argument_group("load")
     g.add_argument("--streams", default="50", help="stream count, or a comma list for a sweep (e.g. 10,100,1000)")
@@ -138,6 +139,9 @@ def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], wor
         cfg = base_config(args, target_host=target.s2s[0], target_port=target.s2s[1], target_domain=target.domain,
                           ca_file=pki_files[0], cert_file=pki_files[1], key_file=pki_files[2],
                           target_pids={target.name: target.pid, "echo": target.echo_process.pid})
+        if args.profile == "py-spy" and target.name == "relay":  # py-spy reads CPython stacks only
+            prefix = str(getattr(target, "workdir", workdir) / "relay-py-spy")
+            cfg = runner.LoadConfig(**(asdict(cfg) | {"profile_pid": target.pid, "profile_prefix": prefix}))
         points = uvloop_run(runner.run_sweep(cfg, counts))
     finally:
         target.stop()
@@ -148,6 +152,7 @@ def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], wor
     profile = getattr(target, "profile_path", None)
     if profile is not None:
         result["profile"] = str(profile)
+
     return result
 
 
@@ -209,11 +214,22 @@ def summarize(report: dict) -> None:
               f" | sent {t.get('sent_per_s')}/s delivered {t.get('delivered_per_s')}/s"
               f" | latency p50 {lat.get('p50')} p99 {lat.get('p99')} p99.9 {lat.get('p99.9')} ms"
               f" | lost {d.get('lost')} dup {d.get('duplicated')} misrouted {d.get('misrouted')}"
-              f" errors {d.get('error_stanzas')} | cpu {p.get('cpu_percent')}")
+              f" errors {d.get('error_stanzas')} | cpu {p.get('cpu_percent')} | machine busy {p.get('machine_busy_percent')}")
         for reason, n in p.get("errors", {}).get("failures", {}).items():
             print(f"  failure x{n}: {reason}")
         for kind, samples in d.get("samples", {}).items():
             print(f"  {kind}: {samples[0]}")
+        for name, mem in p.get("memory", {}).items():
+            if "bytes_per_stream" in mem:
+                print(f"  {name}: RSS {mem['rss_empty_mib']} -> {mem['rss_held_mib']} MiB, "
+                      f"{mem['bytes_per_stream']} bytes per held stream")
+            else:
+                print(f"  kernel TCP (both ends): {mem['bytes_per_stream_both_ends']} bytes/stream of buffers, "
+                      f"{mem.get('slab_bytes_per_stream_both_ends')} bytes/stream of socket structures")
+        if p.get("sender"):
+            gaps = p["sender"]["tick_gap_ms"]
+            print(f"  sender: tick gap p50 {gaps['p50']} p99 {gaps['p99']} max {gaps['max']} ms,"
+                  f" writes into paused transports {p['sender']['writes_while_paused']}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ generator must report one for one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -106,13 +107,22 @@ def _config(target, listen_port) -> runner.LoadConfig:
     )
 
 
-async def _run_with(component_cls, target, listen_port) -> dict:
+async def _component(component_cls, target):
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
     transport, component = await loop.create_connection(
         lambda: component_cls(target.domain, target.secret, False, ready), *target.component)
     try:
         await asyncio.wait_for(ready, 10)
+    except BaseException:
+        transport.close()
+        raise
+    return transport, component
+
+
+async def _run_with(component_cls, target, listen_port) -> dict:
+    transport, _ = await _component(component_cls, target)
+    try:
         return await asyncio.wait_for(runner.run_point(_config(target, listen_port)), 60)
     finally:
         transport.close()
@@ -145,3 +155,25 @@ def test_drops_duplicates_misroutes_and_bounces_are_each_reported(prosody):
     assert d["error_stanzas"] == 1 and "service-unavailable" in d["samples"]["error"][0]
     assert d["lost"] == 3  # the dropped one, the misrouted one, the bounced one
     assert d["received"] == d["sent"] - 3
+
+
+@pytest.mark.interop
+@needs_prosody
+@pytest.mark.timeout(120)
+def test_a_sweep_that_reuses_domains_loses_nothing(prosody):
+    """Each point closes the connections the target opened to it, so the next point's echoes
+    for the same simulated domains cannot land in the previous point's ledger."""
+    target, listen_port = prosody
+    cfg = dataclasses.replace(_config(target, listen_port), saturate=True, window=4)
+
+    async def sweep():
+        transport, _ = await _component(echo.EchoComponent, target)
+        try:
+            return await asyncio.wait_for(runner.run_sweep(cfg, [1, STREAMS], pause_s=0.2), 90)
+        finally:
+            transport.close()
+
+    first, second = asyncio.run(sweep())
+    for point in (first, second):
+        d = point["delivery"]
+        assert d["sent"] > 20 and (d["lost"], d["duplicated"], d["misrouted"]) == (0, 0, 0), d

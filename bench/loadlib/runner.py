@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from . import procstat, wire
+from . import procstat, profile, wire
 from .streams import InboundStream, OutboundStream, bare_domain
 from .tracker import Tracker, handshake_stats, percentiles
 
@@ -52,6 +54,8 @@ class LoadConfig:
     cert_file: str | None = None  # the simulated servers' certificate (*.load.test)
     key_file: str | None = None
     target_pids: dict[str, int] = field(default_factory=dict)  # label -> pid to sample
+    profile_pid: int | None = None  # py-spy this process during the measurement window
+    profile_prefix: str | None = None  # ... into <prefix>-<streams>.txt (collapsed stacks)
     progress: bool = True
 
 
@@ -66,6 +70,7 @@ class LoadContext:
         self.size_cycle = wire.size_cycle(wire.parse_size_mix(cfg.sizes))
         self.tracker = Tracker(cfg.streams)
         self.streams: list[OutboundStream | None] = [None] * cfg.streams
+        self.inbound: set[InboundStream] = set()  # connections the target opened to us, closed with the point
         self.failures: dict[str, int] = {}
         self.failure_samples: list[str] = []
         self.verifies = 0
@@ -74,6 +79,7 @@ class LoadContext:
         self.dirty: set[int] = set()
         self.flush_scheduled = False
         self.base_ns = time.perf_counter_ns()
+        self.sender = SenderStats()
         self.client_ssl, self.server_ssl = self.ssl_contexts(cfg)
 
     @staticmethod
@@ -94,7 +100,7 @@ class LoadContext:
 
     def failure(self, reason: str):
         key = reason.split(":")[0][:80] if ": " in reason else reason[:80]
-        key = " ".join(w for w in key.split() if not w.startswith("g0") and not w.startswith("g1"))
+        key = " ".join(w for w in key.split() if wire.LOAD_SUFFIX not in w)  # one entry per reason, not per domain
         self.failures[key] = self.failures.get(key, 0) + 1
         if len(self.failure_samples) < 5:
             self.failure_samples.append(reason[:500])
@@ -222,7 +228,7 @@ async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
                                       reuse_address=True, backlog=4096)
     progress = Progress(ctx, label)
     empty = _samples(cfg)
-    kernel_before = procstat.tcp_kernel_bytes()
+    kernel_before, slab_before = procstat.tcp_kernel_bytes(), procstat.tcp_slab_bytes()
     result: dict = {"label": label, "config": asdict(cfg)}
     try:
         durations, connect_s = await _connect_all(ctx, loop)
@@ -235,9 +241,9 @@ async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
             "bidi": sum(1 for s in ready if s.bidi),
             "verifies_answered": ctx.verifies,
         }
-        await asyncio.sleep(0.2)  # let the target settle before the idle memory sample
+        await asyncio.sleep(0.2 if cfg.streams < 1000 else 1.0)  # let the target settle before the memory sample
         held = _samples(cfg)
-        kernel_held = procstat.tcp_kernel_bytes()
+        kernel_held, slab_held = procstat.tcp_kernel_bytes(), procstat.tcp_slab_bytes()
         result["memory"] = {}
         for name, sample in held.items():
             if sample and empty.get(name) and ready:
@@ -249,6 +255,8 @@ async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
         result["memory"]["kernel_tcp"] = {
             "before_mib": round(kernel_before / 2**20, 2), "held_mib": round(kernel_held / 2**20, 2),
             "bytes_per_stream_both_ends": round((kernel_held - kernel_before) / max(1, len(ready))),
+            "slab_bytes_per_stream_both_ends": round((slab_held - slab_before) / max(1, len(ready)))
+            if slab_held is not None and slab_before is not None else None,
         }
         await _load(ctx, progress, result)
     finally:
@@ -258,6 +266,10 @@ async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
         for stream in ctx.streams:
             if stream is not None:
                 stream.close()
+        # The target's connections to our listener end with the point too: one left open would carry
+        # the next point's echoes for a reused domain into this point's ledger (they would count as lost).
+        for stream in list(ctx.inbound):
+            stream.close()
         server.close()
         await asyncio.sleep(0.2)
         progress.stop()
@@ -281,13 +293,16 @@ async def _load(ctx: LoadContext, progress: Progress, result: dict):
     sender = asyncio.ensure_future(_send(ctx, streams, window[1]))
     await asyncio.sleep(cfg.warmup)
     progress.phase = "measure"
-    before, t0 = _samples(cfg), time.perf_counter()
+    profiler = await _start_profiler(cfg)
+    before, busy0, t0 = _samples(cfg), procstat.cpu_busy_s(), time.perf_counter()
     sent0 = sum(l.sent for l in ctx.tracker.ledgers)
     await asyncio.sleep(cfg.duration)
-    after, t1 = _samples(cfg), time.perf_counter()
+    after, busy1, t1 = _samples(cfg), procstat.cpu_busy_s(), time.perf_counter()
     sent1 = sum(l.sent for l in ctx.tracker.ledgers)
     ctx.sending = False
     await sender
+    if profiler is not None:
+        result["profile"] = await _finish_profiler(profiler, cfg)
     progress.phase = "drain"
     tracker = ctx.tracker
     hard_stop = time.perf_counter() + DRAIN_MAX_S
@@ -308,7 +323,38 @@ async def _load(ctx: LoadContext, progress: Progress, result: dict):
     }
     result["latency_ms"] = percentiles(tracker.latencies_us)
     result["cpu_percent"] = {name: procstat.cpu_percent(before[name], after[name], wall) for name in before}
+    # what the machine did meanwhile: CPU time outside the measured processes is other jobs (interrupt
+    # time, loopback TCP included, is charged to the process it interrupts on this kernel: not subtracted)
+    busy = procstat.busy_percent(busy0, busy1, wall)
+    cpus = sum(v for k, v in busy.items() if k != "softirq")
+    result["machine_busy_percent"] = busy | {
+        "others": round(cpus - sum(v or 0 for v in result["cpu_percent"].values()), 1)}
     result["rss_mib_end"] = {name: round(s.rss_bytes / 2**20, 2) for name, s in after.items() if s}
+    if cfg.rate > 0 and not cfg.saturate:
+        result["sender"] = ctx.sender.report()
+
+
+async def _start_profiler(cfg: LoadConfig):
+    """py-spy attached to the target for exactly the measurement window (not the handshakes)."""
+    if cfg.profile_pid is None or cfg.profile_prefix is None:
+        return None
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out = f"{cfg.profile_prefix}-{cfg.streams}.txt"
+    return out, await asyncio.create_subprocess_exec(
+        py_spy, "record", "--nonblocking", "--rate", "200", "--format", "raw", "--duration", str(max(1, round(cfg.duration))),
+        "--pid", str(cfg.profile_pid), "--output", out, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+
+
+async def _finish_profiler(profiler, cfg: LoadConfig) -> dict:
+    out, proc = profiler
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), cfg.duration + 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        return {"file": out, "error": "py-spy did not finish"}
+    if proc.returncode != 0 or not Path(out).exists():
+        return {"file": out, "error": err.decode(errors="replace")[-500:]}
+    return {"file": out} | profile.summarize(Path(out))
 
 
 async def _send(ctx: LoadContext, streams: list[OutboundStream], stop_us: int):
@@ -325,10 +371,14 @@ async def _send(ctx: LoadContext, streams: list[OutboundStream], stop_us: int):
     if cfg.rate <= 0:
         return
     n, issued, rr = len(streams), 0, 0
-    t0 = time.perf_counter()
+    sender = ctx.sender
+    t0 = last = time.perf_counter()
     while ctx.sending and ctx.now_us() < stop_us:
         await asyncio.sleep(TICK_S)
-        due = int(cfg.rate * (time.perf_counter() - t0)) - issued
+        now_s = time.perf_counter()
+        sender.tick(now_s - last)
+        last = now_s
+        due = int(cfg.rate * (now_s - t0)) - issued
         if due <= 0:
             continue
         issued += due
@@ -337,9 +387,27 @@ async def _send(ctx: LoadContext, streams: list[OutboundStream], stop_us: int):
         for k in (range(n) if base else range(rr, rr + extra)):
             stream = streams[k % n]
             count = base + (1 if (k - rr) % n < extra else 0)
-            if count and stream.ready and not stream.closed and not stream.paused:
+            if count and stream.ready and not stream.closed:
+                # open loop: a paused transport still takes the stanzas (they wait in its buffer and
+                # their latency counts from now), so a slow target cannot lower the offered rate
+                sender.writes_while_paused += stream.paused
                 stream.send(count, now)
         rr = (rr + extra) % n
+
+
+class SenderStats:
+    """Is the fixed-rate sender itself on time? Tick gaps and writes into paused transports."""
+
+    def __init__(self):
+        self.gaps_us: list[int] = []
+        self.writes_while_paused = 0
+
+    def tick(self, gap_s: float) -> None:
+        self.gaps_us.append(int(gap_s * 1e6))
+
+    def report(self) -> dict:
+        return {"ticks": len(self.gaps_us), "tick_s": TICK_S, "tick_gap_ms": percentiles(self.gaps_us),
+                "writes_while_paused": self.writes_while_paused}
 
 
 async def run_sweep(base: LoadConfig, counts: list[int], pause_s: float = 1.0) -> list[dict]:

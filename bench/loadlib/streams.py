@@ -258,6 +258,14 @@ class InboundStream(_Stream):
         self.tls_done = False
         self.sasl_done = False
 
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.ctx.inbound.add(self)
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.ctx.inbound.discard(self)
+
     def header(self, event: StreamHeader):
         self.local, self.remote = event.to, event.from_
         self.stream_id = os.urandom(8).hex()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -140,7 +139,7 @@ class PeerTarget(Target):
 
 
 class RelayTarget(Target):
-    """`python -m router serve --config FILE`, optionally under a profiler."""
+    """`python -m router serve --config FILE`, optionally under cProfile (py-spy attaches per load point)."""
 
     name = "relay"
 
@@ -196,11 +195,6 @@ level = "WARNING"
         if self.profile == "cprofile":
             self.profile_path = self.workdir / "relay.cprofile"
             return taskset(self.cpu) + [sys.executable, "-m", "cProfile", "-o", str(self.profile_path)] + serve
-        if self.profile == "py-spy":
-            self.profile_path = self.workdir / "relay-py-spy.svg"
-            py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-            return taskset(self.cpu) + [py_spy, "record", "--nonblocking", "-r", "200", "-o", str(self.profile_path),
-                                        "--", sys.executable] + serve
         return taskset(self.cpu) + [sys.executable] + serve
 
     def start(self, routes: dict[str, tuple[str, int]]) -> None:
@@ -219,14 +213,7 @@ level = "WARNING"
         except BaseException:
             self.stop()
             raise
-        self.pid = self._python_pid()
-
-    def _python_pid(self) -> int:
-        """The relay's own pid (py-spy runs it as a child)."""
-        if self.profile != "py-spy":
-            return self.process.pid
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        return int(children[0]) if children else self.process.pid
+        self.pid = self.process.pid
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + RELAY_READY_TIMEOUT
@@ -250,18 +237,16 @@ level = "WARNING"
         proc = self.process
         if proc is None or proc.poll() is not None:
             return
-        # py-spy writes its profile when its child exits: signal the relay itself
-        target = self._python_pid()
-        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                os.kill(target, sig)
+                os.kill(proc.pid, sig)
             except ProcessLookupError:
                 pass
             try:
                 proc.wait(10)
                 return
             except subprocess.TimeoutExpired:
-                target = proc.pid if sig == signal.SIGTERM else target
+                continue
 
     def logs(self) -> str:
         path = self.workdir / "console.log"

@@ -91,8 +91,18 @@ class Tracker:
             "unparseable": self.unknown,
             "error_stanzas": self.errors,
             "stream_errors": self.stream_errors,
-            "samples": {k: v for k, v in self.samples.items() if v},
+            "streams_with_losses": sum(1 for l in self.ledgers if l.received < l.sent),
+            "samples": {k: v for k, v in self.samples.items() if v} | self.loss_samples(),
         }
+
+    def loss_samples(self) -> dict:
+        """Where the first losses are: stream index and the missing sequence numbers."""
+        out = []
+        for index, ledger in enumerate(self.ledgers):
+            if ledger.received < ledger.sent and len(out) < MAX_SAMPLES:
+                missing = [seq for seq in range(ledger.sent) if seq >= len(ledger.seen) or not ledger.seen[seq]]
+                out.append(f"stream {index}: {len(missing)} of {ledger.sent} missing, seq {missing[:10]}")
+        return {"lost": out} if out else {}
 
 
 def percentiles(values: list[int], points=(50, 90, 99, 99.9)) -> dict[str, float | None]:
