@@ -33,8 +33,7 @@ test: build peers
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: build
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave --benchmark-compare --benchmark-compare-fail=none || \
-	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-autosave --benchmark-compare
 
 bench-compare: build peers
 	$(PY) -m bench.compare

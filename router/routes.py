@@ -101,6 +101,9 @@ class RouteTable:
         self.pending: dict[Pair, PendingQueue] = {}
         self.backoff: dict[str, Backoff] = {}
         self._pairs_of: dict[Hashable, tuple[Pair, ...]] = {}  # tuples: a link carries one or two pairs
+        # remote domain -> links carrying a pair towards it (insertion-ordered set):
+        # a dialback verification looks one up per handshake, so no scan of every link
+        self._links_to: dict[str, dict[Hashable, None]] = {}
 
     # local targets -------------------------------------------------------
     def set_local(self, domain: str, target: Any) -> None:
@@ -125,6 +128,7 @@ class RouteTable:
         pairs = self._pairs_of.get(link, ())
         if pair not in pairs:
             self._pairs_of[link] = (*pairs, pair)
+            self._links_to.setdefault(pair[1], {})[link] = None
         return True
 
     def remove_link(self, link: Any) -> set[Pair]:
@@ -133,13 +137,16 @@ class RouteTable:
         for pair in pairs:
             if self.remote.get(pair) is link:
                 del self.remote[pair]
+            links = self._links_to.get(pair[1])
+            if links is not None:
+                links.pop(link, None)
+                if not links:
+                    del self._links_to[pair[1]]
         return set(pairs)
 
     def links_to(self, remote: str) -> Iterator[Any]:
         """Links carrying any pair towards ``remote`` (candidates for piggybacking)."""
-        for link, pairs in list(self._pairs_of.items()):
-            if any(r == remote for _, r in pairs):
-                yield link
+        yield from list(self._links_to.get(remote, ()))
 
     # queues --------------------------------------------------------------
     def queue_for(self, pair: Pair, max_stanzas: int, max_age: float) -> tuple[PendingQueue, bool]:

@@ -37,7 +37,10 @@ def test_first_stream_keeps_a_pair_and_closing_it_frees_every_pair():
     assert list(table.links_to("b.test")) == [first]
     assert table.remove_link(first) == {("a.test", "b.test"), ("a2.test", "b.test")}
     assert not table.remote
+    assert list(table.links_to("b.test")) == []
     assert table.add_remote(("a.test", "b.test"), second)
+    assert table.add_remote(("a.test", "c.test"), first)
+    assert list(table.links_to("b.test")) == [second] and list(table.links_to("c.test")) == [first]
 
 
 def test_local_targets_are_removed_only_by_their_owner():
