@@ -28,7 +28,7 @@ cdef struct Open:
 cdef class StreamHeader:
     cdef readonly object prefix
     cdef readonly dict namespaces
-    cdef readonly dict attributes
+    cdef readonly dict other_attributes  # those not in a field below; None when there are none
     cdef readonly object to
     cdef readonly object from_
     cdef readonly object id
@@ -108,7 +108,7 @@ cdef class Tokenizer:
     # the stream header and the top-level element in progress
     cdef StreamHeader header_ev
     cdef bytes hdr_qname
-    cdef list hdr_uris
+    cdef tuple hdr_uris  # the header's namespace URIs, by declaration index
     cdef Element t_elem  # the top-level element in progress, filled from its start tag
     cdef object last_to  # the last to/from decoded, reused while the next stanzas repeat it
     cdef object last_from

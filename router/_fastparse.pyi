@@ -81,8 +81,11 @@ class StreamHeader:
     """The opening ``<stream:stream ...>`` (or prefix-free ``<stream xmlns=...>``)."""
 
     prefix: str | None  # "stream" or None for the prefix-free form
-    namespaces: dict[str | None, str]  # declarations on the header; None = default ns
-    attributes: dict[str, str]  # decoded; namespaced ones in Clark form "{uri}local"
+    # declarations on the header; None = default ns. Shared by the streams whose headers
+    # declare the same namespaces: read it, never change it.
+    namespaces: dict[str | None, str]
+    attributes: dict[str, str]  # decoded; namespaced ones in Clark form "{uri}local"; built when read
+    other_attributes: dict[str, str] | None  # attributes without a field of their own
     to: str | None
     from_: str | None
     id: str | None

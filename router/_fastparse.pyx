@@ -102,6 +102,15 @@ cdef dict WELL_KNOWN = {v: v for v in (
 
 cdef inline object well_known(object s):
     return WELL_KNOWN.get(s, s)
+
+# Nearly every stream header declares the same few namespaces: streams share one
+# read-only namespace map (and the tuple of its URIs) per distinct set of
+# declarations, up to this many sets; rarer headers get their own.
+cdef Py_ssize_t MAX_SHARED_HEADER_NS = 64
+cdef dict SHARED_HEADER_NS = {}  # ((prefix, uri), ...) -> (namespaces dict, uris tuple)
+# Bytes of namespace declarations an idle stream keeps room for (the header's take ~75);
+# release() gives back what a stanza with many declarations made it grow to.
+cdef Py_ssize_t IDLE_ARENA = 128
 cdef Py_ssize_t MAX_REF = 32  # longest character reference accepted, "&#x...;" included
 
 cdef const char* C_STREAM_NS = b"http://etherx.jabber.org/streams"
@@ -569,6 +578,21 @@ class ParseError(Exception):
 cdef class StreamHeader:
     """The opening ``<stream:stream ...>`` (or prefix-free ``<stream xmlns=...>``)."""
 
+    @property
+    def attributes(self):
+        """Every attribute, decoded; namespaced ones in Clark form "{uri}local".
+
+        Built when asked: a stream keeps only the five routing attributes as
+        fields and a dict for any others (an idle stream holds no dict)."""
+        known = {}
+        for name, value in (("to", self.to), ("from", self.from_), ("id", self.id),
+                            ("version", self.version), (S_XML_LANG, self.lang)):
+            if value is not None:
+                known[name] = value
+        if self.other_attributes is not None:
+            known.update(self.other_attributes)
+        return known
+
     def __repr__(self):
         return (f"StreamHeader(prefix={self.prefix!r}, to={self.to!r}, from_={self.from_!r}, "
                 f"id={self.id!r}, version={self.version!r}, lang={self.lang!r}, "
@@ -623,7 +647,7 @@ cdef class Tokenizer:
         self.stack_cap = 0
         self.decls_cap = 4  # a stream header declares about three; grows by doubling
         self.decls = <NsDecl*>malloc(sizeof(NsDecl) * self.decls_cap)
-        self.arena_cap = 256
+        self.arena_cap = IDLE_ARENA
         self.arena = <char*>malloc(self.arena_cap)
         self.scratch_cap = 0
         if self.decls == NULL or self.arena == NULL:
@@ -657,7 +681,7 @@ cdef class Tokenizer:
         self.arena_len = 0
         self.header_ev = None
         self.hdr_qname = None
-        self.hdr_uris = []
+        self.hdr_uris = ()
 
     @property
     def buffer(self):
@@ -717,6 +741,7 @@ cdef class Tokenizer:
         Call it after acting on a read's events: an idle stream then holds no
         buffer at all, and the next ``get_buffer()``/``feed()`` allocates one.
         Ranges of earlier events are invalid afterwards, as after any input call."""
+        cdef char* shrunk
         if self.pos == self.fill and self.tok_abs < 0:
             self.base += self.fill
             self.fill = 0
@@ -732,6 +757,11 @@ cdef class Tokenizer:
             self.stack = NULL
             self.scratch = NULL
             self.attrs_cap = self.stack_cap = self.scratch_cap = 0
+            if self.arena_cap > IDLE_ARENA and self.arena_len <= IDLE_ARENA:
+                shrunk = <char*>realloc(self.arena, IDLE_ARENA)  # keeps the header's declarations
+                if shrunk != NULL:
+                    self.arena = shrunk
+                    self.arena_cap = IDLE_ARENA
 
     def pin(self):
         """Somebody holds a view of the current buffer: never write to it again."""
@@ -1583,15 +1613,19 @@ cdef class Tokenizer:
             self._fail("bad-namespace-prefix", "the stream namespace prefix must be 'stream' (RFC 6120 §4.8.5)", where)
         ev = StreamHeader.__new__(StreamHeader)
         ev.prefix = None if colon < 0 else "stream"
-        ev.namespaces = {}
-        ev.attributes = {}
-        self.hdr_uris = []
+        declared = []
         for i in range(self.ndecls):
             dcl = &self.decls[i]
-            u = well_known(PyUnicode_DecodeUTF8(self.arena + dcl.uoff, dcl.ulen, NULL))
-            self.hdr_uris.append(u)
-            ev.namespaces[well_known(PyUnicode_DecodeUTF8(self.arena + dcl.poff, dcl.plen, NULL))
-                          if dcl.plen else None] = u
+            declared.append((well_known(PyUnicode_DecodeUTF8(self.arena + dcl.poff, dcl.plen, NULL))
+                             if dcl.plen else None,
+                             well_known(PyUnicode_DecodeUTF8(self.arena + dcl.uoff, dcl.ulen, NULL))))
+        key = tuple(declared)
+        shared = SHARED_HEADER_NS.get(key)
+        if shared is None:
+            shared = (dict(declared), tuple([ns for _, ns in declared]))
+            if len(SHARED_HEADER_NS) < MAX_SHARED_HEADER_NS:
+                SHARED_HEADER_NS[key] = shared
+        ev.namespaces, self.hdr_uris = shared
         for i in range(self.nattrs):
             a = &self.attrs[i]
             if a.flags & A_DECL:
@@ -1603,12 +1637,25 @@ cdef class Tokenizer:
                                   PyUnicode_DecodeUTF8(<const char*>nm + a.colon + 1, a.nlen - a.colon - 1, NULL))
             else:
                 key = well_known(PyUnicode_DecodeUTF8(<const char*>nm, a.nlen, NULL))
-            ev.attributes[well_known(key)] = well_known(value)
-        ev.to = ev.attributes.get("to")
-        ev.from_ = ev.attributes.get("from")
-        ev.id = ev.attributes.get("id")
-        ev.version = ev.attributes.get("version")
-        ev.lang = ev.attributes.get(S_XML_LANG)
+            key = well_known(key)
+            value = well_known(value)
+            if key == "to":
+                ev.to = value
+            elif key == "from":
+                ev.from_ = value
+            elif key == "id":
+                ev.id = value
+            elif key == "version":
+                ev.version = value
+            elif key == S_XML_LANG:
+                ev.lang = value
+            else:
+                if ev.other_attributes is None:
+                    ev.other_attributes = {}
+                ev.other_attributes[key] = value
+        # dialback elements repeat the header's domains: decode them into the same strings
+        self.last_to = ev.to
+        self.last_from = ev.from_
         ev.start = self.tok_abs - self.base
         ev.end = p
         self.nhdecls = self.ndecls

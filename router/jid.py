@@ -33,7 +33,9 @@ def normalize_domain(domain: str) -> str:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError as exc:
             raise ValueError(f"domain {domain!r} is not a valid internationalized domain name: {exc}") from None
-    domain = domain.lower()
+    lowered = domain.lower()
+    if lowered != domain:  # an already canonical name stays the caller's object: one string per domain
+        domain = lowered
     if len(domain) > MAX_DNS_NAME:
         raise ValueError(f"domain longer than {MAX_DNS_NAME} characters")
     for label in domain.split("."):

@@ -7,7 +7,7 @@ error conditions); the negotiation layer maps a refusal at SASL time to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from router.jid import domain_of, normalize_domain
@@ -134,7 +134,7 @@ def auth_mechanism_allowed(policy: Policy, remote_domain: str, mechanism: str, e
 def check_stanza(
     from_jid: str | None,
     to_jid: str | None,
-    inbound_pairs: set[tuple[str, str]] | frozenset[tuple[str, str]],
+    inbound_pairs: Collection[tuple[str, str]],
     local_domains: frozenset[str],
 ) -> tuple[str, str] | None:
     """None if a stanza received on a stream may be routed, else (stream error condition, text).

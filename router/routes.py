@@ -101,9 +101,10 @@ class RouteTable:
         self.pending: dict[Pair, PendingQueue] = {}
         self.backoff: dict[str, Backoff] = {}
         self._pairs_of: dict[Hashable, tuple[Pair, ...]] = {}  # tuples: a link carries one or two pairs
-        # remote domain -> links carrying a pair towards it (insertion-ordered set):
-        # a dialback verification looks one up per handshake, so no scan of every link
-        self._links_to: dict[str, dict[Hashable, None]] = {}
+        # remote domain -> links carrying a pair towards it, in the order they got it:
+        # a dialback verification looks one up per handshake, so no scan of every
+        # link; tuples, since nearly every remote domain has one link (idle memory)
+        self._links_to: dict[str, tuple[Hashable, ...]] = {}
 
     # local targets -------------------------------------------------------
     def set_local(self, domain: str, target: Any) -> None:
@@ -128,7 +129,9 @@ class RouteTable:
         pairs = self._pairs_of.get(link, ())
         if pair not in pairs:
             self._pairs_of[link] = (*pairs, pair)
-            self._links_to.setdefault(pair[1], {})[link] = None
+            links = self._links_to.get(pair[1], ())
+            if link not in links:
+                self._links_to[pair[1]] = (*links, link)
         return True
 
     def remove_link(self, link: Any) -> set[Pair]:
@@ -137,16 +140,16 @@ class RouteTable:
         for pair in pairs:
             if self.remote.get(pair) is link:
                 del self.remote[pair]
-            links = self._links_to.get(pair[1])
-            if links is not None:
-                links.pop(link, None)
-                if not links:
-                    del self._links_to[pair[1]]
+            links = tuple(other for other in self._links_to.get(pair[1], ()) if other is not link)
+            if links:
+                self._links_to[pair[1]] = links
+            else:
+                self._links_to.pop(pair[1], None)
         return set(pairs)
 
     def links_to(self, remote: str) -> Iterator[Any]:
         """Links carrying any pair towards ``remote`` (candidates for piggybacking)."""
-        yield from list(self._links_to.get(remote, ()))
+        yield from self._links_to.get(remote, ())
 
     # queues --------------------------------------------------------------
     def queue_for(self, pair: Pair, max_stanzas: int, max_age: float) -> tuple[PendingQueue, bool]:

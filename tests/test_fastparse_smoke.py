@@ -186,3 +186,45 @@ def test_error_carries_events_completed_before_it():
 def test_attribute_prefixes_do_not_change_the_element_namespace(stanza, header_prefix):
     (element,) = Tokenizer().feed(HEADER + stanza)[1:]
     assert (element.name, element.ns, element.header_prefix) == ("message", "jabber:server", header_prefix)
+
+
+def test_header_attributes_all_reported_and_routing_ones_kept_as_fields():
+    tokenizer = Tokenizer()
+    [header] = tokenizer.feed(HEADER.replace(b"' version=", b"' x:y='1' xmlns:x='urn:x' extra='&lt;v' version="))
+    assert header.attributes == {"to": "a.example", "from": "b.example", "version": "1.0", "extra": "<v",
+                                 "{urn:x}y": "1", "{http://www.w3.org/XML/1998/namespace}lang": "en"}
+    assert header.other_attributes == {"extra": "<v", "{urn:x}y": "1"}
+    [plain] = Tokenizer().feed(HEADER)
+    assert plain.other_attributes is None  # an ordinary header keeps no dict
+
+
+def test_streams_with_the_same_header_declarations_share_one_namespace_map():
+    first, second = Tokenizer(), Tokenizer()
+    [a] = first.feed(HEADER)
+    [b] = second.feed(HEADER.replace(b"a.example", b"c.example"))
+    assert a.namespaces is b.namespaces  # one map per distinct set of declarations (idle memory)
+    [other] = Tokenizer().feed(HEADER.replace(b"xmlns:db='jabber:server:dialback' ", b""))
+    assert other.namespaces is not a.namespaces and "db" not in other.namespaces
+    # the shared URIs still resolve elements of each stream
+    [result] = second.feed(b"<db:result from='b.example' to='c.example'>K</db:result>")
+    assert result.ns == "jabber:server:dialback" and result.header_prefix
+
+
+def test_dialback_domains_reuse_the_header_strings():
+    tokenizer = Tokenizer()
+    [header] = tokenizer.feed(HEADER)
+    [result] = tokenizer.feed(b"<db:result from='b.example' to='a.example'>K</db:result>")
+    assert result.from_ is header.from_ and result.to is header.to
+
+
+def test_release_keeps_the_header_declarations_after_the_arena_grew():
+    tokenizer = Tokenizer()
+    tokenizer.feed(HEADER)
+    wide = "".join(f" xmlns:p{i}='urn:example:a-fairly-long-namespace-name:{i}'" for i in range(12))
+    [message] = tokenizer.feed(f"<message from='x@b.example' to='y@a.example'{wide}><p3:x/></message>".encode())
+    assert message.name == "message"
+    tokenizer.release()
+    [result] = tokenizer.feed(b"<db:result from='b.example' to='a.example'>K</db:result>")
+    assert result.ns == "jabber:server:dialback"
+    [iq] = tokenizer.feed(b"<iq from='x@b.example' to='y@a.example' type='get' id='1'><stream:x/></iq>")
+    assert iq.header_prefix

@@ -35,7 +35,7 @@ from router.negotiation.events import (
     StartTLS,
     VerifyResult,
 )
-from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS, without
+from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS, Pair, with_pair, without
 from router.xml import CLIENT_NS, DIALBACK_NS, SERVER_NS, STREAM_CLOSE, STREAM_NS, first_condition, parse_element, stream_header, text_in
 
 log = logging.getLogger("router.negotiation")
@@ -139,8 +139,9 @@ class Session:
         self.local_domain = normalize_domain(local_domain) if local_domain else None
         self.remote_domain = normalize_domain(remote_domain) if remote_domain else None
         self._new_id = new_id
-        self.inbound_pairs: set[tuple[str, str]] = set()  # (remote, local) the peer may send
-        self.outbound_pairs: set[tuple[str, str]] = set()  # (local, remote) we may send
+        # tuples (see pairs.py): a stream nearly always carries one pair each way
+        self.inbound_pairs: tuple[Pair, ...] = ()  # (remote, local) the peer may send
+        self.outbound_pairs: tuple[Pair, ...] = ()  # (local, remote) we may send
         self.encrypted = False
         self.peer_chain: tuple[bytes, ...] = ()
         self.sasl_done = False
@@ -155,7 +156,7 @@ class Session:
         # tuples, like the pair sets: empty on an idle stream, so shared
         self._wanted: tuple[tuple[str, str], ...] = ()  # ... and not yet sent as db:result
         self._verify_queue: tuple[tuple, ...] = ()
-        self._out = bytearray()
+        self._out = b""  # bytes, not a bytearray: an idle stream holds the shared empty one
         self._events: list | tuple = ()  # a list while events wait to be drained
         self._cert_status: dict[str, bool] | None = None  # domain -> proven by the TLS chain; made when asked
         self._tree_cache: tuple[object, object] | None = None
@@ -274,8 +275,7 @@ class Session:
     # ------------------------------------------------------------------ public API: output
 
     def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
+        data, self._out = self._out, b""
         return data
 
     def events(self) -> list:
@@ -345,7 +345,7 @@ class Session:
         self.sasl_done = True
         self._raise_stanza_limit()
         if self.role == "receiver":
-            self.inbound_pairs.add((self.remote_domain, self.local_domain))
+            self.inbound_pairs = with_pair(self.inbound_pairs, (self.remote_domain, self.local_domain))
             self.emit(Authenticated(self.remote_domain, self.local_domain, sasl.EXTERNAL, "inbound"))
             self._reset_stream_state()
         else:
@@ -354,22 +354,22 @@ class Session:
 
     def accept_inbound(self, remote: str, local: str, mechanism: str) -> None:
         """The peer may now send ``remote -> local``; with bidi we may send the inverse."""
-        self.inbound_pairs.add((remote, local))
+        self.inbound_pairs = with_pair(self.inbound_pairs, (remote, local))
         self._raise_stanza_limit()
         self.emit(Authenticated(remote, local, mechanism, "inbound"))
         if self.bidi and (local, remote) not in self.outbound_pairs:
-            self.outbound_pairs.add((local, remote))
+            self.outbound_pairs = with_pair(self.outbound_pairs, (local, remote))
             self._requested = without(self._requested, (local, remote))
             self.emit(Authenticated(remote, local, mechanism, "outbound"))
 
     def accept_outbound(self, local: str, remote: str, mechanism: str) -> None:
         """We may now send ``local -> remote``; with bidi the peer may send the inverse."""
         self._requested = without(self._requested, (local, remote))
-        self.outbound_pairs.add((local, remote))
+        self.outbound_pairs = with_pair(self.outbound_pairs, (local, remote))
         self._raise_stanza_limit()
         self.emit(Authenticated(remote, local, mechanism, "outbound"))
         if self.bidi and (remote, local) not in self.inbound_pairs and self._peer_proven_enough(remote):
-            self.inbound_pairs.add((remote, local))
+            self.inbound_pairs = with_pair(self.inbound_pairs, (remote, local))
             self.emit(Authenticated(remote, local, mechanism, "inbound"))
 
     def _peer_proven_enough(self, remote: str) -> bool:
@@ -572,7 +572,7 @@ class Session:
             self.close("policy-violation", f"no authentication method acceptable for {from_} is available on this stream")
             return
         if self.sasl_done and self.bidi:
-            self.outbound_pairs.add((to, from_))
+            self.outbound_pairs = with_pair(self.outbound_pairs, (to, from_))
             self.emit(Authenticated(from_, to, sasl.EXTERNAL, "outbound"))
 
     def _offers(self) -> list[features.Offer]:
