@@ -147,17 +147,30 @@ def test_t09_no_reverse_dialback_over_bidi_by_default(pki_world):
     assert not enabled.request_pair("c.example", "never-seen.example")  # only domains the peer proved
 
 
-def test_c88_secure_domain_may_send_back_over_bidi_only_with_a_proving_certificate(pki_world):
+def test_c30_c88_secure_domain_is_sent_to_and_heard_from_only_with_a_proving_certificate(pki_world):
+    """Our dialback proves who we are, not who the peer is: a domain our policy says must
+    use certificates gets stanzas from us, and may send back over bidi, only if the TLS
+    peer's certificate proves it; otherwise the pair fails with the reason and, with no
+    other pair on it, the stream ends."""
     ca, _ = pki_world
     policy = Policy(require_encryption=False, auth_overrides={"b.example": "secure"})
-    for receiver_name, may_send_back in (("b.example", True), ("impostor.example", False)):
+    for receiver_name, proven in (("b.example", True), ("impostor.example", False)):
         a = Session("initiator", config(["a.example"], trust=[ca], policy=policy), "a.example", "b.example")
         b = Session("receiver", config(["b.example"], trust=[ca]))
         wire = Wire(a, b, (pki.make_leaf(ca, "x.example").cert_der(),), (pki.make_leaf(ca, receiver_name).cert_der(),))
         wire.pump()
         wire.verify("r", config(["b.example"], "s3cr3t"), config(["a.example"], "s3cr3t"))
-        assert set(a.outbound_pairs) == {("a.example", "b.example")} and a.bidi
-        assert (("b.example", "a.example") in a.inbound_pairs) == may_send_back
+        assert a.bidi
+        assert (set(a.outbound_pairs) == {("a.example", "b.example")}) == proven
+        assert (("b.example", "a.example") in a.inbound_pairs) == proven
+        failures = wire.of("i", ev.AuthFailed)
+        if proven:
+            assert not failures and not a.closed
+        else:
+            [failure] = failures
+            assert (failure.remote, failure.local, failure.bounce) == ("b.example", "a.example", "remote-server-timeout")
+            assert "certificate" in failure.text
+            assert closed_with(wire.i_events) == ["policy-violation"]
 
 
 def test_c81_wired_with_mandatory_tls_and_required_flags(pki_world):

@@ -363,18 +363,30 @@ class Session:
             self.emit(Authenticated(remote, local, mechanism, "outbound"))
 
     def accept_outbound(self, local: str, remote: str, mechanism: str) -> None:
-        """We may now send ``local -> remote``; with bidi the peer may send the inverse."""
+        """We may now send ``local -> remote``; with bidi the peer may send the inverse.
+
+        Our own authentication proves nothing about the peer: a remote domain that
+        must authenticate with a certificate gets no stanza unless the TLS peer
+        proved it too (RFC 6120 §13.7.2: the initiator validates the receiver's
+        certificate); without any other pair the stream then ends."""
+        if not self._peer_proven_enough(remote):
+            text = (f"{remote} must prove its identity with a trusted certificate (secure authentication), "
+                    f"and the certificate it presented does not")
+            self.outbound_failed(local, remote, "not-authorized", "remote-server-timeout", text)
+            if not self.outbound_pairs and not self.inbound_pairs:
+                self.close("policy-violation", text)
+            return
         self._requested = without(self._requested, (local, remote))
         self.outbound_pairs = with_pair(self.outbound_pairs, (local, remote))
         self._raise_stanza_limit()
         self.emit(Authenticated(remote, local, mechanism, "outbound"))
-        if self.bidi and (remote, local) not in self.inbound_pairs and self._peer_proven_enough(remote):
+        if self.bidi and (remote, local) not in self.inbound_pairs:
             self.inbound_pairs = with_pair(self.inbound_pairs, (remote, local))
             self.emit(Authenticated(remote, local, mechanism, "inbound"))
 
     def _peer_proven_enough(self, remote: str) -> bool:
-        """Bidi: our own authentication proves nothing about the peer; a domain that must
-        authenticate with a certificate may only send back if the TLS peer proved it."""
+        """Our own authentication proves nothing about the peer: a domain that must
+        authenticate with a certificate is only trusted if the TLS peer proved it."""
         return self.config.policy.auth_mode(remote) != pol.AUTH_SECURE or self.peer_certificate_ok(remote)
 
     def outbound_failed(self, local: str, remote: str, condition: str, bounce: str, text: str | None = None) -> None:
