@@ -77,6 +77,7 @@ class Relay:
         self.connections_opened = 0  # outbound TCP connections made (tests assert reuse)
         self._direct_tls_context = None  # the XEP-0368 listener's context, once listening
         self._connect_locks: dict[tuple, asyncio.Lock] = {}
+        self._unflushed: list[XmlStream] = []  # streams with writes queued in this loop iteration
         self._apply(config)
 
     # ------------------------------------------------------------------ configuration
@@ -227,6 +228,19 @@ class Relay:
                 for item in queue.expired(now):
                     self._bounce(item, "remote-server-timeout", "no stream to the remote server in time")
             self._update_queue_gauges()
+
+    # ------------------------------------------------------------------ writes
+    def flush_soon(self, stream: XmlStream) -> None:
+        """Write ``stream``'s queue after this event-loop iteration's reads (one
+        callback per iteration for every stream that has something to send)."""
+        if not self._unflushed:
+            self.loop.call_soon(self.flush_writes)
+        self._unflushed.append(stream)
+
+    def flush_writes(self) -> None:
+        streams, self._unflushed = self._unflushed, []
+        for stream in streams:
+            stream.flush()
 
     # ------------------------------------------------------------------ stream bookkeeping
     def stream_opened(self, stream: XmlStream) -> None:

@@ -7,11 +7,17 @@ pinning, flow control, activity clocks and closing. ``S2SStream`` drives a
 sans-IO ``Session`` and turns its events into I/O (STARTTLS, routes, dialback
 verification, close).
 
+Writes are gathered per event-loop iteration: ``write_chunks`` queues on the
+stream and the relay hands every stream's queue to its transport once, after
+the iteration's reads (``Relay.flush_writes``). Stanzas that many sources
+forward to one destination in one iteration (every S2S stream to a busy
+component) then leave in one system call instead of one per source read.
+
 Buffer lifetime: a forwarded range is a ``memoryview`` of the source
-tokenizer's buffer. uvloop keeps that view when it cannot send everything at
-once, so after a write that left bytes in the destination's buffer the source
-calls ``tokenizer.pin()``: the tokenizer then swaps in a fresh buffer instead
-of overwriting the old one (DESIGN.md "Buffer lifetime").
+tokenizer's buffer. It is queued until the end of the iteration, and uvloop
+keeps it when it cannot send everything at once, so a source that forwarded
+a range calls ``tokenizer.pin()``: the tokenizer then swaps in a fresh buffer
+instead of overwriting the old one (DESIGN.md "Buffer lifetime").
 
 Flow control: a destination whose write buffer passed its high-water mark is
 ``paused``; a source that forwarded into it stops reading until the
@@ -43,6 +49,9 @@ WHITESPACE_KEEPALIVE = b" "
 NO_STREAMS: frozenset[XmlStream] = frozenset()
 # Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
 EARLY_BUFFER_SIZE = 16384
+# A write queue this large gains nothing from waiting for the end of the loop
+# iteration: it goes out at once, so flow control sees it as before.
+FLUSH_AT = 65536
 
 
 def _escape_attr(value: str) -> str:
@@ -131,7 +140,8 @@ class XmlStream(asyncio.BufferedProtocol):
     kind = "stream"
     # one per connection: no instance dict; timers are the relay's shared sweep
     __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
-                 "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at")
+                 "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
+                 "_unsent", "_unsent_bytes")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -151,6 +161,8 @@ class XmlStream(asyncio.BufferedProtocol):
         # it: an exported view would stop the tokenizer resizing or dropping its buffer
         # when uvloop asks for a buffer and then reads nothing)
         self._rx_at: tuple[bytearray, int] | None = None
+        self._unsent: list[Any] | None = None  # chunks queued in this event-loop iteration
+        self._unsent_bytes = 0
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -198,6 +210,7 @@ class XmlStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self._unsent = None
         if self._close_timer is not None:
             self._close_timer.cancel()
         # sources paused on us may read again (their stanzas will bounce or queue)
@@ -212,19 +225,16 @@ class XmlStream(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ forwarding
     def forward(self, batches: dict[XmlStream, list[Any]]) -> None:
-        """Hand each destination its gathered ranges in one write; pin our buffer
-        if a write kept a reference, and stop reading from a paused destination."""
-        pin = False
+        """Queue each destination's gathered ranges; pin our buffer, whose views they
+        are, and stop reading from a paused destination."""
         for dest, chunks in batches.items():
             if dest.closing:  # closed by an event of this very read; routing checked before
                 log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
                 continue
             dest.write_chunks(chunks)
-            if dest.transport.get_write_buffer_size() > 0:
-                pin = True
             if dest.paused:
                 self.block_on(dest)
-        if pin:
+        if batches:
             self.tokenizer.pin()
 
     def chunk_for(self, dest: XmlStream, element: Element, view: memoryview) -> Any:
@@ -257,11 +267,30 @@ class XmlStream(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ writing
     def write_chunks(self, chunks: list[Any]) -> None:
+        """Queue ``chunks`` (bytes or views of a source's buffer) for the end of this
+        event-loop iteration, in order after everything queued before."""
         if self.transport is None or self.closing:
+            return
+        size = sum(map(len, chunks))
+        if self._unsent is None:
+            self._unsent = list(chunks)
+            self._unsent_bytes = size
+            self.relay.flush_soon(self)
+        else:
+            self._unsent.extend(chunks)
+            self._unsent_bytes += size
+        if self._unsent_bytes >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the queued chunks to the transport in one call."""
+        chunks, self._unsent = self._unsent, None
+        if not chunks or self.transport is None:
             return
         self.transport.writelines(chunks)
         self.last_tx = self.loop.time()
-        self.relay.metrics.bytes_sent.inc(self.kind, by=sum(map(len, chunks)))
+        self.relay.metrics.bytes_sent.inc(self.kind, by=self._unsent_bytes)
+        self._unsent_bytes = 0
         if self.raw_xml:
             for chunk in chunks:
                 raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
@@ -286,6 +315,8 @@ class XmlStream(asyncio.BufferedProtocol):
             self._close_timer = self.loop.call_later(delay, self.transport.abort)
 
     def close_transport(self) -> None:
+        """Send what is queued, then close (the transport drains its buffer first)."""
+        self.flush()
         self.closing = True
         if self.transport is not None:
             self.transport.close()
@@ -398,6 +429,7 @@ class S2SStream(XmlStream):
 
     def _handle(self, event: Any) -> None:
         if isinstance(event, ev.StartTLS):
+            self.flush()  # <proceed/> (or <starttls/>) leaves before the handshake starts
             self.transport.pause_reading()  # the ClientHello must reach TLS, not us; start_tls resumes
             self._tls_starting = True
             self._early_buffer = bytearray(EARLY_BUFFER_SIZE)
