@@ -1619,12 +1619,12 @@ cdef class Tokenizer:
             declared.append((well_known(PyUnicode_DecodeUTF8(self.arena + dcl.poff, dcl.plen, NULL))
                              if dcl.plen else None,
                              well_known(PyUnicode_DecodeUTF8(self.arena + dcl.uoff, dcl.ulen, NULL))))
-        key = tuple(declared)
-        shared = SHARED_HEADER_NS.get(key)
+        declared = tuple(declared)
+        shared = SHARED_HEADER_NS.get(declared)
         if shared is None:
             shared = (dict(declared), tuple([ns for _, ns in declared]))
             if len(SHARED_HEADER_NS) < MAX_SHARED_HEADER_NS:
-                SHARED_HEADER_NS[key] = shared
+                SHARED_HEADER_NS[declared] = shared
         ev.namespaces, self.hdr_uris = shared
         for i in range(self.nattrs):
             a = &self.attrs[i]
