@@ -184,6 +184,8 @@ class CertificateFiles:
 class TlsConfig:
     certificates: Mapping[str, CertificateFiles]  # local domain -> files
     trust_anchors: tuple[Path, ...]  # extra CA files (PEM)
+    # remote domain -> the only CA files its certificates may chain to (RFC 6120 §13.6)
+    peer_trust_anchors: Mapping[str, tuple[Path, ...]]
     system_trust: bool
     required: bool
     self_signed: bool
@@ -633,7 +635,8 @@ def _parse_routes(r: _Reader, t: Mapping[str, Any]) -> Mapping[str, StaticRoute]
 
 
 def _parse_tls(r: _Reader, t: Mapping[str, Any]) -> TlsConfig:
-    r.known_keys(t, "tls", {"certificates", "trust_anchors", "system_trust", "required", "self_signed"})
+    r.known_keys(t, "tls", {"certificates", "trust_anchors", "peer_trust_anchors", "system_trust", "required",
+                            "self_signed"})
     certificates = {}
     for name, entry in r.table(t, "certificates", "tls").items():
         where = f"tls.certificates.{name}"
@@ -651,9 +654,20 @@ def _parse_tls(r: _Reader, t: Mapping[str, Any]) -> TlsConfig:
         anchor = r.path(value, f"tls.trust_anchors[{i}]")
         if anchor is not None:
             anchors.append(anchor)
+    peer_anchors = {}
+    for name, files in r.table(t, "peer_trust_anchors", "tls").items():
+        where = f"tls.peer_trust_anchors.{name}"
+        domain = r.domain(name, where)
+        if not isinstance(files, list) or not files:
+            r.problem(where, "must be a non-empty list of CA files (PEM)")
+            continue
+        paths = [r.path(value, f"{where}[{i}]") for i, value in enumerate(files)]
+        if domain is not None and None not in paths:
+            peer_anchors[domain] = tuple(paths)
     return TlsConfig(
         certificates=MappingProxyType(certificates),
         trust_anchors=tuple(anchors),
+        peer_trust_anchors=MappingProxyType(peer_anchors),
         system_trust=r.get(t, "tls", "system_trust", bool, DEFAULT_TLS_SYSTEM_TRUST),
         required=r.get(t, "tls", "required", bool, DEFAULT_TLS_REQUIRED),
         self_signed=r.get(t, "tls", "self_signed", bool, DEFAULT_TLS_SELF_SIGNED),
@@ -706,6 +720,7 @@ def _with_self_signed(tls: TlsConfig, state_dir: Path, domains: list[str]) -> Tl
     return TlsConfig(
         certificates=MappingProxyType(certificates),
         trust_anchors=tls.trust_anchors,
+        peer_trust_anchors=tls.peer_trust_anchors,
         system_trust=tls.system_trust,
         required=tls.required,
         self_signed=tls.self_signed,

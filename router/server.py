@@ -581,6 +581,8 @@ class Relay:
             local_domains=config.local_domains,
             dialback_secret=config.server.dialback_secret,
             trust_store=TrustStore(anchors),
+            peer_trust={domain: TrustStore.from_files(*files)
+                        for domain, files in config.tls.peer_trust_anchors.items()},
             policy=config.policy,
             tls_offered=have_certificates,
             tls_client=True,

@@ -253,3 +253,13 @@ def test_default_config_text_is_a_valid_file(tmp_path):
     config = parse_config(text, tmp_path)
     assert config.server.state_dir == tmp_path / "s"
     assert (tmp_path / "s" / cfg.DIALBACK_SECRET_FILENAME).is_file()
+
+
+def test_peer_trust_anchors_are_read_per_remote_domain(tmp_path):
+    (tmp_path / "partner-ca.pem").write_text("x")
+    config = parse_config(MINIMAL + '[tls.peer_trust_anchors]\n"Partner.Example." = ["partner-ca.pem"]\n', tmp_path)
+    assert dict(config.tls.peer_trust_anchors) == {"partner.example": (tmp_path / "partner-ca.pem",)}
+    found = problems_of(MINIMAL + '[tls.peer_trust_anchors]\n"a.example" = []\n"b.example" = ["gone.pem"]\n'
+                        '"bad..name" = ["partner-ca.pem"]\n', tmp_path)
+    assert set(found) == {"tls.peer_trust_anchors.a.example", "tls.peer_trust_anchors.b.example[0]",
+                          "tls.peer_trust_anchors.bad..name"}

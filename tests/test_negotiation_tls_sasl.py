@@ -7,7 +7,7 @@ import datetime
 
 import pytest
 
-from router import pki
+from router import certs, pki
 from router.negotiation import events as ev
 from router.negotiation.session import Session
 from test_negotiation_support import Wire, canonical, config, pki_world  # noqa: F401
@@ -289,3 +289,21 @@ def test_c45_initiator_gives_up_when_external_fails_and_no_dialback():
     assert closed_with(events) == ["policy-violation"]
     assert [e.condition for e in events if isinstance(e, ev.AuthFailed)] == ["policy-violation"]
     assert session.sasl_condition == "not-authorized"  # unknown failure conditions mean not-authorized (§6.5)
+
+
+def test_c50_peer_with_its_own_anchors_is_checked_against_those_only(pki_world):
+    """RFC 6120 §13.6: a peer provisioned with specific trust anchors must not be
+    accepted through the generic store, and its own CA counts for it alone."""
+    ca, _ = pki_world
+    partner_ca = pki.make_ca("Partner CA")
+    pinned = {"A.Example": certs.TrustStore((partner_ca.cert,))}  # normalized like every domain
+    cases = [
+        ("a.example", ca, False),  # the generic CA no longer proves a.example
+        ("a.example", partner_ca, True),
+        ("c.example", ca, True),  # other peers still use the generic store
+        ("c.example", partner_ca, False),
+    ]
+    for domain, issuer, offered in cases:
+        session = secured_receiver(ca, [pki.make_leaf(issuer, domain).cert_der()], from_=domain, peer_trust=pinned)
+        [feats] = features_of(session.data_to_send())
+        assert (b"<mechanism>EXTERNAL</mechanism>" in feats) == offered, (domain, issuer is ca)

@@ -72,6 +72,9 @@ class SessionConfig:
     local_domains: frozenset[str]
     dialback_secret: str
     trust_store: certs.TrustStore = field(default_factory=certs.TrustStore)
+    # remote domain -> the only anchors its certificates may chain to, instead of
+    # trust_store (RFC 6120 §13.6: a peer provisioned with its own anchors)
+    peer_trust: Mapping[str, certs.TrustStore] = field(default_factory=dict)
     policy: pol.Policy = field(default_factory=pol.Policy)
     tls_offered: bool = True  # receiver: we hold a certificate and offer STARTTLS
     tls_client: bool = True  # initiator: we start TLS when offered
@@ -86,6 +89,7 @@ class SessionConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_domains", frozenset(normalize_domain(d) for d in self.local_domains))
+        object.__setattr__(self, "peer_trust", {normalize_domain(d): store for d, store in self.peer_trust.items()})
         if self.bidi not in ("encrypted", "always", "off"):
             raise ValueError(f"bidi mode {self.bidi!r} is not 'encrypted', 'always' or 'off'")
 
@@ -320,7 +324,8 @@ class Session:
         if self._cert_status is None:
             self._cert_status = {}
         if domain not in self._cert_status:
-            status = certs.peer_status(list(self.peer_chain), self.config.trust_store, domain)
+            store = self.config.peer_trust.get(domain, self.config.trust_store)
+            status = certs.peer_status(list(self.peer_chain), store, domain)
             if not status.authenticated:
                 log.info("certificate does not prove %s: %s", domain, status.reason)
             self._cert_status[domain] = status.authenticated

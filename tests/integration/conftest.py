@@ -141,6 +141,7 @@ class RelaySpec:
     routes: dict = field(default_factory=dict)  # domain -> port on 127.0.0.1, "host:port", or {port, direct_tls}
     s2s: dict = field(default_factory=dict)
     policy: dict = field(default_factory=dict)
+    peer_trust_anchors: dict = field(default_factory=dict)  # remote domain -> CA file path
     trusted: bool = True  # certificates signed by the test CA (else self-signed)
     tls: bool = True
     secret: str = "integration-dialback-secret"
@@ -168,6 +169,9 @@ class RelaySpec:
             "system_trust = false",
             f"trust_anchors = [{json.dumps(str(self.pki.ca_path))}]",
         ]
+        if self.peer_trust_anchors:
+            lines.append("[tls.peer_trust_anchors]")
+            lines += [f'"{domain}" = [{json.dumps(str(path))}]' for domain, path in self.peer_trust_anchors.items()]
         local = list(self.domains) + list(self.components) + list(self.echo) + list(self.sink)
         if self.tls:
             for domain in local:

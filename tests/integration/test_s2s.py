@@ -14,10 +14,10 @@ from lxml import etree
 from router.component_client import ComponentClient
 from router.errors import STANZAS_NS
 from router.metrics import PREFIX
-from router.pki import make_leaf
+from router.pki import make_ca, make_leaf
 
 from .conftest import arun, free_port, running
-from .peer import AuthoritativeServer, Peer
+from .peer import AuthoritativeServer, Peer, PeerClosed
 from .rawstream import RawComponent
 from .test_many_streams import sample, scrape
 
@@ -67,6 +67,33 @@ def test_peer_authenticates_with_sasl_external_and_gets_echo_over_bidi(relay, pk
             await peer.close()
 
     arun(scenario())
+
+
+def test_peer_trust_anchors_replace_the_generic_store_for_that_peer(relay_spec, pki, peers_cert, tmp_path):
+    """checklist 50: with its own anchors configured, a peer's certificate must chain to
+    them; the test CA every other peer uses no longer proves it (EXTERNAL is not offered,
+    and with secure authentication required the relay closes with <policy-violation/>)."""
+    other_ca = tmp_path / "partner-ca.pem"
+    other_ca.write_bytes(make_ca("Partner CA").cert_pem())
+    outcomes = {}
+    for name, anchor in (("pinned-elsewhere", other_ca), ("pinned-to-its-ca", pki.ca_path)):
+        spec = relay_spec(name, domains=("relay.test",), echo=("echo.relay.test",),
+                          policy={"secure_auth": True}, peer_trust_anchors={"p1.peers.test": anchor})
+
+        async def scenario():
+            async with running(spec.config()):
+                peer = await Peer.connect(spec.s2s_port, "p1.peers.test", "echo.relay.test",
+                                          cert=peers_cert, ca_path=pki.ca_path)
+                try:
+                    await peer.authenticated()
+                    return "authenticated"
+                except PeerClosed as closed:
+                    return closed.condition
+                finally:
+                    await peer.close()
+
+        outcomes[name] = arun(scenario())
+    assert outcomes == {"pinned-elsewhere": "policy-violation", "pinned-to-its-ca": "authenticated"}
 
 
 # ---------------------------------------------------------------------- relay to relay
