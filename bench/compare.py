@@ -4,8 +4,10 @@ One run, one machine: each target serves `bench.test` through the same echo
 component (XEP-0114, its own process), is pinned to CPU 0 while the generator
 and the component share CPU 1, and gets the same stream-count sweep in
 saturation (a fixed window of stanzas in flight per stream) with the same TLS
-setting. The relay then gets two more points: a fixed rate at 80% of its own
-saturation rate (for p99) and N idle authenticated bidi streams (for memory).
+setting. The relay then gets more points: fixed rates at fractions of its own
+saturation rate (for p99; the goal is at 80%), on the stream count where it
+saturated and, with --rate-streams, on other counts of the sweep against that
+count's own saturation; and N idle authenticated bidi streams (for memory).
 Results go to results/compare-<time>.json and into the "Side by side" section
 of docs/benchmarks.md, with a plot beside it.
 
@@ -49,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="STARTTLS + SASL EXTERNAL instead of plaintext dialback")
     p.add_argument("--rate-points", default="0.5,0.8",
                    help="relay open-loop points, as fractions of its saturation (the p99 goal is at 0.8)")
+    p.add_argument("--rate-streams", default="",
+                   help="also run the rate points on these stream counts of the sweep, each against its own "
+                        "saturation (e.g. 1000: many streams, one stanza per read)")
     p.add_argument("--idle-streams", type=int, default=10000, help="relay memory point (0 = skip)")
     p.add_argument("--profile", choices=("py-spy", "none"), default="py-spy",
                    help="py-spy the relay during each measurement window (its figures then carry the sampler's cost)")
@@ -92,13 +97,21 @@ def profiled(kind: str, opts) -> dict:
     return {"profile": opts.profile} if kind == "relay" and opts.profile != "none" else {}
 
 
+def delivered(point: dict) -> float:
+    return (point.get("throughput") or {}).get("delivered_per_s") or 0
+
+
 def saturation(result: dict) -> tuple[float, dict | None]:
     best, where = 0.0, None
     for p in result.get("points", []):
-        rate = (p.get("throughput") or {}).get("delivered_per_s") or 0
-        if rate > best:
-            best, where = rate, p
+        if delivered(p) > best:
+            best, where = delivered(p), p
     return best, where
+
+
+def rate_label(fraction: float, streams: int, best_streams: int) -> str:
+    """relay@80% on the saturation's own stream count, relay@80%/1000 on another one."""
+    return f"relay@{fraction:.0%}" + ("" if streams == best_streams else f"/{streams}")
 
 
 def main(argv=None) -> int:
@@ -120,14 +133,20 @@ def main(argv=None) -> int:
         print(f"== {kind}: saturation sweep {opts.streams}", file=sys.stderr)
         report["results"][kind] = run_target(kind, opts, workdir, bundle, **profiled(kind, opts))
     relay = report["results"].get("relay")
-    if relay:
-        sat, point = saturation(relay)
-        for fraction in (float(f) for f in opts.rate_points.split(",") if f) if point else ():
-            streams, label = point["config"]["streams"], f"relay@{fraction:.0%}"
-            print(f"== {label} of {sat:.0f}/s on {streams} streams (open loop)", file=sys.stderr)
-            report["results"][label] = run_target(
-                "relay", opts, workdir, bundle, tag=f"relay-{fraction:.0%}", saturate=False,
-                rate=round(fraction * sat), streams=str(streams), **profiled("relay", opts))
+    _, best = saturation(relay) if relay else (0.0, None)
+    if best:
+        swept = {p["config"]["streams"]: delivered(p) for p in relay["points"]}
+        best_streams = best["config"]["streams"]
+        more = load.stream_counts(opts.rate_streams) if opts.rate_streams else []
+        counts = [best_streams] + [n for n in more if n in swept and n != best_streams]
+        for streams in counts:
+            for fraction in (float(f) for f in opts.rate_points.split(",") if f):
+                label = rate_label(fraction, streams, best_streams)
+                print(f"== {label} of {swept[streams]:.0f}/s on {streams} streams (open loop)", file=sys.stderr)
+                report["results"][label] = run_target(
+                    "relay", opts, workdir, bundle, tag=label.replace("@", "-").replace("%", "").replace("/", "-"),
+                    saturate=False, rate=round(fraction * swept[streams]), streams=str(streams),
+                    **profiled("relay", opts))
     if opts.idle_streams:
         print(f"== relay: {opts.idle_streams} idle streams", file=sys.stderr)
         report["results"]["relay idle"] = run_target(
@@ -201,8 +220,9 @@ def render(report: dict) -> str:
         p99 = p.get("latency_ms", {}).get("p99")
         gaps = (p.get("sender") or {}).get("tick_gap_ms", {})
         goal = f" (goal < {P99_GOAL_MS:g} ms): {'met' if p99 is not None and p99 < P99_GOAL_MS else 'MISSED'}" \
-            if kind == "relay@80%" else ""
-        lines.append(f"* {kind} of its saturation, open loop ({p['config']['rate']:.0f}/s offered, one write "
+            if kind.startswith("relay@80%") else ""
+        lines.append(f"* {kind} of its saturation on {p['config']['streams']} streams, open loop "
+                     f"({p['config']['rate']:.0f}/s offered, one write "
                      f"per stanza): p99 {_fmt(p99)} ms{goal}; the generator's 2 ms send tick came every "
                      f"{_fmt(gaps.get('p50'))} ms (p50), {_fmt(gaps.get('p99'))} ms (p99)")
     idle = report["results"].get("relay idle", {}).get("points", [])
@@ -219,7 +239,7 @@ def render(report: dict) -> str:
                      f"{mem.get('kernel_tcp', {}).get('bytes_per_stream_both_ends')} bytes/stream of socket buffers "
                      f"and {mem.get('kernel_tcp', {}).get('slab_bytes_per_stream_both_ends')} bytes/stream of TCP "
                      f"socket structures (slab)")
-    for kind in ("relay", "relay@80%"):
+    for kind in [k for k in report["results"] if k == "relay" or k.startswith("relay@80%")]:
         points = [p for p in report["results"].get(kind, {}).get("points", []) if p.get("profile")]
         if points:
             p = max(points, key=lambda q: (q.get("throughput") or {}).get("delivered_per_s") or 0)
