@@ -23,7 +23,7 @@ Flow control: a destination whose write buffer passed its high-water mark is
 ``paused``; a source that forwarded into it stops reading until the
 destination drains below the low-water mark (``resume_writing``), so a peer
 that stops reading holds at most about one high-water mark plus one read per
-source in the relay's memory.
+source (and a queue under ``FLUSH_AT``) in the relay's memory.
 """
 
 from __future__ import annotations
