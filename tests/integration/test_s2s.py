@@ -14,6 +14,7 @@ from lxml import etree
 from router.component_client import ComponentClient
 from router.errors import STANZAS_NS
 from router.metrics import PREFIX
+from router.negotiation import events as ev
 from router.pki import make_ca, make_leaf
 
 from .conftest import arun, free_port, running
@@ -452,6 +453,29 @@ def test_keepalives_and_idle_timeout(relay, pki, peers_cert):
 
 CAPULET_SECRET = "s3cr3tf0rd14lb4ck"  # the XEP-0220 example secret of flows.md
 MONTAGUE_SECRET = "d14lb4ck43v3r-montague"  # flows.md's is shorter than the config's HMAC key minimum
+
+
+def test_c67_unreachable_authoritative_server_is_a_dialback_error_not_a_stream_error(relay_spec, pki):
+    """The originating domain's authoritative server cannot be reached: the relay answers
+    the db:result with a dialback error naming why (XEP-0220 §2.4, table condition
+    remote-connection-failed) and the stream stays open for other pairs."""
+    spec = relay_spec("as-down", domains=("montague.example",), tls=False, policy={"require_encryption": False},
+                      routes={"capulet.example": free_port()})  # nothing listens there
+
+    async def scenario():
+        async with running(spec.config()):
+            peer = await Peer.connect(spec.s2s_port, "capulet.example", "montague.example", cert=None,
+                                      ca_path=pki.ca_path, secret=CAPULET_SECRET, require_encryption=False)
+            with pytest.raises(PeerClosed) as refused:
+                await peer.authenticated()
+            assert refused.value.condition == "auth-failed"
+            [failed] = [e for e in peer.events if isinstance(e, ev.AuthFailed)]
+            assert (failed.remote, failed.local, failed.condition) == (
+                "montague.example", "capulet.example", "remote-connection-failed")
+            assert peer.closed is None and not peer.session.closed  # not a stream error
+            await peer.close()
+
+    arun(scenario())
 
 
 def test_flow_c_classic_dialback_return_connection_and_piggybacking(relay_spec, pki):
