@@ -240,7 +240,11 @@ class Relay:
     def flush_writes(self) -> None:
         streams, self._unflushed = self._unflushed, []
         for stream in streams:
-            stream.flush()
+            try:
+                stream.flush()
+            except Exception:  # one broken stream must not keep the others' writes queued
+                log.exception("%s %s: writing failed", stream.kind, stream.peer)
+                stream.close_transport()
 
     # ------------------------------------------------------------------ stream bookkeeping
     def stream_opened(self, stream: XmlStream) -> None:

@@ -287,6 +287,10 @@ class XmlStream(asyncio.BufferedProtocol):
         chunks, self._unsent = self._unsent, None
         if not chunks or self.transport is None:
             return
+        if self.transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
+            log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
+            self._unsent_bytes = 0
+            return
         self.transport.writelines(chunks)
         self.last_tx = self.loop.time()
         self.relay.metrics.bytes_sent.inc(self.kind, by=self._unsent_bytes)

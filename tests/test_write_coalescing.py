@@ -51,6 +51,8 @@ class RecordingTransport(asyncio.Transport):
         self.calls.append(bytes(data))
 
     def writelines(self, chunks):
+        if self.closed:
+            raise RuntimeError("unable to perform operation: the handler is closed")  # as uvloop does
         self.calls.append(b"".join(bytes(chunk) for chunk in chunks))
 
     def get_write_buffer_size(self):
@@ -165,3 +167,14 @@ def test_closing_a_stream_sends_what_was_queued_first(world):
     component.fail("policy-violation", "closing for the test")
     sent = b"".join(to_component.calls)
     assert sent.startswith(message("a.test", 1)) and b"policy-violation" in sent and to_component.closed
+
+
+def test_a_stream_aborted_before_the_flush_does_not_hold_up_the_others(world, caplog):
+    relay, to_component, (a, b) = world
+    a.write_chunks([b"<message/>"])  # queued on a first ...
+    read(b, message("b.test", 7))  # ... then b's stanza for the component
+    a.transport.close()  # a goes away before the end of the iteration
+    relay.flush_writes()
+    assert to_component.calls == [message("b.test", 7)]
+    assert not any(b"<message/>" in call for call in a.transport.calls)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # dropped knowingly, not by an exception
