@@ -210,7 +210,7 @@ class XmlStream(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self._unsent = None
+        self._unsent, self._unsent_bytes = None, 0
         if self._close_timer is not None:
             self._close_timer.cancel()
         # sources paused on us may read again (their stanzas will bounce or queue)
@@ -284,17 +284,16 @@ class XmlStream(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         """Hand the queued chunks to the transport in one call."""
-        chunks, self._unsent = self._unsent, None
+        chunks, size = self._unsent, self._unsent_bytes
+        self._unsent, self._unsent_bytes = None, 0
         if not chunks or self.transport is None:
             return
         if self.transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
             log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
-            self._unsent_bytes = 0
             return
         self.transport.writelines(chunks)
         self.last_tx = self.loop.time()
-        self.relay.metrics.bytes_sent.inc(self.kind, by=self._unsent_bytes)
-        self._unsent_bytes = 0
+        self.relay.metrics.bytes_sent.inc(self.kind, by=size)
         if self.raw_xml:
             for chunk in chunks:
                 raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
