@@ -1,15 +1,18 @@
-"""Peer certificate trust and XMPP identity checks (RFC 6120 §13.7, RFC 6125/9525, XEP-0178).
+"""Whether the certificate a remote XMPP server presents proves the domain it claims.
 
-Pure functions, no I/O besides `TrustStore.from_files`.  The TLS layer accepts any peer
-certificate at the handshake (dialback must still work over an encrypted stream with an
-untrusted certificate); the negotiation layer asks `peer_status` whether SASL EXTERNAL
-may succeed for the domain the peer claims.
+Path validation is cryptography's verifier (RFC 5280 with the CA/B Forum profile); this module
+adds what the verifier cannot know: the key purposes a server may present in either TLS role,
+and the XMPP identities (RFC 6120 §13.7, RFC 6125/9525 DNS-ID, SRV-ID, id-on-xmppAddr;
+XEP-0178).  The TLS layer accepts any peer certificate at the handshake (dialback must still
+work over an encrypted stream with an untrusted certificate); the negotiation layer asks
+`peer_status` whether SASL EXTERNAL may succeed for the domain the peer claims.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import ssl
 import warnings
 from dataclasses import dataclass, field
@@ -17,18 +20,19 @@ from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from router.jid import normalize_domain
 
 ID_ON_XMPPADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
 ID_ON_DNSSRV = ObjectIdentifier("1.3.6.1.5.5.7.8.7")
 XMPP_SERVER_SERVICE = "_xmpp-server"
-MAX_CHAIN_DEPTH = 8  # certificates in a path, anchor included
-ACCEPTED_LEAF_EKUS = frozenset(
+MAX_INTERMEDIATES = 6  # CA certificates between the leaf and the anchor
+ACCEPTED_EKUS = frozenset(
     {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE}
 )
+EKU_REFUSED = "extended key usage allows neither serverAuth nor clientAuth"
 
 
 class CertificateError(Exception):
@@ -41,18 +45,14 @@ class CertificateError(Exception):
 
 @dataclass(frozen=True)
 class TrustStore:
-    """Trust anchors (CA certificates), indexed by subject for path building."""
+    """Trust anchors: CA certificates, or a peer's own certificate pinned as it is."""
 
     anchors: tuple[x509.Certificate, ...] = ()
-    _by_subject: dict[x509.Name, tuple[x509.Certificate, ...]] = field(init=False, repr=False, compare=False)
-    _ders: frozenset[bytes] = field(init=False, repr=False, compare=False)
+    _store: Store | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        by_subject: dict[x509.Name, list[x509.Certificate]] = {}
-        for cert in self.anchors:
-            by_subject.setdefault(cert.subject, []).append(cert)
-        object.__setattr__(self, "_by_subject", {k: tuple(v) for k, v in by_subject.items()})
-        object.__setattr__(self, "_ders", frozenset(_der(c) for c in self.anchors))
+        # Built once: a system bundle holds ~150 roots and every authenticated stream asks.
+        object.__setattr__(self, "_store", Store(list(self.anchors)) if self.anchors else None)
 
     @classmethod
     def from_pem(cls, *pem_blobs: bytes) -> "TrustStore":
@@ -85,26 +85,9 @@ class TrustStore:
                         continue
         return cls(tuple(anchors))
 
-    def issuers_of(self, cert: x509.Certificate) -> tuple[x509.Certificate, ...]:
-        return self._by_subject.get(cert.issuer, ())
-
-    def contains(self, cert: x509.Certificate) -> bool:
-        return _der(cert) in self._ders
-
-
-def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
-
 
 def _utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
-
-
-def _check_validity(cert: x509.Certificate, now: datetime.datetime, role: str) -> None:
-    if now < cert.not_valid_before_utc:
-        raise CertificateError(f"{role} certificate {_subject(cert)} is not yet valid (from {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z)")
-    if now > cert.not_valid_after_utc:
-        raise CertificateError(f"{role} certificate {_subject(cert)} has expired ({cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z)")
 
 
 def _subject(cert: x509.Certificate) -> str:
@@ -118,60 +101,128 @@ def _extension(cert: x509.Certificate, kind):
         return None
 
 
-def _check_no_unknown_critical(cert: x509.Certificate, role: str) -> None:
-    for ext in cert.extensions:
-        if ext.critical and isinstance(ext.value, x509.UnrecognizedExtension):
-            raise CertificateError(f"{role} certificate has an unsupported critical extension {ext.oid.dotted_string}")
+def _accept_eku(_policy, _cert, eku: x509.ExtendedKeyUsage | None) -> None:
+    """A server presents one certificate as TLS client and as TLS server, and public CAs now
+    issue serverAuth only: either purpose will do, as will any or none stated.  Applied to CAs
+    too, where the client verifier would demand clientAuth of a serverAuth-only intermediate."""
+    if eku is not None and ACCEPTED_EKUS.isdisjoint(eku):
+        raise ValueError(EKU_REFUSED)
 
 
-def _check_leaf_usage(leaf: x509.Certificate) -> None:
-    """serverAuth alone is fine: servers present one certificate in both directions and
-    public CAs no longer issue clientAuth; an EKU listing neither is not for TLS."""
-    eku = _extension(leaf, x509.ExtendedKeyUsage)
-    if eku is not None and ACCEPTED_LEAF_EKUS.isdisjoint(eku):
-        raise CertificateError("certificate extended key usage allows neither serverAuth nor clientAuth")
+_CA_POLICY = ExtensionPolicy.webpki_defaults_ca().may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _accept_eku)
+# subjectAltName and AKI optional: CN-only and self-signed leaves are judged by name below, not refused here.
+_EE_POLICY = (
+    ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _accept_eku)
+    .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
+    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
+)
+# A leaf that is itself an anchor was pinned as it is (self-signed ones often assert CA:TRUE).
+_PINNED_POLICY = ExtensionPolicy.permit_all().may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _accept_eku)
 
 
-def _check_issuer(ca: x509.Certificate, cas_below: int, role: str) -> None:
-    """`cas_below`: intermediate CA certificates between this issuer and the leaf (RFC 5280 pathLen)."""
-    constraints = _extension(ca, x509.BasicConstraints)
-    if constraints is None or not constraints.ca:
-        raise CertificateError(f"{role} certificate {_subject(ca)} is not a CA (basicConstraints)")
-    if constraints.path_length is not None and cas_below > constraints.path_length:
-        raise CertificateError(f"{role} certificate {_subject(ca)} path length constraint exceeded")
-    usage = _extension(ca, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:
-        raise CertificateError(f"{role} certificate {_subject(ca)} key usage does not allow signing certificates")
-    _check_no_unknown_critical(ca, role)
+def verify_chain(
+    chain_der: list[bytes] | tuple[bytes, ...],
+    store: TrustStore,
+    now: datetime.datetime | None = None,
+) -> x509.Certificate:
+    """Validate the peer's chain (leaf first, then intermediates in any order, unrelated ones
+    ignored) up to an anchor of `store`; return the leaf certificate or raise CertificateError.
+
+    The client verifier is used in both TLS roles because it matches no subject name: the
+    XMPP identities are `matches_domain`'s job.  Revocation is not checked.  A leaf that is
+    itself in the store (a pinned self-signed certificate) is trusted.
+    """
+    if not chain_der:
+        raise CertificateError("no certificate presented")
+    try:
+        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
+    except ValueError as exc:
+        raise CertificateError(f"unparsable certificate: {exc}") from None
+    now = now or _utcnow()
+    leaf, pool = chain[0], chain[1:]
+    if store._store is None:
+        raise CertificateError(_untrusted_reason(leaf, pool, store, "empty trust store"))
+    verifier = (
+        PolicyBuilder()
+        .store(store._store)
+        .time(now)
+        .max_chain_depth(MAX_INTERMEDIATES)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_PINNED_POLICY if leaf in store.anchors else _EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        path = verifier.verify(leaf, pool).chain
+    except VerificationError as exc:
+        raise CertificateError(_reason(str(exc), leaf, pool, store, now)) from None
+    _check_xmpp_name_constraints(leaf, path[1:])
+    return leaf
 
 
-def _constraint_covers(name: str, base: str) -> bool:
-    """RFC 5280 §4.2.1.10 dNSName subtree: `base` and names below it (`.base`: below only)."""
-    name, base = name.lower().rstrip("."), base.lower().rstrip(".")
-    if base.startswith("."):
-        return name.endswith(base)
-    return name == base or name.endswith("." + base)
+# The verifier's wrapping: what remains is the failure itself.
+_NOISE = re.compile(
+    r"^validation failed: (candidates exhausted: )?(Python extension validator failed: \w+: )?"
+    r"| \(encountered processing .*\)$"
+)
+# After backtracking the verifier reports only the last candidate's failure and not which
+# certificate failed; these say what that means in terms of the presented chain.
+_UNTRUSTED = ("all candidates exhausted", "signature does not match", "exceeds max depth")
+_REASONS = (
+    ("path length constraint violated", "an intermediate CA exceeds a path length constraint above it"),
+    ("cA must be asserted in a CA", "an issuing certificate is not a CA (basicConstraints)"),
+    ("cA must not be asserted in an EE", "peer certificate {leaf} is a CA certificate, not a server's"),
+    ("keyCertSign must be asserted", "an issuing certificate's key usage does not allow signing certificates"),
+    ("no permitted name constraints matched", "a name of {leaf} ({names}) is outside the name constraints of an issuing CA"),
+    ("excluded name constraint matched", "a name of {leaf} ({names}) is excluded by the name constraints of an issuing CA"),
+)
 
 
-def _check_name_constraints(ca: x509.Certificate, leaf: x509.Certificate, role: str) -> None:
-    """Apply a CA's DNS name constraints to every domain the leaf could be matched on;
-    constraints of other kinds are not evaluated, so the chain is refused (fail closed)."""
-    constraints = _extension(ca, x509.NameConstraints)
-    if constraints is None:
-        return
-    subtrees = list(constraints.permitted_subtrees or ()) + list(constraints.excluded_subtrees or ())
-    if any(not isinstance(tree, x509.DNSName) for tree in subtrees):
-        raise CertificateError(f"{role} certificate {_subject(ca)} has name constraints other than DNS names")
-    ids = identities(leaf)
-    names = [d.removeprefix("*.") for d in ids.dns_ids]
-    names += [srv.partition(".")[2] for srv in ids.srv_ids] + list(ids.xmpp_addrs) + list(ids.common_names)
-    for name in names:
-        if any(_constraint_covers(name, t.value) for t in constraints.excluded_subtrees or ()):
-            raise CertificateError(f"{name!r} is excluded by the name constraints of {_subject(ca)}")
-        if constraints.permitted_subtrees is not None and not any(
-            _constraint_covers(name, t.value) for t in constraints.permitted_subtrees
-        ):
-            raise CertificateError(f"{name!r} is outside the name constraints of {_subject(ca)}")
+def _reason(message: str, leaf, pool, store: TrustStore, now: datetime.datetime) -> str:
+    """A `CertificateError.reason` for the verifier's `message`, naming the certificate at
+    fault where the presented chain shows it (for the reason only: the verifier decided)."""
+    detail = _NOISE.sub("", message)
+    if "not valid at validation time" in detail:
+        return _validity_reason(leaf, pool, store, now)
+    if any(text in detail for text in _UNTRUSTED):
+        return _untrusted_reason(leaf, pool, store, detail)
+    if EKU_REFUSED in detail:  # the leaf is checked before any issuer is looked for
+        owner = "an issuing certificate's" if "candidates exhausted" in message else f"peer certificate {_subject(leaf)}:"
+        return f"{owner} {EKU_REFUSED}"
+    for text, reason in _REASONS:
+        if text in detail:
+            return reason.format(leaf=_subject(leaf), names=describe_names(leaf))
+    return f"certificate chain refused: {detail}"
+
+
+def _validity_reason(leaf, pool, store: TrustStore, now: datetime.datetime) -> str:
+    """Which certificate is outside its validity period: the leaf, else a presented or trusted issuer."""
+    issuers = {c.issuer for c in (leaf, *pool)}
+    candidates = [("peer", leaf)] + [("intermediate", c) for c in pool if c.subject in issuers]
+    candidates += [("trust anchor", a) for a in store.anchors if a.subject in issuers]
+    for role, cert in candidates:
+        if now < cert.not_valid_before_utc:
+            return f"{role} certificate {_subject(cert)} is not yet valid (from {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z)"
+        if now > cert.not_valid_after_utc:
+            return f"{role} certificate {_subject(cert)} has expired ({cert.not_valid_after_utc:%Y-%m-%d %H:%M}Z)"
+    return "a certificate in the chain is outside its validity period"
+
+
+def _untrusted_reason(leaf, pool, store: TrustStore, detail: str) -> str:
+    """Follow the presented issuers from the leaf to where the path stops, and say why it stops there."""
+    top, path = leaf, [leaf]
+    while top.issuer != top.subject:
+        issuer = next((c for c in pool if c.subject == top.issuer and c not in path and _signed_by(top, c)), None)
+        if issuer is None:
+            break
+        path.append(issuer)
+        top = issuer
+    if len(path) - 1 > MAX_INTERMEDIATES:
+        return f"certificate chain longer than {MAX_INTERMEDIATES} intermediates"
+    if top.issuer == top.subject:
+        namesake = " (a different certificate of that name is)" if any(a.subject == top.subject for a in store.anchors) else ""
+        return f"self-signed certificate {_subject(top)} is not trusted{namesake}"
+    mismatch = ": signature does not match" if "signature" in detail else ""
+    return f"no trusted issuer found for {_subject(top)} (issuer {top.issuer.rfc4514_string()!r}{mismatch})"
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -182,61 +233,33 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def verify_chain(
-    chain_der: list[bytes] | tuple[bytes, ...],
-    store: TrustStore,
-    now: datetime.datetime | None = None,
-) -> x509.Certificate:
-    """Validate the peer's chain (leaf first, then intermediates in any order) up to an anchor
-    of `store`; return the leaf certificate or raise CertificateError.
-
-    RFC 5280 checks made: signatures, validity dates of every certificate, basicConstraints CA
-    and pathLen and keyCertSign on issuers, DNS name constraints, unknown critical
-    extensions, depth, leaf EKU.
-    Revocation is not checked.  A leaf that is itself in the store (a pinned self-signed
-    certificate) is trusted.
-    """
-    if not chain_der:
-        raise CertificateError("no certificate presented")
-    try:
-        chain = [x509.load_der_x509_certificate(der) for der in chain_der]
-    except ValueError as exc:
-        raise CertificateError(f"unparsable certificate: {exc}") from None
-    now = now or _utcnow()
-    leaf, pool = chain[0], chain[1:]
-    _check_validity(leaf, now, "peer")
-    _check_no_unknown_critical(leaf, "peer")
-    _check_leaf_usage(leaf)
-    if store.contains(leaf):
-        return leaf
-    return _build_path(leaf, pool, store, now)
+def _constraint_covers(name: str, base: str) -> bool:
+    """RFC 5280 §4.2.1.10 dNSName subtree: `base` and names below it (`.base`: below only)."""
+    name, base = name.lower().rstrip("."), base.lower().rstrip(".")
+    if base.startswith("."):
+        return name.endswith(base)
+    return name == base or name.endswith("." + base)
 
 
-def _build_path(leaf: x509.Certificate, pool: list[x509.Certificate], store: TrustStore, now: datetime.datetime) -> x509.Certificate:
-    """Walk issuer links from the leaf; intermediates come from the presented pool, the
-    path ends at the first anchor that signed the current certificate."""
-    current, used, intermediates = leaf, [leaf], 0
-    while len(used) < MAX_CHAIN_DEPTH:
-        for anchor in store.issuers_of(current):
-            if _signed_by(current, anchor):
-                _check_validity(anchor, now, "trust anchor")
-                _check_issuer(anchor, intermediates, "trust anchor")
-                for ca in used[1:] + [anchor]:
-                    _check_name_constraints(ca, leaf, "trust anchor" if ca is anchor else "intermediate")
-                return leaf
-        candidates = [c for c in pool if c.subject == current.issuer and not any(c is u for u in used)]
-        issuer = next((c for c in candidates if _signed_by(current, c)), None)
-        if issuer is None:
-            if current is leaf and leaf.issuer == leaf.subject and _signed_by(leaf, leaf):
-                raise CertificateError(f"self-signed certificate {_subject(leaf)} is not trusted")
-            raise CertificateError(f"no trusted issuer found for {_subject(current)} (issuer {current.issuer.rfc4514_string()!r})")
-        _check_validity(issuer, now, "intermediate")
-        _check_issuer(issuer, intermediates, "intermediate")
-        used.append(issuer)
-        current = issuer
-        if issuer.issuer != issuer.subject:  # RFC 5280 §4.2.1.9: self-issued do not count
-            intermediates += 1
-    raise CertificateError(f"certificate chain longer than {MAX_CHAIN_DEPTH}")
+def _check_xmpp_name_constraints(leaf: x509.Certificate, issuers: list[x509.Certificate]) -> None:
+    """Apply the issuers' DNS name constraints to the identities the verifier does not see:
+    it constrains dNSName SANs only (RFC 5280), while `matches_domain` also accepts the domain
+    of an SRV-ID or id-on-xmppAddr, and the CN of a certificate without those."""
+    ids = identities(leaf)
+    names = [srv.partition(".")[2] for srv in ids.srv_ids] + list(ids.xmpp_addrs)
+    if not (ids.dns_ids or ids.srv_ids or ids.xmpp_addrs):
+        names += ids.common_names
+    for ca in issuers:
+        constraints = _extension(ca, x509.NameConstraints)
+        if constraints is None:
+            continue
+        permitted = [t.value for t in constraints.permitted_subtrees or () if isinstance(t, x509.DNSName)]
+        excluded = [t.value for t in constraints.excluded_subtrees or () if isinstance(t, x509.DNSName)]
+        for name in names:
+            if any(_constraint_covers(name, base) for base in excluded):
+                raise CertificateError(f"{name!r} is excluded by the name constraints of {_subject(ca)}")
+            if permitted and not any(_constraint_covers(name, base) for base in permitted):
+                raise CertificateError(f"{name!r} is outside the name constraints of {_subject(ca)}")
 
 
 @dataclass(frozen=True)

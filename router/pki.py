@@ -118,11 +118,17 @@ def make_ca(
     issuer: Credential | None = None,
     path_length: int | None = None,
     name_constraints: x509.NameConstraints | None = None,
+    ekus: tuple[ObjectIdentifier, ...] = (),
+    key: ec.EllipticCurvePrivateKey | None = None,
     not_before: datetime.datetime | None = None,
     not_after: datetime.datetime | None = None,
 ) -> Credential:
-    """A CA certificate: self-signed root when `issuer` is None, else an intermediate."""
-    key = _new_key()
+    """A CA certificate: self-signed root when `issuer` is None, else an intermediate.
+
+    `ekus`: an EKU extension listing these (none when empty).  `key`: reuse a CA's key, as
+    a cross-signed or renewed intermediate does (same subject, same key, another certificate).
+    """
+    key = key or _new_key()
     builder = _base_builder(name, issuer, key, not_before, not_after, ca=True, path_length=path_length)
     builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     if issuer:
@@ -131,6 +137,8 @@ def make_ca(
         )
     if name_constraints is not None:
         builder = builder.add_extension(name_constraints, critical=True)
+    if ekus:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
     return Credential(builder.sign(issuer.key if issuer else key, hashes.SHA256()), key)
 
 

@@ -56,18 +56,47 @@ def test_pinned_self_signed_is_trusted():
     assert certs.verify_chain(chain(own), certs.TrustStore((own.cert,))) == own.cert
 
 
+def test_pinned_self_signed_with_ca_flag_is_trusted(root, store):
+    """`openssl req -x509` and several servers' generators assert CA:TRUE on their own
+    certificate; pinned, it is trusted as it is, while a CA-issued one must be an end entity."""
+    own = pki.make_ca("capulet.lit")
+    pinned = certs.TrustStore((own.cert,))
+    assert certs.verify_chain(chain(own), pinned) == own.cert
+    assert certs.peer_status(chain(own), pinned, "capulet.lit").authenticated
+    issued = pki.make_ca("capulet.lit", issuer=root)
+    with pytest.raises(certs.CertificateError, match="'CN=capulet.lit' is a CA certificate, not a server's"):
+        certs.verify_chain(chain(issued), store)
+
+
+def test_pinned_certificate_still_expires():
+    own = pki.make_leaf(None, "capulet.lit", not_before=datetime.datetime(2020, 1, 1, tzinfo=UTC),
+                        not_after=datetime.datetime(2021, 1, 1, tzinfo=UTC))
+    with pytest.raises(certs.CertificateError, match="peer certificate 'CN=capulet.lit' has expired"):
+        certs.verify_chain(chain(own), certs.TrustStore((own.cert,)))
+
+
 def test_other_ca_untrusted(store):
     other = pki.make_ca("Other Root")
     leaf = pki.make_leaf(other, "capulet.lit")
-    with pytest.raises(certs.CertificateError, match="no trusted issuer"):
+    with pytest.raises(certs.CertificateError, match="self-signed certificate 'CN=Other Root' is not trusted$"):
         certs.verify_chain(chain(leaf, other), store)
+    with pytest.raises(certs.CertificateError, match="^no trusted issuer found for 'CN=capulet.lit' .issuer 'CN=Other Root'.$"):
+        certs.verify_chain(chain(leaf), store)
 
 
 def test_same_subject_different_key_is_not_an_issuer(root, store):
     impostor = pki.make_ca("Test Root")  # same name as the anchor, different key
     leaf = pki.make_leaf(impostor, "capulet.lit")
-    with pytest.raises(certs.CertificateError):
+    with pytest.raises(certs.CertificateError, match="'CN=Test Root' is not trusted .a different certificate of that name is."):
         certs.verify_chain(chain(leaf, impostor), store)
+    with pytest.raises(certs.CertificateError, match="issuer 'CN=Test Root': signature does not match"):
+        certs.verify_chain(chain(leaf), store)
+
+
+def test_empty_store_trusts_nothing():
+    own = pki.make_leaf(None, "capulet.lit")
+    with pytest.raises(certs.CertificateError, match="self-signed certificate 'CN=capulet.lit' is not trusted"):
+        certs.verify_chain(chain(own), certs.TrustStore())
 
 
 def test_expired():
@@ -95,8 +124,27 @@ def test_expired_intermediate(root, store):
                         not_before=datetime.datetime(2020, 1, 1, tzinfo=UTC),
                         not_after=datetime.datetime(2021, 1, 1, tzinfo=UTC))
     leaf = pki.make_leaf(inter, "capulet.lit")
-    with pytest.raises(certs.CertificateError, match="intermediate .* expired"):
+    with pytest.raises(certs.CertificateError, match="intermediate certificate 'CN=Old Inter' has expired .2021-01-01"):
         certs.verify_chain(chain(leaf, inter), store)
+
+
+def test_renewed_intermediate_preferred_over_expired_one(root, store):
+    """Both are presented (a stale chain file plus the new one): the verifier backtracks past the expired one."""
+    expired = pki.make_ca("Inter", issuer=root,
+                          not_before=datetime.datetime(2020, 1, 1, tzinfo=UTC),
+                          not_after=datetime.datetime(2021, 1, 1, tzinfo=UTC))
+    renewed = pki.make_ca("Inter", issuer=root, key=expired.key)
+    leaf = pki.make_leaf(renewed, "capulet.lit")
+    assert certs.verify_chain(chain(leaf, expired, renewed), store) == leaf.cert
+
+
+def test_expired_trust_anchor():
+    old_root = pki.make_ca("Old Root", not_before=datetime.datetime(2020, 1, 1, tzinfo=UTC),
+                           not_after=datetime.datetime(2021, 1, 1, tzinfo=UTC))
+    leaf = pki.make_leaf(old_root, "capulet.lit", not_before=datetime.datetime(2020, 2, 1, tzinfo=UTC),
+                         not_after=datetime.datetime(2099, 1, 1, tzinfo=UTC))
+    with pytest.raises(certs.CertificateError, match="trust anchor certificate 'CN=Old Root' has expired"):
+        certs.verify_chain(chain(leaf), certs.TrustStore((old_root.cert,)))
 
 
 def test_intermediate_chain(root, store):
@@ -112,6 +160,38 @@ def test_two_intermediates_in_any_order(root, store):
     lower = pki.make_ca("Lower", issuer=upper)
     leaf = pki.make_leaf(lower, "capulet.lit")
     assert certs.verify_chain(chain(leaf, upper, lower), store) == leaf.cert
+
+
+def test_unrelated_certificate_before_the_intermediate_is_ignored(root, store):
+    inter = pki.make_ca("Inter", issuer=root)
+    unrelated = pki.make_ca("Unrelated", issuer=pki.make_ca("Other Root"))
+    decoy = pki.make_ca("Inter", issuer=root)  # the intermediate's name, another key
+    leaf = pki.make_leaf(inter, "capulet.lit")
+    assert certs.verify_chain(chain(leaf, unrelated, inter), store) == leaf.cert
+    assert certs.verify_chain(chain(leaf, unrelated, decoy, inter), store) == leaf.cert
+
+
+def test_cross_signed_intermediate_path_to_the_trusted_root(root, store):
+    """The intermediate exists twice (same subject and key): signed by a root we do not trust,
+    and cross-signed by ours.  The untrusted one comes first and signs the leaf just as well."""
+    legacy_root = pki.make_ca("Legacy Root")
+    via_legacy = pki.make_ca("Inter", issuer=legacy_root)
+    via_trusted = pki.make_ca("Inter", issuer=root, key=via_legacy.key)
+    leaf = pki.make_leaf(via_legacy, "capulet.lit")
+    assert certs.verify_chain(chain(leaf, via_legacy, legacy_root, via_trusted), store) == leaf.cert
+    with pytest.raises(certs.CertificateError, match="'CN=Legacy Root' is not trusted"):
+        certs.verify_chain(chain(leaf, via_legacy, legacy_root), store)
+
+
+def test_chain_depth_limit(root, store):
+    cas = [root]
+    for i in range(certs.MAX_INTERMEDIATES + 1):
+        cas.append(pki.make_ca(f"Level {i}", issuer=cas[-1]))
+    longest = pki.make_leaf(cas[-2], "capulet.lit")
+    assert certs.verify_chain(chain(longest, *cas[1:-1]), store) == longest.cert
+    too_long = pki.make_leaf(cas[-1], "capulet.lit")
+    with pytest.raises(certs.CertificateError, match=f"longer than {certs.MAX_INTERMEDIATES} intermediates"):
+        certs.verify_chain(chain(too_long, *reversed(cas[1:])), store)
 
 
 def test_path_length_constraint(root, store):
@@ -144,18 +224,40 @@ def test_name_constraints_permitted(root, store):
         certs.verify_chain(chain(sneaky_addr, inter), store)
 
 
+XMPP_IDENTITY_LEAVES = {  # leaves naming a domain in a way RFC 5280 name constraints do not cover
+    "SRV-ID": lambda ca, domain: pki.make_leaf(ca, "host.example", dns_ids=[], srv_ids=[domain]),
+    "xmppAddr": lambda ca, domain: pki.make_leaf(ca, "host.example", dns_ids=[], xmpp_addrs=[domain]),
+    "CN-ID": lambda ca, domain: pki.make_leaf(ca, domain, dns_ids=[]),  # no SAN at all
+}
+
+
+@pytest.mark.parametrize("make_leaf", XMPP_IDENTITY_LEAVES.values(), ids=XMPP_IDENTITY_LEAVES.keys())
+def test_name_constraints_cover_xmpp_identities(root, store, make_leaf):
+    """The verifier constrains dNSName SANs only; `matches_domain` also accepts these."""
+    permitting = _constrained(root, permitted=["capulet.lit"])
+    inside = make_leaf(permitting, "capulet.lit")
+    assert certs.verify_chain(chain(inside, permitting), store) == inside.cert
+    with pytest.raises(certs.CertificateError, match="'montague.lit' is outside the name constraints of 'CN=Constrained'"):
+        certs.verify_chain(chain(make_leaf(permitting, "montague.lit"), permitting), store)
+    excluding = _constrained(root, excluded=["montague.lit"])
+    with pytest.raises(certs.CertificateError, match="'montague.lit' is excluded by the name constraints of 'CN=Constrained'"):
+        certs.verify_chain(chain(make_leaf(excluding, "montague.lit"), excluding), store)
+
+
 def test_name_constraints_excluded(root, store):
     inter = _constrained(root, excluded=["montague.lit"])
     assert certs.verify_chain(chain(pki.make_leaf(inter, "capulet.lit"), inter), store)
     banned = pki.make_leaf(inter, "a.montague.lit")
-    with pytest.raises(certs.CertificateError, match="excluded"):
+    with pytest.raises(certs.CertificateError, match="excluded by the name constraints"):
         certs.verify_chain(chain(banned, inter), store)
 
 
-def test_unsupported_name_constraints_fail_closed(root, store):
+def test_name_constraints_of_other_kinds_leave_dns_names_alone(root, store):
+    """An rfc822Name constraint binds e-mail addresses only (RFC 5280); the verifier checks it."""
     inter = _constrained(root, excluded=["montague.lit"], other=True)
-    with pytest.raises(certs.CertificateError, match="other than DNS"):
-        certs.verify_chain(chain(pki.make_leaf(inter, "capulet.lit"), inter), store)
+    assert certs.verify_chain(chain(pki.make_leaf(inter, "capulet.lit"), inter), store)
+    with pytest.raises(certs.CertificateError, match="excluded by the name constraints"):
+        certs.verify_chain(chain(pki.make_leaf(inter, "a.montague.lit"), inter), store)
 
 
 def test_leaf_cannot_act_as_issuer(root, store):
@@ -169,6 +271,34 @@ def test_server_auth_only_leaf_accepted(root, store):
     """Public CAs stopped issuing clientAuth; servers present one certificate both ways."""
     leaf = pki.make_leaf(root, "capulet.lit", server_auth=True, client_auth=False)
     assert certs.verify_chain(chain(leaf), store) == leaf.cert
+
+
+@pytest.mark.parametrize("ekus", [(ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,), ()], ids=["anyEKU", "no EKU"])
+def test_leaf_with_any_or_no_eku_accepted(root, store, ekus):
+    leaf = pki.make_leaf(root, "capulet.lit", server_auth=False, client_auth=False, extra_ekus=ekus)
+    assert certs.verify_chain(chain(leaf), store) == leaf.cert
+
+
+def test_email_protection_only_leaf_rejected(root, store):
+    leaf = pki.make_leaf(root, "capulet.lit", server_auth=False, client_auth=False,
+                         extra_ekus=(ExtendedKeyUsageOID.EMAIL_PROTECTION,))
+    reason = "^peer certificate 'CN=capulet.lit': extended key usage allows neither serverAuth nor clientAuth$"
+    with pytest.raises(certs.CertificateError, match=reason):
+        certs.verify_chain(chain(leaf), store)
+
+
+def test_server_auth_only_intermediate_accepted(root, store):
+    """Newer public intermediates carry serverAuth only; the client verifier alone would want clientAuth."""
+    inter = pki.make_ca("Inter", issuer=root, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    leaf = pki.make_leaf(inter, "capulet.lit", client_auth=False)
+    assert certs.verify_chain(chain(leaf, inter), store) == leaf.cert
+
+
+def test_email_only_intermediate_rejected(root, store):
+    inter = pki.make_ca("Inter", issuer=root, ekus=(ExtendedKeyUsageOID.EMAIL_PROTECTION,))
+    leaf = pki.make_leaf(inter, "capulet.lit")
+    with pytest.raises(certs.CertificateError, match="^an issuing certificate's extended key usage allows neither"):
+        certs.verify_chain(chain(leaf, inter), store)
 
 
 def test_client_auth_only_leaf_accepted(root, store):

@@ -117,6 +117,26 @@ def test_ca_constraints(ca):
     assert leaf_bc.value.ca is False
 
 
+def test_ca_eku_only_when_asked(ca):
+    with pytest.raises(x509.ExtensionNotFound):
+        ca.cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage)
+    inter = pki.make_ca("Inter", issuer=ca, ekus=(ExtendedKeyUsageOID.SERVER_AUTH,))
+    eku = inter.cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def test_ca_with_given_key_is_a_cross_sign(ca):
+    """Same subject and key under two issuers: a leaf of one verifies under the other."""
+    other_root = pki.make_ca("Other Root")
+    first = pki.make_ca("Inter", issuer=ca)
+    cross = pki.make_ca("Inter", issuer=other_root, key=first.key)
+    assert cross.cert.subject == first.cert.subject and cross.cert.public_key() == first.cert.public_key()
+    cross.cert.verify_directly_issued_by(other_root.cert)
+    ski = x509.SubjectKeyIdentifier
+    assert cross.cert.extensions.get_extension_for_class(ski) == first.cert.extensions.get_extension_for_class(ski)
+    pki.make_leaf(first, "a.example").cert.verify_directly_issued_by(cross.cert)
+
+
 def test_ensure_self_signed_creates_once(tmp_path):
     cert_path, key_path = pki.ensure_self_signed(tmp_path, "relay.example")
     first = cert_path.read_bytes()
