@@ -6,6 +6,12 @@ except for echo/sink in benchmarks), are parsed with lxml and answered here.
 None when nothing must be sent. It never answers an error stanza nor an IQ
 result/error (RFC 6120 §8.2.3, §8.3.1; checklist 102-103, 107).
 
+The relay's server domains host no user accounts, so a ``localpart@domain``
+address there names an account that does not exist (RFC 6120 §10.5.3.1, RFC 6121
+§8.5.1): IQs and messages to it are bounced with <service-unavailable/>,
+presence to it is ignored. The echo and sink domains answer (or swallow)
+whatever is addressed to them, localpart or not.
+
 Reply bytes are serialized in the ``jabber:server`` content namespace context:
 the stanza element carries no ``xmlns`` (the S2S stream header declares the
 default namespace), children in ``jabber:server`` carry none either. A request
@@ -56,9 +62,10 @@ class Services:
         sink_domains: Iterable[str] = (),
         metrics: RelayMetrics | None = None,
     ):
+        self.server_domains = frozenset(server_domains)
         self.echo_domains = frozenset(echo_domains)
         self.sink_domains = frozenset(sink_domains)
-        self.domains = frozenset(server_domains) | self.echo_domains | self.sink_domains
+        self.domains = self.server_domains | self.echo_domains | self.sink_domains
         self.metrics = metrics
         self.sink_received = 0  # stanzas swallowed by the sink (tests and benchmarks read it)
 
@@ -97,26 +104,40 @@ class Services:
                 return None
         if stanza_type == "error":
             return None  # never answer an error (RFC 6120 §8.3.1)
+        no_such_user = domain in self.server_domains and _has_localpart(to)
         if kind == "iq":
-            return self._iq(stanza, domain, stanza_type)
+            return self._iq(stanza, domain, stanza_type, no_such_user)
         if kind == "message":
             if domain in self.echo_domains:
                 self._count("echo")
                 return _serialize(_echo(stanza))
+            if no_such_user:
+                # RFC 6121 §8.5.1: "either (a) silently ignore the message or (b) return a
+                # <service-unavailable/> stanza error"; (b), as the relay drops nothing silently.
+                self._count("error")
+                return error_reply(stanza, "cancel", "service-unavailable", f"{domain} has no user accounts")
             if stanza_type in ("groupchat", "headline"):
                 self._count("ignored")
                 return None  # RFC 6121 §8.5.2: no error for headline/groupchat to nobody
             self._count("error")
             return error_reply(stanza, "cancel", "service-unavailable", f"{domain} does not accept messages")
+        # Presence to a service: nothing subscribes here (RFC 6121 §4.3 ignore); to a user
+        # that does not exist, RFC 6121 §8.5.1: "the server MUST silently ignore the
+        # stanza" (a probe may be ignored too).
         self._count("ignored")
-        return None  # presence to a service: nothing subscribes here (RFC 6121 §4.3 ignore)
+        return None
 
-    def _iq(self, stanza: etree._Element, domain: str, stanza_type: str | None) -> bytes | None:
+    def _iq(self, stanza: etree._Element, domain: str, stanza_type: str | None, no_such_user: bool) -> bytes | None:
         if stanza_type not in ("get", "set"):
             if stanza_type == "result":
                 return None  # IQ result MUST NOT be answered (§8.2.3)
             self._count("error")
             return error_reply(stanza, "modify", "bad-request", "IQ type must be get, set, result or error")
+        if no_such_user:
+            # RFC 6120 §10.5.3.1, RFC 6121 §8.5.1: "For an IQ stanza, the server MUST
+            # return a <service-unavailable/> stanza error to the sender."
+            self._count("error")
+            return error_reply(stanza, "cancel", "service-unavailable", f"{domain} has no user accounts")
         payload = [child for child in stanza if isinstance(child.tag, str)]
         if len(payload) != 1:
             self._count("error")
@@ -144,6 +165,13 @@ class Services:
         for feature in FEATURES:
             etree.SubElement(query, f"{{{DISCO_INFO_NS}}}feature", var=feature)
         return reply
+
+
+def _has_localpart(jid: str) -> bool:
+    """Whether ``jid`` names an account (``local@domain[/resource]``) rather than the
+    domain itself (``domain[/resource]``, answered by the server: RFC 6120 §10.5.1-2).
+    The resource is cut off first: it may itself contain '@' (RFC 7622 §3.2)."""
+    return "@" in jid.partition("/")[0]
 
 
 def _reply(stanza: etree._Element, stanza_type: str) -> etree._Element:

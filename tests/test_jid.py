@@ -2,6 +2,7 @@
 
 import pytest
 
+from router import jid
 from router.jid import domain_of, normalize_domain
 
 
@@ -59,10 +60,39 @@ def test_normalize_domain_rejects(bad):
         normalize_domain(bad)
 
 
-def test_results_are_cached_but_bounded():
-    domain_of.cache_clear()
-    domain_of("juliet@capulet.lit")
-    domain_of("juliet@capulet.lit")
-    info = domain_of.cache_info()
-    assert (info.hits, info.misses) == (1, 1)
-    assert info.maxsize is not None and normalize_domain.cache_info().maxsize is not None
+def test_caches_stay_bounded_whatever_jids_a_peer_sends():
+    """A peer sending unique JIDs must not pin memory per JID: long JIDs are never
+    remembered, short ones at most RECENT_JIDS at a time; the domain's
+    normalization is cached once per spelling of the domain."""
+    normalize_domain.cache_clear()
+    jid._recent.clear()
+    count = 3000
+    for i in range(count):
+        assert domain_of(f"user{i}@Capulet.lit/{i:04d}" + "r" * 1000) == "capulet.lit"
+    assert not jid._recent  # 1 KB JIDs: none kept
+    for i in range(2 * jid.RECENT_JIDS + 10):
+        assert domain_of(f"juliet{i}@capulet.lit/r") == "capulet.lit"
+        assert len(jid._recent) <= jid.RECENT_JIDS
+    assert domain_of("juliet@capulet.lit/r") == "capulet.lit" and "juliet@capulet.lit/r" in jid._recent
+    assert normalize_domain.cache_info().currsize == 2  # "Capulet.lit", "capulet.lit"
+    assert normalize_domain.cache_info().maxsize is not None
+
+
+@pytest.mark.parametrize("jid_, valid", [
+    ("jüliet@capulet.lit", True),
+    ("é" * 255 + "@capulet.lit", True),  # 510 bytes
+    ("é" * 512 + "@capulet.lit", False),  # 1024 bytes: the byte limit, not the character count
+    ("capulet.lit/" + "é" * 511, True),  # 1022 bytes
+    ("capulet.lit/" + "é" * 512, False),
+    ("capulet.lit/" + "\U0001f600" * 256, False),  # 256 characters, 1024 bytes
+    ("jul\tiet@capulet.lit", False),
+    ("jul\x7fiet@capulet.lit", False),
+    ("jul\u200biet@capulet.lit", False),  # a format character (Cf) is not printable
+    ("jul\u00a0iet@capulet.lit", False),  # nor a non-ASCII space
+])
+def test_localpart_and_resource_checks(jid_, valid):
+    if valid:
+        assert domain_of(jid_) == "capulet.lit"
+    else:
+        with pytest.raises(ValueError):
+            domain_of(jid_)

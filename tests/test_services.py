@@ -106,6 +106,65 @@ def test_never_answered(services, stanza):
     assert services.handle(parse(stanza)) is None
 
 
+@pytest.mark.parametrize("to", ["nobody@relay.example", "nobody@relay.example/res", "a@relay.example/b@c"])
+@pytest.mark.parametrize(
+    "payload", [f"<ping xmlns='{PING_NS}'/>", f"<query xmlns='{DISCO_INFO_NS}'/>", "<query xmlns='jabber:iq:version'/>"]
+)
+def test_iq_to_a_user_that_does_not_exist_is_service_unavailable(services, to, payload):
+    """RFC 6120 §10.5.3.1 / RFC 6121 §8.5.1: the server domains have no accounts."""
+    out = services.handle(parse(f"<iq from='juliet@capulet.lit/balcony' to='{to}' id='u1' type='get'>{payload}</iq>"))
+    reply = reply_of(out)
+    assert (reply.get("type"), reply.get("id"), reply.get("from"), reply.get("to")) == (
+        "error", "u1", to, "juliet@capulet.lit/balcony"
+    )
+    assert error_condition(reply) == ("cancel", "service-unavailable")
+    assert [etree.QName(c).localname for c in reply] == ["error"]
+    assert services.metrics.service_stanzas.get("error") == 1
+
+
+@pytest.mark.parametrize("message_type", [None, "chat", "normal", "headline", "groupchat"])
+def test_message_to_a_user_that_does_not_exist_bounces(services, message_type):
+    type_attr = f" type='{message_type}'" if message_type else ""
+    out = services.handle(
+        parse(f"<message from='u@p.example' to='nobody@relay.example' id='m'{type_attr}><body>hi</body></message>")
+    )
+    reply = reply_of(out)
+    assert (reply.get("type"), reply.get("from"), reply.get("id")) == ("error", "nobody@relay.example", "m")
+    assert error_condition(reply) == ("cancel", "service-unavailable")
+
+
+@pytest.mark.parametrize(
+    "stanza",
+    [
+        "<presence from='u@p.example/r' to='nobody@relay.example'/>",
+        "<presence from='u@p.example' to='nobody@relay.example' type='subscribe'/>",
+        "<presence from='u@p.example' to='nobody@relay.example' type='probe'/>",
+        "<iq from='p.example' to='nobody@relay.example' id='r' type='result'/>",
+        "<message from='p.example' to='nobody@relay.example' type='error'><error type='cancel'>"
+        f"<service-unavailable xmlns='{STANZAS_NS}'/></error></message>",
+    ],
+)
+def test_user_that_does_not_exist_never_answers_presence_results_or_errors(services, stanza):
+    assert services.handle(parse(stanza)) is None
+
+
+@pytest.mark.parametrize("to", ["relay.example/res", "relay.example/x@y"])
+def test_domain_with_a_resource_is_the_server_itself(services, to):
+    """RFC 6120 §10.5.2: <domainpart/resourcepart> is handled by the server; an '@'
+    in the resource does not make it an account."""
+    out = services.handle(parse(f"<iq from='p.example' to='{to}' id='d' type='get'><ping xmlns='{PING_NS}'/></iq>"))
+    assert reply_of(out).get("type") == "result"
+
+
+def test_users_at_echo_and_sink_keep_their_service(services):
+    ping = f"<ping xmlns='{PING_NS}'/>"
+    for domain in ("echo.relay.example", "sink.relay.example"):
+        out = services.handle(parse(f"<iq from='p.example' to='someone@{domain}' id='p' type='get'>{ping}</iq>"))
+        assert reply_of(out).get("type") == "result"
+    assert services.handle(parse("<message from='p.example' to='someone@sink.relay.example'/>")) is None
+    assert services.sink_received == 2
+
+
 def test_echo_returns_the_message_with_addresses_swapped(services):
     out = services.handle(
         parse(
