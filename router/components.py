@@ -32,6 +32,7 @@ class ComponentStream(XmlStream):
     """The relay's side of one XEP-0114 connection."""
 
     kind = "component"
+    shared = True  # it talks to every remote domain: never paused for one of them
     content_ns = COMPONENT_NS
     out_lang = "en"  # declared on our header, so stanzas from 'en' S2S streams need no xml:lang copy
     __slots__ = ("tokenizer", "domain", "stream_id", "authenticated", "header_sent")

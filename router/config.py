@@ -98,6 +98,37 @@ DEFAULT_BACKOFF_MAX = 60.0
 # above the high mark, resume below the low mark (asyncio defaults are 64 KiB).
 DEFAULT_WRITE_HIGH_WATER = 1024 * 1024
 DEFAULT_WRITE_LOW_WATER = 256 * 1024
+# Bytes one stream may have waiting to be written (transport buffer plus the
+# iteration's queue): four high-water marks leave room for bursts of the largest
+# stanzas; past it the destination is not slow but not reading, and stanzas to
+# it bounce with <resource-constraint/> instead of queueing.
+DEFAULT_WRITE_QUEUE_MAX = 4 * 1024 * 1024
+# A stream that stays above its high-water mark this long after hitting its
+# queue limit is closed with <resource-constraint/>: between ejabberd's
+# send_timeout (15 s) and Prosody's (180 s, net.server_epoll).
+DEFAULT_WRITE_STALL_TIMEOUT = 60.0
+
+# [limits]: work a peer can start before it has proven anything.
+# Inbound S2S connections at once; above the 10,000 idle streams the relay is
+# benchmarked with, and lowered at start to what the process's file-descriptor
+# limit allows (so the relay refuses with a stream error, never by failing accept()).
+DEFAULT_MAX_CONNECTIONS = 16384
+# Per remote IP: a server hosting many domains without multiplexing opens one
+# stream per domain pair (ejabberd's max_s2s_connections_number is 1 per pair),
+# so a few hundred; one address cannot take every slot.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 256
+# Streams not yet authenticated, overall: each costs a TLS handshake and a
+# negotiation; legitimate ones finish in well under negotiation_timeout.
+DEFAULT_MAX_PRE_AUTH_CONNECTIONS = 1000
+# Dialback verifications in flight (each a DNS look-up and possibly an outbound
+# connection), overall, per remote IP and per stream. A peer multiplexing many
+# domains over one stream asks for a few at once, not thousands.
+DEFAULT_MAX_PENDING_VERIFICATIONS = 1000
+DEFAULT_MAX_PENDING_VERIFICATIONS_PER_IP = 64
+DEFAULT_MAX_PENDING_VERIFICATIONS_PER_STREAM = 16
+# Verify-only connections open at once to one authoritative server address;
+# more verifications wait for a free one.
+DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET = 4
 
 # RFC 6120 §13.12: a stanza size limit MUST NOT be below 10000 bytes.
 MIN_STANZA_BYTES = 10000
@@ -206,6 +237,21 @@ class S2SConfig:
     backoff_max: float
     write_high_water: int
     write_low_water: int
+    write_queue_max: int
+    write_stall_timeout: float
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on work peers can start before proving anything (router.limits)."""
+
+    max_connections: int
+    max_connections_per_ip: int
+    max_pre_auth_connections: int
+    max_pending_verifications: int
+    max_pending_verifications_per_ip: int
+    max_pending_verifications_per_stream: int
+    max_verify_connections_per_target: int
 
 
 @dataclass(frozen=True)
@@ -239,6 +285,7 @@ class Config:
     listen: ListenConfig
     tls: TlsConfig
     s2s: S2SConfig
+    limits: LimitsConfig
     policy: Policy  # router.policy.Policy, built from [policy]
     components: tuple[ComponentConfig, ...]
     services: ServicesConfig
@@ -410,7 +457,7 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-_SECTIONS = {"server", "listen", "tls", "s2s", "policy", "component", "services", "routes", "log"}
+_SECTIONS = {"server", "listen", "tls", "s2s", "limits", "policy", "component", "services", "routes", "log"}
 
 
 def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: str = "<string>") -> Config:
@@ -473,9 +520,26 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         backoff_max=r.positive(s, "s2s", "backoff_max", float, DEFAULT_BACKOFF_MAX),
         write_high_water=r.positive(s, "s2s", "write_high_water", int, DEFAULT_WRITE_HIGH_WATER),
         write_low_water=r.positive(s, "s2s", "write_low_water", int, DEFAULT_WRITE_LOW_WATER),
+        write_queue_max=r.positive(s, "s2s", "write_queue_max", int, DEFAULT_WRITE_QUEUE_MAX),
+        write_stall_timeout=r.positive(s, "s2s", "write_stall_timeout", float, DEFAULT_WRITE_STALL_TIMEOUT),
     )
     if s2s.write_low_water >= s2s.write_high_water:
         r.problem("s2s.write_low_water", f"must be below write_high_water ({s2s.write_high_water})")
+    if s2s.write_queue_max <= s2s.write_high_water:
+        r.problem("s2s.write_queue_max", f"must be above write_high_water ({s2s.write_high_water})")
+
+    # [limits]
+    lt = r.table(data, "limits")
+    r.known_keys(lt, "limits", set(LimitsConfig.__dataclass_fields__))
+    limits = LimitsConfig(**{name: r.positive(lt, "limits", name, int, default) for name, default in (
+        ("max_connections", DEFAULT_MAX_CONNECTIONS),
+        ("max_connections_per_ip", DEFAULT_MAX_CONNECTIONS_PER_IP),
+        ("max_pre_auth_connections", DEFAULT_MAX_PRE_AUTH_CONNECTIONS),
+        ("max_pending_verifications", DEFAULT_MAX_PENDING_VERIFICATIONS),
+        ("max_pending_verifications_per_ip", DEFAULT_MAX_PENDING_VERIFICATIONS_PER_IP),
+        ("max_pending_verifications_per_stream", DEFAULT_MAX_PENDING_VERIFICATIONS_PER_STREAM),
+        ("max_verify_connections_per_target", DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET),
+    )})
     if s2s.backoff_base > s2s.backoff_max:
         r.problem("s2s.backoff_base", f"must not exceed backoff_max ({s2s.backoff_max})")
 
@@ -534,6 +598,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         listen=listen,
         tls=tls,
         s2s=s2s,
+        limits=limits,
         policy=policy,
         components=components,
         services=services,

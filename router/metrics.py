@@ -181,6 +181,17 @@ class RelayMetrics:
             p + "parse_errors_total", "Streams closed by the tokenizer, by RFC 6120 stream error condition.", ("condition",)
         )
         self.components_connected = r.gauge(p + "components_connected", "XEP-0114 components currently connected.")
+        self.limits_hit = r.counter(
+            p + "limits_hit_total",
+            "Times a named limit refused work: a connection, a dialback verification, a stanza for a full "
+            "write queue (write_queue_max), a stream closed for not reading (write_stall_timeout); "
+            "max_verify_connections_per_target counts verifications that waited.",
+            ("limit",),
+        )
+        self.pre_auth_streams = r.gauge(p + "pre_auth_streams", "Inbound S2S streams not yet authenticated.")
+        self.pending_verifications = r.gauge(
+            p + "pending_verifications", "Dialback keys received and not yet verified by the authoritative server."
+        )
         self.service_stanzas = r.counter(
             p + "service_stanzas_total", "Stanzas handled by built-in services, by service ping|disco|echo|sink|error|ignored.", ("service",)
         )

@@ -80,9 +80,10 @@ class Backoff:
         self.not_before = now + delay
         return delay
 
-    def succeeded(self) -> None:
-        self.failures = 0
-        self.not_before = 0.0
+    def forgotten(self, now: float) -> bool:
+        """Whether the domain has been left alone long enough (a full ``cap`` after
+        its last wait ended) that its failures no longer count."""
+        return now - self.not_before > self.cap
 
     def wait(self, now: float) -> float:
         return max(0.0, self.not_before - now)
@@ -170,6 +171,16 @@ class RouteTable:
         if state is None:
             state = self.backoff[remote] = Backoff(base, cap)
         return state
+
+    def backoff_succeeded(self, remote: str) -> None:
+        """A stream to ``remote`` authenticated: its failures are forgotten."""
+        self.backoff.pop(remote, None)
+
+    def prune_backoff(self, now: float) -> None:
+        """Forget domains whose failures no longer count, so the table holds only
+        domains that failed within the last couple of ``cap`` periods."""
+        for remote in [remote for remote, state in self.backoff.items() if state.forgotten(now)]:
+            del self.backoff[remote]
 
 
 def bounce_condition(resolution_failed: bool) -> str:

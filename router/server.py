@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator, Hashable
 
 from router import errors, resolver, tls
 from router.certs import TrustStore
 from router.components import ComponentStream
 from router.config import Config, load_config
 from router.jid import domain_of
+from router.limits import OVERALL, Limit, admit, release
 from router.metrics import RelayMetrics, start_metrics_server
 from router.negotiation.session import Session, SessionConfig
 from router.routes import Pair, Queued, RouteTable, bounce_condition
@@ -33,6 +36,11 @@ log = logging.getLogger("router.server")
 
 # How often idle/keepalive/negotiation clocks are checked, at most.
 SWEEP_INTERVAL = 1.0
+# File descriptors kept for what is not an inbound S2S stream (listeners, logs,
+# components, DNS, outbound and verification connections): when the open-files
+# limit is the bound, inbound streams are refused with a stream error before
+# accept() would fail (libuv then closes the new connection without a word).
+FD_RESERVE = 256
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,35 @@ class ConnectFailed(Exception):
     """No address of any target of a remote domain accepted a connection."""
 
 
+class KeyedSemaphores:
+    """An ``asyncio.Semaphore`` per key, forgotten when nobody holds or waits for
+    it, so the table is never larger than the work in flight."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Hashable, list] = {}  # key -> [semaphore, holders and waiters]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @asynccontextmanager
+    async def hold(self, key: Hashable, size: int, on_wait=None) -> AsyncIterator[None]:
+        """Hold one of ``size`` slots for ``key``; ``on_wait()`` is called first when
+        every slot is taken."""
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = [asyncio.Semaphore(size), 0]
+        entry[1] += 1
+        try:
+            if on_wait is not None and entry[0].locked():
+                on_wait()
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._entries[key]
+
+
 class Relay:
     """Every stream, the route table and the listeners of one relay process."""
 
@@ -76,7 +113,17 @@ class Relay:
         self._sweeper: asyncio.Task | None = None
         self.connections_opened = 0  # outbound TCP connections made (tests assert reuse)
         self._direct_tls_context = None  # the XEP-0368 listener's context, once listening
-        self._connect_locks: dict[tuple, asyncio.Lock] = {}
+        self._connect_locks = KeyedSemaphores()  # one connection attempt at a time per peer address
+        self._verify_connections = KeyedSemaphores()  # verify-only connections per peer address
+        # admission limits (router.limits); maxima are set by _apply
+        self.connections = Limit("max_connections", 0)
+        self.connections_per_ip = Limit("max_connections_per_ip", 0)
+        self.pre_auth = Limit("max_pre_auth_connections", 0)
+        self.verifications = Limit("max_pending_verifications", 0)
+        self.verifications_per_ip = Limit("max_pending_verifications_per_ip", 0)
+        self.verifications_per_stream = Limit("max_pending_verifications_per_stream", 0)
+        self.metrics.pre_auth_streams.collect = lambda: {(): self.pre_auth.total()}
+        self.metrics.pending_verifications.collect = lambda: {(): self.verifications.total()}
         self._unflushed: list[XmlStream] = []  # streams with writes queued in this loop iteration
         self._apply(config)
 
@@ -85,6 +132,17 @@ class Relay:
         """Precompute what the hot path looks up (called at start and on reload)."""
         self.config = config
         self.local_domains = config.local_domains
+        limits = config.limits
+        self.connections.maximum = min(limits.max_connections, _inbound_fd_budget())
+        if self.connections.maximum < limits.max_connections:
+            log.warning("limits.max_connections lowered from %d to %d: the process may open only %d files "
+                        "(RLIMIT_NOFILE)", limits.max_connections, self.connections.maximum,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self.connections_per_ip.maximum = limits.max_connections_per_ip
+        self.pre_auth.maximum = limits.max_pre_auth_connections
+        self.verifications.maximum = limits.max_pending_verifications
+        self.verifications_per_ip.maximum = limits.max_pending_verifications_per_ip
+        self.verifications_per_stream.maximum = limits.max_pending_verifications_per_stream
         self.component_secrets = {c.domain: c.secret for c in config.components}
         for domain in config.service_domains:
             if not isinstance(self.table.local.get(domain), Service):
@@ -220,14 +278,28 @@ class Relay:
                         stream.fail("policy-violation",
                                     f"not authenticated within {s2s.negotiation_timeout:g} seconds")
                     continue
-                if isinstance(stream, S2SStream) and now - stream.last_rx > s2s.idle_timeout:
+                if stream.paused and stream.stalled_for(now) > s2s.write_stall_timeout:
+                    self._close_stalled(stream)
+                elif isinstance(stream, S2SStream) and now - stream.last_rx > s2s.idle_timeout:
                     stream.fail("connection-timeout", f"nothing received for {s2s.idle_timeout:g} seconds")
                 elif now - stream.last_tx > s2s.keepalive_interval:
                     stream.keepalive()
             for queue in list(self.table.pending.values()):
                 for item in queue.expired(now):
                     self._bounce(item, "remote-server-timeout", "no stream to the remote server in time")
+            self.table.prune_backoff(now)
             self._update_queue_gauges()
+
+    def _close_stalled(self, stream: XmlStream) -> None:
+        """A stream that reads nothing of what we send only ever hurts itself: close it."""
+        timeout = self.config.s2s.write_stall_timeout
+        backlog = stream.transport.get_write_buffer_size()
+        log.warning("%s %s domain=%s wrote nothing of %d queued bytes for %g seconds "
+                    "(s2s.write_stall_timeout): closing it", stream.kind, stream.peer,
+                    getattr(stream, "remote_domain", None) or getattr(stream, "domain", None) or "-", backlog, timeout)
+        self.metrics.limits_hit.inc("write_stall_timeout")
+        stream.fail("resource-constraint", f"the stream read nothing of {backlog} bytes for {timeout:g} seconds")
+        stream.abort_after(self.config.s2s.close_timeout)  # it does not read our close either
 
     # ------------------------------------------------------------------ writes
     def flush_soon(self, stream: XmlStream) -> None:
@@ -249,19 +321,41 @@ class Relay:
     # ------------------------------------------------------------------ stream bookkeeping
     def stream_opened(self, stream: XmlStream) -> None:
         self.streams.add(stream)
+        if not isinstance(stream, S2SStream) or stream.outbound:
+            return
+        refused = admit((self.connections, OVERALL), (self.connections_per_ip, stream.ip), (self.pre_auth, OVERALL))
+        if refused is None:
+            stream.admitted = True
+            return
+        self.metrics.limits_hit.inc(refused.name)
+        count = refused.refused(self.loop.time())
+        if count:
+            log.warning("refused %d inbound connection(s) by limits.%s = %d (last from %s)",
+                        count, refused.name, refused.maximum, stream.ip)
+        if refused is self.connections_per_ip:
+            stream.fail("policy-violation", f"too many connections from {stream.ip} "
+                        f"(limits.{refused.name} = {refused.maximum})")
+        else:
+            stream.fail("resource-constraint", f"the relay has too many connections "
+                        f"(limits.{refused.name} = {refused.maximum})")
+
+    def stream_authenticated(self, stream: S2SStream) -> None:
+        """The first pair is authenticated: the stream no longer counts as pre-auth."""
+        if stream.admitted:
+            self.pre_auth.give(OVERALL)
 
     def stream_closed(self, stream: XmlStream, exc: Exception | None) -> None:
         self.streams.discard(stream)
+        if getattr(stream, "admitted", False):
+            release((self.connections, OVERALL), (self.connections_per_ip, stream.ip))
+            if not stream.authenticated:
+                self.pre_auth.give(OVERALL)
         if isinstance(stream, ComponentStream):
             if stream.domain is not None and self.table.remove_local(stream.domain, stream):
                 self.metrics.components_connected.dec()
                 log.info("component offline domain=%s peer=%s", stream.domain, stream.peer)
             return
-        orphaned = self.table.remove_link(stream)
-        if orphaned:  # another open stream authorized for one of these pairs takes it over
-            for other in list(self.streams):
-                if isinstance(other, S2SStream) and not orphaned.isdisjoint(other.session.outbound_pairs):
-                    self.routes_changed(other)
+        self.unroute(stream)
         lost = _lost_reason(stream, exc)
         for (waiting_stream, pair), future in list(self._pair_waiters.items()):
             if waiting_stream is stream and not future.done():
@@ -274,6 +368,16 @@ class Relay:
         stream.session.connection_lost()
         log.info("s2s %s stream closed peer=%s domain=%s%s", "outbound" if stream.outbound else "inbound",
                  stream.peer, stream.remote_domain or "-", f" error={exc}" if exc else "")
+
+    def unroute(self, stream: S2SStream) -> None:
+        """``stream`` carries no more stanzas (it closed, or is closing): another
+        open stream authorized for one of its pairs takes the pair over at once."""
+        orphaned = self.table.remove_link(stream)
+        if orphaned:
+            for other in list(self.streams):
+                if other is not stream and isinstance(other, S2SStream) \
+                        and not orphaned.isdisjoint(other.session.outbound_pairs):
+                    self.routes_changed(other)
 
     def component_online(self, stream: ComponentStream) -> bool:
         """Register an authenticated component; False if its domain is taken."""
@@ -310,11 +414,15 @@ class Relay:
         if target is None:
             link = self.table.remote.get((from_domain, to_domain))
             if link is not None and not link.closing:
+                if link.paused and link.queue_full(element.end - element.start):
+                    self._bounce_element(source, element, "resource-constraint",
+                                         f"{to_domain} is not reading what is sent to it")
+                    return
                 batches.setdefault(link, []).append(source.chunk_for(link, element, view))
                 self.metrics.stanzas_routed.inc("remote")
                 return
             if to_domain in self.local_domains:
-                self._bounce_element(element, "service-unavailable", f"{to_domain} is not connected")
+                self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
                 return
             self._enqueue(source, element, from_domain, to_domain, view)
             return
@@ -322,7 +430,10 @@ class Relay:
             self._serve(source, element, view, target)
             return
         if target.closing:
-            self._bounce_element(element, "service-unavailable", f"{to_domain} is disconnecting")
+            self._bounce_element(source, element, "service-unavailable", f"{to_domain} is disconnecting")
+            return
+        if target.paused and target.queue_full(element.end - element.start):
+            self._bounce_element(source, element, "resource-constraint", f"{to_domain} is not keeping up")
             return
         batches.setdefault(target, []).append(source.chunk_for(target, element, view))
         self.metrics.stanzas_routed.inc("component")
@@ -331,19 +442,21 @@ class Relay:
                 id_: str | None, from_domain: str, to_domain: str) -> XmlStream | None:
         """Route a stanza the relay made itself (a service reply or a bounce); its
         bytes inherit the destination stream's namespace. Returns the stream
-        written to, if any, so the caller can apply flow control."""
+        written to, if any, so the caller can apply flow control. A stream whose
+        queue is full gets nothing more: the stanza is counted and logged, since
+        its sender is the relay itself."""
         target = self.table.local.get(to_domain)
-        if isinstance(target, XmlStream):
-            if not target.closing:
-                target.write(data)
-                return target
-            return None
+        if target is None:
+            link = self.table.remote.get((from_domain, to_domain))
+            target = link if link is not None and not link.closing else None
+        elif not isinstance(target, XmlStream) or target.closing:
+            return None  # a service does not answer a service; a closing component gets nothing
         if target is not None:
-            return None  # a service does not answer a service
-        link = self.table.remote.get((from_domain, to_domain))
-        if link is not None and not link.closing:
-            link.write(data)
-            return link
+            if target.paused and target.queue_full(len(data)):
+                log.debug("dropping relay-made %s to %s: its stream's write queue is full", name, to_domain)
+                return None
+            target.write(data)
+            return target
         if to_domain in self.local_domains:
             log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
             return None
@@ -362,31 +475,39 @@ class Relay:
             return
         dest = self.deliver(reply, element.name, None, element.to, element.from_, element.id,
                             service.domain, domain_of(element.from_))
-        if dest is not None and dest.paused:
-            source.block_on(dest)  # a sender that does not read its replies stops being read
+        self._hold(source, dest)
+
+    def _hold(self, source: XmlStream, dest: XmlStream | None) -> None:
+        """A sender that does not read what the relay answers it stops being read
+        (when that hurts nobody else: ``may_wait_for``)."""
+        if dest is not None and dest.paused and source.may_wait_for(dest):
+            source.block_on(dest)
 
     # ------------------------------------------------------------------ queues and bounces
     def _enqueue(self, source: XmlStream, element, from_domain: str, to_domain: str, view: memoryview) -> None:
         data = source.chunk_for(self.s2s_output, element, view)
         item = Queued(bytes(data), element.name, element.type, element.from_, element.to, element.id,
                       self.loop.time())
-        self._push(item, (from_domain, to_domain))
+        self._push(item, (from_domain, to_domain), source)
 
-    def _push(self, item: Queued, pair: Pair) -> None:
+    def _push(self, item: Queued, pair: Pair, source: XmlStream | None = None) -> None:
         s2s = self.config.s2s
         queue, created = self.table.queue_for(pair, s2s.queue_max_stanzas, s2s.queue_max_age)
         if not queue.push(item):
-            self._bounce(item, "resource-constraint", "too many stanzas waiting for the remote server")
+            self._bounce(item, "resource-constraint", "too many stanzas waiting for the remote server", source)
             return
         if created:
             self.spawn(self._establish(pair))
 
-    def _bounce_element(self, element, condition: str, text: str) -> None:
+    def _bounce_element(self, source: XmlStream, element, condition: str, text: str) -> None:
         self._bounce(Queued(b"", element.name, element.type, element.from_, element.to, element.id, 0.0),
-                     condition, text)
+                     condition, text, source)
 
-    def _bounce(self, item: Queued, condition: str, text: str | None = None) -> None:
-        """Tell the sender its stanza was not delivered (never for an error)."""
+    def _bounce(self, item: Queued, condition: str, text: str | None = None,
+                source: XmlStream | None = None) -> None:
+        """Tell the sender its stanza was not delivered (never for an error). The
+        bounce takes the bounded path of every relay-made stanza; ``source``, the
+        stream being read when the bounce was made, waits if it is not read."""
         data = errors.bounce(item.name, item.from_, item.to, item.id, item.type, condition, text)
         if data is None or not item.from_ or not item.to:
             return
@@ -395,7 +516,9 @@ class Relay:
             from_domain, to_domain = domain_of(item.to), domain_of(item.from_)
         except ValueError:
             return
-        self.deliver(data, item.name, "error", item.to, item.from_, item.id, from_domain, to_domain)
+        dest = self.deliver(data, item.name, "error", item.to, item.from_, item.id, from_domain, to_domain)
+        if source is not None:
+            self._hold(source, dest)
 
     # ------------------------------------------------------------------ outbound streams
     async def _establish(self, pair: Pair) -> None:
@@ -413,8 +536,7 @@ class Relay:
             targets = await self.resolver.resolve(remote)
             # one attempt at a time per peer address, so pairs that start together share a stream
             first = targets[0]
-            lock = self._connect_locks.setdefault((first.addresses or (first.host,), first.port), asyncio.Lock())
-            async with lock:
+            async with self._connect_locks.hold((first.addresses or (first.host,), first.port), 1):
                 link = next((candidate for candidate in self._carriers(remote, targets)
                              if candidate.session.request_pair(local, remote)), None)
                 if link is None:
@@ -432,7 +554,7 @@ class Relay:
             outcome, reason = bounce_condition(resolution_failed=False), f"cannot connect: {exc}"
         finally:
             if outcome is None:
-                backoff.succeeded()
+                self.table.backoff_succeeded(remote)
             else:
                 backoff.failed(self.loop.time())
                 log.info("pair %s -> %s failed (%s): %s", local, remote, outcome, reason)
@@ -531,28 +653,47 @@ class Relay:
 
     # ------------------------------------------------------------------ dialback verification
     def verify_key(self, origin: S2SStream, event) -> None:
-        self.spawn(self._verify(origin, event))
+        """Start verifying a dialback key, within the limits on pending verifications
+        (each costs a DNS look-up and maybe a connection: a peer must not make the
+        relay do thousands at once)."""
+        slots = ((self.verifications, OVERALL), (self.verifications_per_ip, origin.ip),
+                 (self.verifications_per_stream, origin))
+        refused = admit(*slots)
+        if refused is None:
+            self.spawn(self._verify(origin, event, slots))
+            return
+        self.metrics.limits_hit.inc(refused.name)
+        count = refused.refused(self.loop.time())
+        if count:
+            log.warning("refused %d dialback verification(s) by limits.%s = %d (last: %s for %s from %s)",
+                        count, refused.name, refused.maximum, event.originating, event.receiving, origin.peer)
+        origin.session.key_verified(event.token, "resource-constraint",
+                                    f"too many dialback verifications pending (limits.{refused.name} = "
+                                    f"{refused.maximum}); try again later")
 
-    async def _verify(self, origin: S2SStream, event) -> None:
+    async def _verify(self, origin: S2SStream, event, slots) -> None:
         """Ask the authoritative server of the originating domain whether the key
         is valid, over a connection that is never ``origin`` (T-05, XEP-0288 §2.2):
         another authenticated stream to that domain if there is one, else a
         verify-only connection closed right after the answer (XEP-0220 §2.1.2)."""
         link = None
-        opened = False
         try:
             link = next((candidate for candidate in self.table.links_to(event.originating)
                          if candidate is not origin and isinstance(candidate, S2SStream)
                          and not candidate.closing), None)
-            if link is None:
+            if link is not None:
+                result = await self._ask(link, event)
+            else:
                 targets = await self.resolver.resolve(event.originating)
-                link = await self._connect(event.receiving, event.originating, targets, verify_only=True)
-                opened = True
-            future = self.loop.create_future()
-            self._verify_waiters[(link, event.token)] = future
-            link.session.request_verify(event.token, event.receiving, event.originating, event.stream_id, event.key)
-            link.pump()
-            result = await asyncio.wait_for(future, self.config.s2s.negotiation_timeout)
+                first = targets[0]
+                async with self._verify_connections.hold(
+                        (first.addresses or (first.host,), first.port), self.config.limits.max_verify_connections_per_target,
+                        lambda: self.metrics.limits_hit.inc("max_verify_connections_per_target")):
+                    link = await self._connect(event.receiving, event.originating, targets, verify_only=True)
+                    try:
+                        result = await self._ask(link, event)
+                    finally:
+                        link.close_gracefully()
         except resolver.ResolutionError:
             result = "remote-server-not-found"
         except ConnectFailed:
@@ -560,15 +701,23 @@ class Relay:
         except asyncio.TimeoutError:
             result = "remote-server-timeout"
         finally:
-            if link is not None:
-                self._verify_waiters.pop((link, event.token), None)
-                if opened:
-                    link.close_gracefully()
+            release(*slots)
         log.info("dialback key of %s for %s: %s (asked %s)", event.originating, event.receiving, result,
                  link.peer if link is not None else "nobody")
         if not origin.closing:
             origin.session.key_verified(event.token, result)
             origin.pump()
+
+    async def _ask(self, link: S2SStream, event) -> str:
+        """Send ``<db:verify/>`` over ``link``; the authoritative server's answer."""
+        future = self.loop.create_future()
+        self._verify_waiters[(link, event.token)] = future
+        try:
+            link.session.request_verify(event.token, event.receiving, event.originating, event.stream_id, event.key)
+            link.pump()
+            return await asyncio.wait_for(future, self.config.s2s.negotiation_timeout)
+        finally:
+            self._verify_waiters.pop((link, event.token), None)
 
     def verify_result(self, stream: S2SStream, event) -> None:
         future = self._verify_waiters.get((stream, event.token))
@@ -604,6 +753,30 @@ class Relay:
                        direct_tls=direct_tls)
 
 
+def _inbound_fd_budget() -> int:
+    """Inbound streams the file-descriptor limit leaves room for (``FD_RESERVE``)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, soft - FD_RESERVE)
+
+
+def _raise_fd_limit() -> None:
+    """Let the process use every file descriptor the system allows it (the soft
+    limit is often 1024, the hard one much higher), as ejabberd and Prosody
+    packages do; limits.max_connections then bounds the relay's own use."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+            return
+        log.info("open-files limit raised from %d to %d", soft, hard)
+
+
 def _lost_reason(stream: S2SStream, exc: Exception | None) -> str:
     """Why pairs still waiting on a closed stream failed, for their bounces."""
     if stream.failure:
@@ -627,6 +800,7 @@ def _install_signals(loop: asyncio.AbstractEventLoop, relay: Relay, stop: asynci
 
 
 async def serve(config: Config) -> int:
+    _raise_fd_limit()
     relay = Relay(config)
     try:
         await relay.start()

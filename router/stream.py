@@ -19,11 +19,15 @@ keeps it when it cannot send everything at once, so a source that forwarded
 a range calls ``tokenizer.pin()``: the tokenizer then swaps in a fresh buffer
 instead of overwriting the old one (DESIGN.md "Buffer lifetime").
 
-Flow control: a destination whose write buffer passed its high-water mark is
-``paused``; a source that forwarded into it stops reading until the
-destination drains below the low-water mark (``resume_writing``), so a peer
-that stops reading holds at most about one high-water mark plus one read per
-source (and a queue under ``FLUSH_AT``) in the relay's memory.
+Flow control (DESIGN.md "Flow control"): a slow or hostile peer only ever
+hurts itself. A destination whose write buffer passed its high-water mark is
+``paused``. A source that forwarded into it stops reading until it drains below
+the low-water mark (``resume_writing``) only when that hurts nobody else: a
+remote server's stream waits for its destinations, a component (a source
+shared by many remote domains) never waits for a remote server's stream.
+Whatever a paused destination is sent beyond ``write_queue_max`` bytes bounces
+with ``<resource-constraint/>`` (``queue_full``), and one that writes nothing
+to its socket for ``write_stall_timeout`` is closed by the relay's sweep.
 """
 
 from __future__ import annotations
@@ -138,10 +142,14 @@ class XmlStream(asyncio.BufferedProtocol):
     content_ns = SERVER_NS
     out_lang: str | None = "en"
     kind = "stream"
+    # flow control: a shared source (it speaks for many remote domains' correspondents)
+    # never waits for a remote destination (a stream to one remote server)
+    shared = False
+    remote = False
     # one per connection: no instance dict; timers are the relay's shared sweep
     __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
                  "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
-                 "_unsent", "_unsent_bytes")
+                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
@@ -163,6 +171,9 @@ class XmlStream(asyncio.BufferedProtocol):
         self._rx_at: tuple[bytearray, int] | None = None
         self._unsent: list[Any] | None = None  # chunks queued in this event-loop iteration
         self._unsent_bytes = 0
+        self.handed = 0  # bytes given to the transport so far; minus its buffer, bytes written
+        self.full_since: float | None = None  # when queue_full last refused a stanza while paused
+        self.stall: tuple[int, float] | None = None  # while paused: (bytes written, since when)
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -173,6 +184,11 @@ class XmlStream(asyncio.BufferedProtocol):
         s2s = self.relay.config.s2s
         transport.set_write_buffer_limits(high=s2s.write_high_water, low=s2s.write_low_water)  # type: ignore[attr-defined]
         self.relay.stream_opened(self)
+
+    @property
+    def ip(self) -> str:
+        """The remote address, as connection limits count it (not kept: idle memory)."""
+        return self.peer.rpartition(":")[0] or self.peer
 
     def get_buffer(self, sizehint: int) -> memoryview:
         view = self._buffer_for(sizehint)
@@ -204,6 +220,7 @@ class XmlStream(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        self.full_since = self.stall = None
         waiting, self._waiting_sources = self._waiting_sources, NO_STREAMS
         for source in waiting:
             source._unblock(self)
@@ -232,10 +249,41 @@ class XmlStream(asyncio.BufferedProtocol):
                 log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
                 continue
             dest.write_chunks(chunks)
-            if dest.paused:
+            if dest.paused and self.may_wait_for(dest):
                 self.block_on(dest)
         if batches:
             self.tokenizer.pin()
+
+    def may_wait_for(self, dest: XmlStream) -> bool:
+        """Whether pausing our reads until ``dest`` drains hurts only the peers
+        involved: not when we are shared and ``dest`` is one remote server."""
+        return dest is self or not (self.shared and dest.remote)
+
+    def queue_full(self, size: int) -> bool:
+        """Whether ``size`` more bytes would take a paused stream's queue past its
+        limit (then the caller bounces instead of queueing). Only called while
+        ``paused``, so the hot path pays one attribute check."""
+        transport = self.transport
+        backlog = self._unsent_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
+        limit = self.relay.config.s2s.write_queue_max
+        if backlog + size <= limit:
+            return False
+        if self.full_since is None:
+            self.full_since = self.loop.time()
+            log.warning("%s %s write queue full (%d bytes waiting, write_queue_max %d): stanzas to it bounce",
+                        self.kind, self.peer, backlog, limit)
+        self.relay.metrics.limits_hit.inc("write_queue_max")
+        return True
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds this paused stream has written nothing to its socket (0 when not paused)."""
+        if not self.paused or self.transport is None:
+            self.stall = None
+            return 0.0
+        written = self.handed - self.transport.get_write_buffer_size()
+        if self.stall is None or written > self.stall[0]:
+            self.stall = (written, now)
+        return now - self.stall[1]
 
     def chunk_for(self, dest: XmlStream, element: Element, view: memoryview) -> Any:
         """The bytes of ``element`` as ``dest`` needs them: a slice of our buffer,
@@ -292,6 +340,7 @@ class XmlStream(asyncio.BufferedProtocol):
             log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
             return
         self.transport.writelines(chunks)
+        self.handed += size
         self.last_tx = self.loop.time()
         self.relay.metrics.bytes_sent.inc(self.kind, by=size)
         if self.raw_xml:
@@ -341,8 +390,10 @@ class S2SStream(XmlStream):
     """
 
     kind = "s2s"
-    __slots__ = ("session", "outbound", "direct_tls", "authenticated", "bidi", "mechanism", "local_domain",
-                 "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early", "_early_buffer")
+    remote = True
+    __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
+                 "local_domain", "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early",
+                 "_early_buffer")
 
     def __init__(self, relay: Relay, session: Any, *, outbound: bool, direct_tls: bool = False,
                  local: str | None = None, remote: str | None = None) -> None:
@@ -351,6 +402,7 @@ class S2SStream(XmlStream):
         self.outbound = outbound
         self.direct_tls = direct_tls
         self.authenticated = False
+        self.admitted = False  # inbound: counted by the relay's connection limits
         self.bidi = False
         self.mechanism: str | None = None  # metrics label of the first authentication
         self.local_domain = local  # outbound: the domain we connect for
@@ -377,6 +429,8 @@ class S2SStream(XmlStream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.closing:  # refused by a connection limit
+            return
         direction = "outbound" if self.outbound else "inbound"
         log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.remote_domain or "-",
                  " tls=direct" if self.direct_tls else "")
@@ -438,7 +492,9 @@ class S2SStream(XmlStream):
             self._early_buffer = bytearray(EARLY_BUFFER_SIZE)
             self.relay.spawn(self._start_tls(event))
         elif isinstance(event, ev.Authenticated):
-            self.authenticated = True
+            if not self.authenticated:
+                self.authenticated = True
+                self.relay.stream_authenticated(self)
             self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
             self.remote_domain = self.remote_domain or event.remote
             log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",
@@ -469,16 +525,19 @@ class S2SStream(XmlStream):
                 self.failure = f"we closed the stream with <{event.condition}/>: {event.text}"
             log.info("s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
                      self.peer, self.remote_domain or "-", event.condition, event.cause, event.text)
+            self.relay.unroute(self)  # its pairs go to another stream at once (RFC 6120 §4.4)
             self._flush_session()
             if event.condition:
                 self.close_transport()
             else:
+                self.closing = True  # nothing more may follow our </stream:stream>; we still read the peer's
                 self.abort_after(self.relay.config.s2s.close_timeout)
         elif isinstance(event, ev.PeerClosed):
             self.failure = "the peer closed the stream" + (f" with <{event.condition}/>" if event.condition else "") \
                 + (f": {event.text}" if event.text else "")
             log.info("s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
                      self.peer, self.remote_domain or "-", event.condition, event.text)
+            self.relay.unroute(self)  # its pairs go to another stream at once, TLS close or not
             self._flush_session()
             self.close_transport()
 

@@ -23,8 +23,20 @@ def test_backoff_grows_exponentially_with_jitter_and_is_capped():
     assert delays == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     assert Backoff(base=1.0, cap=8.0).failed(now=0.0, rng=lambda: 0.0) == 0.5  # jitter halves at most
     assert backoff.wait(now=3.0) == 5.0
-    backoff.succeeded()
-    assert backoff.wait(now=3.0) == 0.0 and backoff.failures == 0
+
+
+def test_backoff_entries_are_forgotten_on_success_and_after_a_quiet_cap():
+    """Per-domain state stays bounded: one entry per domain that failed recently."""
+    table = RouteTable()
+    for i in range(100):
+        table.backoff_for(f"d{i}.test", 1.0, 8.0).failed(now=0.0, rng=lambda: 1.0)  # wait ends at 1.0
+    table.backoff_succeeded("d0.test")
+    assert "d0.test" not in table.backoff and len(table.backoff) == 99
+    table.prune_backoff(now=8.5)  # 7.5 s after the waits ended: within one cap, still counted
+    assert len(table.backoff) == 99
+    table.backoff_for("d1.test", 1.0, 8.0).failed(now=8.5, rng=lambda: 1.0)  # d1 keeps failing
+    table.prune_backoff(now=9.5)
+    assert list(table.backoff) == ["d1.test"] and table.backoff["d1.test"].failures == 2
 
 
 def test_first_stream_keeps_a_pair_and_closing_it_frees_every_pair():

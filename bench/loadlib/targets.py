@@ -166,6 +166,13 @@ metrics = false
 [s2s]
 bidi = "always"
 
+[limits]
+# the load generator is one address standing in for thousands of servers
+max_connections_per_ip = 100000
+max_pre_auth_connections = 100000
+max_pending_verifications = 100000
+max_pending_verifications_per_ip = 100000
+
 [policy]
 require_encryption = {str(self.tls).lower()}
 secure_auth = {str(self.tls).lower()}

@@ -165,7 +165,7 @@ def _result_request(s: Session, remote: str, local: str, key: str) -> None:
     s.emit(VerifyKey(token, local, remote, s.stream_id, key))
 
 
-def key_verified(s: Session, token, result: str) -> None:
+def key_verified(s: Session, token, result: str, text: str | None = None) -> None:
     """Step 4: the authoritative server's answer for a `VerifyKey` (XEP-0220 §2.2.1)."""
     pair = next((p for p, t in s.results_in.items() if t == token), None)
     if pair is None:
@@ -185,7 +185,7 @@ def key_verified(s: Session, token, result: str) -> None:
             s.close(None, f"the dialback key for {remote} -> {local} is not valid")
     else:
         condition = result if result in _DIALBACK_CONDITIONS else "remote-server-timeout"
-        send_error(s, "result", local, remote, condition, f"could not verify the dialback key of {remote}")
+        send_error(s, "result", local, remote, condition, text or f"could not verify the dialback key of {remote}")
 
 
 def _send_valid(s: Session, remote: str, local: str) -> None:

@@ -213,10 +213,11 @@ class Session:
         if self.role == "initiator":
             self._send_header()
 
-    def key_verified(self, token, result: str) -> None:
-        """Answer to a `VerifyKey`: "valid", "invalid" or a dialback error condition."""
+    def key_verified(self, token, result: str, text: str | None = None) -> None:
+        """Answer to a `VerifyKey`: "valid", "invalid" or a dialback error condition
+        (with ``text`` saying why, for the peer)."""
         if not self._dead:
-            self._guarded(dialback.key_verified, self, token, result)
+            self._guarded(dialback.key_verified, self, token, result, text)
 
     def request_pair(self, local: str, remote: str) -> bool:
         """Ask to send ``local -> remote`` on this stream; False when this stream cannot carry it."""

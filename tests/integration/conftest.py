@@ -140,6 +140,7 @@ class RelaySpec:
     sink: tuple[str, ...] = ()
     routes: dict = field(default_factory=dict)  # domain -> port on 127.0.0.1, "host:port", or {port, direct_tls}
     s2s: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
     policy: dict = field(default_factory=dict)
     peer_trust_anchors: dict = field(default_factory=dict)  # remote domain -> CA file path
     trusted: bool = True  # certificates signed by the test CA (else self-signed)
@@ -180,6 +181,8 @@ class RelaySpec:
                           f"key = {json.dumps(str(key))}"]
         lines.append("[s2s]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.s2s.items()]
+        lines.append("[limits]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.limits.items()]
         lines.append("[policy]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.policy.items()]
         for domain, secret in self.components.items():

@@ -6,6 +6,7 @@ negotiate a real stream with the relay and then send exactly the bytes they want
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import deque
 
 from router import tls
@@ -40,7 +41,10 @@ class Peer:
     async def connect(cls, port: int, local: str, remote: str, *, cert: tuple | None, ca_path,
                       secret: str = "peer-dialback-secret-0123", bidi: str = "encrypted",
                       require_encryption: bool = True, other_domains: tuple[str, ...] = (),
-                      lang: str = "en") -> "Peer":
+                      lang: str = "en", source_ip: str | None = None, rcvbuf: int | None = None) -> "Peer":
+        """``source_ip``: connect from this loopback address (connection limits count
+        per IP); ``rcvbuf``: a small receive buffer, so a peer that stops reading
+        makes the relay's write buffer fill at once."""
         config = SessionConfig(
             default_lang=lang,
             local_domains=frozenset({local, *other_domains}), dialback_secret=secret,
@@ -48,7 +52,13 @@ class Peer:
             policy=Policy(require_encryption=require_encryption),
         )
         session = Session("initiator", config, local, remote)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 21)
+        sock = socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.setblocking(False)
+        sock.bind((source_ip or "127.0.0.1", 0))
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 21)
         context = tls.client_context(*(cert or (None, None)))
         peer = cls(session, reader, writer, context)
         await peer._flush()

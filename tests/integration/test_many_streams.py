@@ -32,7 +32,8 @@ def sample(text: str, name: str, **labels: str) -> float:
 @pytest.mark.slow
 def test_thousand_concurrent_bidi_streams_each_exchange_a_message(relay_spec, pki, peers_cert, tmp_path):
     spec = relay_spec("many", domains=("relay.test",), echo=("echo.relay.test",), metrics_port=free_port(),
-                      s2s={"negotiation_timeout": 120.0})
+                      s2s={"negotiation_timeout": 120.0},
+                      limits={"max_connections_per_ip": STREAMS})  # every peer connects from 127.0.0.1
     with relay_process(spec, tmp_path / "relay.toml") as process:
         async def scenario():
             gate = asyncio.Semaphore(CONNECT_CONCURRENCY)

@@ -640,12 +640,15 @@ def test_queue_limits_bounce_overflow_at_once_and_the_rest_on_timeout(relay_spec
     arun(scenario())
 
 
-def test_flow_control_over_a_tls_s2s_stream(relay_spec, pki, peers_cert):
-    """A remote server that stops reading pauses the component feeding it; the
-    relay buffers a bounded amount, and everything arrives once it reads again."""
-    high = 256 * 1024
+def test_a_remote_server_that_stops_reading_never_pauses_the_component(relay_spec, pki, peers_cert):
+    """A remote server that stops reading does not slow the component feeding it
+    (the component serves every remote domain): the relay queues up to
+    write_queue_max for it and bounces the rest to the component with
+    <resource-constraint/>. Every stanza is accounted for: the peer, once it
+    reads, gets the queued ones byte for byte and in order; the others bounced."""
+    high, queue_max = 256 * 1024, 1024 * 1024
     spec = relay_spec("relay", domains=("relay.test",), components={"bot.relay.test": "bot-secret"},
-                      s2s={"write_high_water": high, "write_low_water": 64 * 1024})
+                      s2s={"write_high_water": high, "write_low_water": 64 * 1024, "write_queue_max": queue_max})
     total, size = 600, 32_000
     payload = [(f"<message from='r@bot.relay.test' to='j@p1.peers.test' id='t{i}'><body>"
                 + "z" * size + "</body></message>").encode() for i in range(total)]
@@ -653,33 +656,27 @@ def test_flow_control_over_a_tls_s2s_stream(relay_spec, pki, peers_cert):
     async def scenario():
         async with running(spec.config()) as relay:
             peer = await Peer.connect(spec.s2s_port, "p1.peers.test", "bot.relay.test",
-                                      cert=peers_cert, ca_path=pki.ca_path)
+                                      cert=peers_cert, ca_path=pki.ca_path, rcvbuf=16384)
             await peer.authenticated()
+            peer.writer.transport.pause_reading()
             bot = await RawComponent.connect(spec.component_port, "bot.relay.test", "bot-secret")
-            sent = 0
-
-            async def push():
-                nonlocal sent
-                for data in payload:
-                    bot.send(data)
-                    await bot.writer.drain()
-                    sent += 1
-
-            pusher = asyncio.ensure_future(push())
-            stream = None
-            peak = 0
-            for _ in range(40):  # 2 s during which the peer reads nothing
-                await asyncio.sleep(0.05)
-                stream = relay.table.remote.get(("bot.relay.test", "p1.peers.test"), stream)
-                if stream is not None:
-                    peak = max(peak, stream.transport.get_write_buffer_size())
-            assert stream is not None and not stream.outbound  # the peer's bidi stream carries it
-            assert not pusher.done() and sent < total
-            assert relay.table.local["bot.relay.test"]._blockers == {stream}
-            assert peak <= high + 2 * 512 * 1024
-            received = [await peer.receive() for _ in range(total)]
-            await pusher
-            assert received == payload
+            for data in payload:  # the component is never paused: every write drains
+                bot.send(data)
+                await asyncio.wait_for(bot.writer.drain(), 5.0)
+            bounces = await bot.read_until(b"id='t%d'" % (total - 1))
+            bounces += await bot.read_until(b"</message>")
+            stream = relay.table.remote[("bot.relay.test", "p1.peers.test")]
+            assert not stream.outbound  # the peer's bidi stream carries it
+            assert not relay.table.local["bot.relay.test"]._blockers
+            assert stream.transport.get_write_buffer_size() <= queue_max + 256 * 1024
+            bounced = re.findall(rb"<message from='j@p1.peers.test' to='r@bot.relay.test' id='t(\d+)' type='error'>"
+                                 rb"<error type='wait'><resource-constraint ", bounces)
+            first_bounced = int(bounced[0])
+            assert [int(i) for i in bounced] == list(range(first_bounced, total))
+            peer.writer.transport.resume_reading()
+            received = [await peer.receive() for _ in range(first_bounced)]
+            assert received == payload[:first_bounced]
+            assert relay.metrics.stanzas_bounced.get("resource-constraint") == total - first_bounced
             await peer.close()
             await bot.close()
 
