@@ -90,6 +90,10 @@ DEFAULT_CLOSE_TIMEOUT = 10.0
 DEFAULT_QUEUE_MAX_STANZAS = 1000
 # Queued stanzas older than this are bounced with <remote-server-timeout/>.
 DEFAULT_QUEUE_MAX_AGE = 60.0
+# Remote domain pairs waiting for a stream at once: each is a DNS look-up and a
+# connection attempt; far above any component's legitimate fan-out, low enough
+# that a gateway tricked into addressing every domain cannot exhaust the relay.
+DEFAULT_MAX_OUTBOUND_QUEUES = 10000
 # Reconnect back-off: RFC 6120 §3.3 asks for a random wait and exponential
 # back-off; start at 1 s, cap at 60 s (the RFC's 0-60 s window).
 DEFAULT_BACKOFF_BASE = 1.0
@@ -233,6 +237,7 @@ class S2SConfig:
     close_timeout: float
     queue_max_stanzas: int
     queue_max_age: float
+    max_outbound_queues: int
     backoff_base: float
     backoff_max: float
     write_high_water: int
@@ -516,6 +521,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         close_timeout=r.positive(s, "s2s", "close_timeout", float, DEFAULT_CLOSE_TIMEOUT),
         queue_max_stanzas=r.positive(s, "s2s", "queue_max_stanzas", int, DEFAULT_QUEUE_MAX_STANZAS),
         queue_max_age=r.positive(s, "s2s", "queue_max_age", float, DEFAULT_QUEUE_MAX_AGE),
+        max_outbound_queues=r.positive(s, "s2s", "max_outbound_queues", int, DEFAULT_MAX_OUTBOUND_QUEUES),
         backoff_base=r.positive(s, "s2s", "backoff_base", float, DEFAULT_BACKOFF_BASE),
         backoff_max=r.positive(s, "s2s", "backoff_max", float, DEFAULT_BACKOFF_MAX),
         write_high_water=r.positive(s, "s2s", "write_high_water", int, DEFAULT_WRITE_HIGH_WATER),

@@ -184,8 +184,9 @@ class RelayMetrics:
         self.limits_hit = r.counter(
             p + "limits_hit_total",
             "Times a named limit refused work: a connection, a dialback verification, a stanza for a full "
-            "write queue (write_queue_max), a stream closed for not reading (write_stall_timeout); "
-            "max_verify_connections_per_target counts verifications that waited.",
+            "write queue (write_queue_max), a stream closed for not reading (write_stall_timeout), a stanza "
+            "for one remote domain too many (max_outbound_queues), an outbound connection without a file "
+            "descriptor (open_files); max_verify_connections_per_target counts verifications that waited.",
             ("limit",),
         )
         self.pre_auth_streams = r.gauge(p + "pre_auth_streams", "Inbound S2S streams not yet authenticated.")

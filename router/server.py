@@ -12,6 +12,7 @@ SIGHUP, and on shutdown closes every stream with ``<system-shutdown/>``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import resource
 import signal
@@ -122,6 +123,7 @@ class Relay:
         self.verifications = Limit("max_pending_verifications", 0)
         self.verifications_per_ip = Limit("max_pending_verifications_per_ip", 0)
         self.verifications_per_stream = Limit("max_pending_verifications_per_stream", 0)
+        self._outbound_queues_full = Limit("max_outbound_queues", 0)  # only its refusal log is used
         self.metrics.pre_auth_streams.collect = lambda: {(): self.pre_auth.total()}
         self.metrics.pending_verifications.collect = lambda: {(): self.verifications.total()}
         self._unflushed: list[XmlStream] = []  # streams with writes queued in this loop iteration
@@ -492,6 +494,15 @@ class Relay:
 
     def _push(self, item: Queued, pair: Pair, source: XmlStream | None = None) -> None:
         s2s = self.config.s2s
+        if pair not in self.table.pending and len(self.table.pending) >= s2s.max_outbound_queues:
+            self.metrics.limits_hit.inc("max_outbound_queues")
+            count = self._outbound_queues_full.refused(self.loop.time())
+            if count:
+                log.warning("bounced %d stanza(s) for new remote domains: %d are already waiting for a stream "
+                            "(s2s.max_outbound_queues)", count, s2s.max_outbound_queues)
+            self._bounce(item, "resource-constraint", "too many remote domains are being connected; try later",
+                         source)
+            return
         queue, created = self.table.queue_for(pair, s2s.queue_max_stanzas, s2s.queue_max_age)
         if not queue.push(item):
             self._bounce(item, "resource-constraint", "too many stanzas waiting for the remote server", source)
@@ -611,6 +622,9 @@ class Relay:
                 )
             except (OSError, asyncio.TimeoutError) as exc:
                 errors.append(f"{address}:{target.port}: {exc or 'timeout'}")
+                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self.metrics.limits_hit.inc("open_files")
+                    log.warning("cannot connect to %s for %s: out of file descriptors (%s)", address, remote, exc)
                 continue
             self.connections_opened += 1
             stream.verify_only = verify_only

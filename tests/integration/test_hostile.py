@@ -338,3 +338,37 @@ def test_connection_flood_hits_named_limits_and_legitimate_peers_still_connect(r
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("limits.max_connections_per_ip = 20" in w for w in warnings)
     assert any("limits.max_pre_auth_connections = 50" in w for w in warnings)
+
+
+def test_stanzas_for_too_many_new_remote_domains_bounce(relay_spec):
+    """Each remote domain waiting for a stream costs a DNS look-up and a connection
+    attempt: beyond s2s.max_outbound_queues, a stanza for one more domain bounces
+    to its sender with <resource-constraint/> at once."""
+    async def scenario():
+        async def silent(reader, writer):
+            await reader.read()
+            writer.close()
+
+        slow = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = slow.sockets[0].getsockname()[1]
+        spec = relay_spec("relay", domains=("relay.test",), components={"bot.relay.test": "bot-secret"},
+                          routes={f"r{i}.test": port for i in range(5)},
+                          s2s={"max_outbound_queues": 3, "negotiation_timeout": 5.0})
+        try:
+            async with running(spec.config()) as relay:
+                bot = ComponentClient()
+                await bot.connect("127.0.0.1", spec.component_port, "bot.relay.test", "bot-secret")
+                for i in range(5):
+                    bot.send(f"<message from='u@bot.relay.test' to='v@r{i}.test' id='q{i}'/>")
+                bounces = [await asyncio.wait_for(bot.receive(), 3.0) for _ in range(2)]
+                assert sorted(b.get("id") for b in bounces) == ["q3", "q4"]
+                assert all(b.find("{jabber:component:accept}error/"
+                                  "{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+                           for b in bounces)
+                assert len(relay.table.pending) == 3
+                assert relay.metrics.limits_hit.get("max_outbound_queues") == 2
+                await bot.close()
+        finally:
+            slow.close()
+
+    arun(scenario(), timeout=30)
