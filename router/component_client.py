@@ -9,17 +9,15 @@ port merely accepts TCP.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import deque
 
 from lxml import etree
 
 from router._fastparse import Element, ParseError, StreamHeader, Tokenizer
+from router.handshake import handshake_digest
+from router.namespaces import COMPONENT_NS, STREAM_NS, STREAMS_NS
 from router.xml import first_condition, parse_element, text_in
 
-STREAM_NS = "http://etherx.jabber.org/streams"
-COMPONENT_NS = "jabber:component:accept"
-STREAMS_ERROR_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 
 DEFAULT_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 1.0
@@ -43,15 +41,10 @@ class ComponentClosed(ComponentError):
     """The server ended the stream or closed the TCP connection."""
 
 
-def handshake_digest(stream_id: str, secret: str) -> str:
-    """XEP-0114 §3: lowercase hex SHA-1 of the stream id followed by the shared secret."""
-    return hashlib.sha1((stream_id + secret).encode("utf-8")).hexdigest()
-
-
 def stream_error_of(element: etree._Element) -> ComponentStreamError:
     """The condition and text of a ``<stream:error>`` element."""
-    condition = first_condition(element, STREAMS_ERROR_NS) or "undefined-condition"
-    return ComponentStreamError(condition, text_in(element, STREAMS_ERROR_NS))
+    condition = first_condition(element, STREAMS_NS) or "undefined-condition"
+    return ComponentStreamError(condition, text_in(element, STREAMS_NS))
 
 
 class _StreamReader:

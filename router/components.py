@@ -13,17 +13,15 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
-from router.component_client import COMPONENT_NS, handshake_digest
+from router.handshake import handshake_digest
+from router.namespaces import COMPONENT_NS, STREAM_NS
 from router.errors import STANZA_KINDS, stream_error
 from router.jid import domain_of
-from router.stream import XmlStream
-from router.xml import STREAM_NS, attr
-
-if TYPE_CHECKING:
-    from router.server import Relay
+from router.stream import StreamHost, XmlStream
+from router.xml import attr
 
 log = logging.getLogger("router.components")
 
@@ -37,7 +35,7 @@ class ComponentStream(XmlStream):
     out_lang = "en"  # declared on our header, so stanzas from 'en' S2S streams need no xml:lang copy
     __slots__ = ("tokenizer", "domain", "stream_id", "authenticated", "header_sent")
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: StreamHost) -> None:
         super().__init__(relay)
         limits = relay.config.policy
         self.tokenizer = Tokenizer(max_stanza_bytes=limits.pre_auth_max_stanza_bytes)
@@ -84,12 +82,7 @@ class ComponentStream(XmlStream):
 
     def _header(self, header: StreamHeader) -> None:
         # RFC 6120 §4.9.1.2: even when refusing, send our header first
-        self.write(
-            "<?xml version='1.0'?>"
-            f"<stream:stream xmlns:stream='{STREAM_NS}' xmlns='{COMPONENT_NS}' "
-            f"id='{self.stream_id}' from={attr(header.to or '')} xml:lang='{self.out_lang}'>".encode()
-        )
-        self.header_sent = True
+        self._send_header(header.to)
         if header.namespaces.get(None) != COMPONENT_NS:
             self.fail("invalid-namespace", f"a component stream's default namespace must be {COMPONENT_NS}")
             return
@@ -156,13 +149,16 @@ class ComponentStream(XmlStream):
         log.info("component stream error domain=%s peer=%s condition=%s text=%s",
                  self.domain or "-", self.peer, condition, text)
         if not self.header_sent:
-            self.write(
-                f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAM_NS}' "
-                f"xmlns='{COMPONENT_NS}' id='{self.stream_id}'>".encode()
-            )
-            self.header_sent = True
+            self._send_header(None)
         self.write(stream_error(condition, text) + b"</stream:stream>")
         self.close_transport()
+
+    def _send_header(self, from_: str | None) -> None:
+        """Our stream header: ``from`` is the domain the component asked for, once known."""
+        from_attr = f" from={attr(from_)}" if from_ is not None else ""
+        self.write(f"<?xml version='1.0'?><stream:stream xmlns:stream='{STREAM_NS}' xmlns='{COMPONENT_NS}' "
+                   f"id='{self.stream_id}'{from_attr} xml:lang='{self.out_lang}'>".encode())
+        self.header_sent = True
 
     def close_gracefully(self, condition: str | None = None, text: str | None = None) -> None:
         if self.closing or self.transport is None:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from router.xml import attr, text_node
 
-STREAMS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
-STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+from router.namespaces import STANZAS_NS, STREAMS_NS
 
 # RFC 6120 §4.9.3, the complete list of defined stream error conditions.
 STREAM_CONDITIONS = frozenset(
@@ -28,7 +27,7 @@ STREAM_CONDITIONS = frozenset(
     }
 )
 
-# RFC 3920 names still seen on input (checklist §9).
+# RFC 3920 names still seen on input (RFC 6120 §4.9.2: map them to their RFC 6120 successors).
 _LEGACY_STREAM_CONDITIONS = {"xml-not-well-formed": "not-well-formed"}
 
 # RFC 6120 §8.3.3: each stanza error condition with the error type the RFC gives it.
@@ -57,7 +56,7 @@ STANZA_ERROR_TYPES = {
     "unexpected-request": "wait",
 }
 
-# XEP-0220 §2.5 also uses this stream condition inside dialback errors (flows.md b3).
+# XEP-0220 §2.5 also uses this stream condition inside dialback errors (the authoritative server could not be reached: remote-connection-failed).
 DIALBACK_ERROR_CONDITIONS = frozenset(STANZA_ERROR_TYPES) | {"remote-connection-failed"}
 
 STANZA_KINDS = frozenset({"message", "presence", "iq"})

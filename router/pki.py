@@ -1,4 +1,6 @@
-"""Certificate factory for tests, the load generator and first-run self-signed setups.
+"""Certificate factory: `gen-cert` and first-run self-signed certificates (`make_leaf`,
+`ensure_self_signed`), and the private CAs of the load generator and the tests (`make_ca`;
+bench/ uses it, so it stays here). Reading a credential back is test-only: tests/pki_helpers.py.
 
 Everything is EC P-256 (fast to generate).  XMPP identities are added as RFC 6120
 §13.7.1 subjectAltNames: DNS-IDs, SRV-IDs (RFC 4985 otherName) and id-on-xmppAddr.
@@ -182,13 +184,6 @@ def make_leaf(
         )
     signer_key = issuer.key if issuer else key
     return Credential(builder.sign(signer_key, hashes.SHA256()), key)
-
-
-def load_credential(cert_path: str | os.PathLike, key_path: str | os.PathLike) -> Credential:
-    """Read back a credential written by `Credential.write` (leaf = first certificate)."""
-    cert = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[0]
-    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
-    return Credential(cert, key)
 
 
 def ensure_self_signed(directory: str | os.PathLike, domain: str) -> tuple[Path, Path]:

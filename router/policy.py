@@ -1,8 +1,9 @@
-"""Federation policy and per-stanza authorization: pure decisions, no I/O (checklist §12).
+"""Federation policy and per-stanza authorization: pure decisions, no I/O (RFC 6120 §8.1.1.2,
+§8.1.2.2 S2S addressing; §13.14 federation is a per-deployment choice).
 
 Conditions returned are RFC 6120 error condition names (stream errors, reused as dialback
 error conditions); the negotiation layer maps a refusal at SASL time to
-`<failure><not-authorized/></failure>` (checklist 121).
+`<failure><not-authorized/></failure>` (RFC 6120 §6.5.10).
 """
 
 from __future__ import annotations
@@ -96,10 +97,6 @@ class Policy:
                 return mode
         return AUTH_SECURE if self.secure_auth else AUTH_DIALBACK
 
-    def stanza_limit(self, authenticated: bool) -> int:
-        """Largest element (bytes) accepted on a stream, before and after authentication."""
-        return self.max_stanza_bytes if authenticated else self.pre_auth_max_stanza_bytes
-
 
 def federation_allowed(policy: Policy, remote_domain: str) -> Decision:
     """May we federate with `remote_domain` at all (header time, dialback, outbound)?"""
@@ -140,7 +137,9 @@ def check_stanza(
     """None if a stanza received on a stream may be routed, else (stream error condition, text).
 
     `inbound_pairs` holds the normalized (remote, local) pairs authenticated on the stream,
-    `local_domains` the normalized domains served here (checklist 117-120).
+    `local_domains` the normalized domains served here. RFC 6120 §4.3.5: nothing before
+    authentication; §8.1.1.2, §8.1.2.2: 'to' and 'from' present and valid, 'to' a domain of ours
+    validated on the stream, 'from' authenticated for that very (from, to) pair.
     """
     if not inbound_pairs:
         return "not-authorized", "stanza received before the stream was authenticated"

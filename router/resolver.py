@@ -4,7 +4,7 @@ Both ``_xmpps-server._tcp`` (direct TLS) and ``_xmpp-server._tcp`` (STARTTLS)
 are queried; their records are merged and ordered together by priority, then
 weighted-random within a priority (RFC 2782). Each ``Target`` says whether it
 is direct TLS and carries its addresses (A/AAAA, resolved here too so every
-lookup shares one resolver and one cache). The rules (checklist 89-98, T-23):
+lookup shares one resolver and one cache). The rules (RFC 6120 §3.2, XEP-0368 §3):
 
 * a static route from the config wins over DNS (RFC 6120 §3.2.3);
 * a lone SRV record with target ``.`` means "decidedly not available": an
@@ -75,7 +75,7 @@ class SrvRecord:
 
 class ResolutionError(Exception):
     """The domain has no usable address: bounce with ``remote-server-not-found``
-    (RFC 6120 §10.4.3, checklist 104)."""
+    (RFC 6120 §10.4.3)."""
 
     condition = "remote-server-not-found"
 

@@ -182,7 +182,3 @@ class RouteTable:
         for remote in [remote for remote, state in self.backoff.items() if state.forgotten(now)]:
             del self.backoff[remote]
 
-
-def bounce_condition(resolution_failed: bool) -> str:
-    """RFC 6120 §10.4.3: no address for the domain vs. a stream that could not be set up."""
-    return "remote-server-not-found" if resolution_failed else "remote-server-timeout"

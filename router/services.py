@@ -4,7 +4,7 @@ Stanzas addressed to a service domain reach the control plane (they are rare,
 except for echo/sink in benchmarks), are parsed with lxml and answered here.
 ``Services.handle`` takes the parsed stanza and returns the reply bytes, or
 None when nothing must be sent. It never answers an error stanza nor an IQ
-result/error (RFC 6120 §8.2.3, §8.3.1; checklist 102-103, 107).
+result/error (RFC 6120 §8.2.3, §8.3.1-§8.3.2).
 
 The relay's server domains host no user accounts, so a ``localpart@domain``
 address there names an account that does not exist (RFC 6120 §10.5.3.1, RFC 6121
@@ -33,12 +33,7 @@ if TYPE_CHECKING:
     from router.config import Config
     from router.metrics import RelayMetrics
 
-SERVER_NS = "jabber:server"
-COMPONENT_NS = "jabber:component:accept"
-CONTENT_NAMESPACES = (SERVER_NS, COMPONENT_NS, "jabber:client")
-STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
-PING_NS = "urn:xmpp:ping"
-DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
+from router.namespaces import DISCO_INFO_NS, PING_NS, SERVER_NS, STANZAS_NS
 
 # XEP-0030 identities: the relay's own domains present themselves as an IM
 # server (the category/type Prosody and ejabberd use); the test services as

@@ -1,11 +1,10 @@
 """One connection's I/O: a ``BufferedProtocol`` that feeds a tokenizer in place and
 forwards stanzas as byte ranges of that tokenizer's buffer.
 
-``XmlStream`` is the part every stream shares (S2S in both directions and
-XEP-0114 components): zero-copy read and forward, gathered writes, buffer
-pinning, flow control, activity clocks and closing. ``S2SStream`` drives a
-sans-IO ``Session`` and turns its events into I/O (STARTTLS, routes, dialback
-verification, close).
+``XmlStream`` is the part every stream shares (S2S in both directions,
+``router.s2s``, and XEP-0114 components, ``router.components``): zero-copy read
+and forward, gathered writes, buffer pinning, flow control, activity clocks and
+closing. ``StreamHost`` is what streams need of the relay that owns them.
 
 Writes are gathered per event-loop iteration: ``write_chunks`` queues on the
 stream and the relay hands every stream's queue to its transport once, after
@@ -34,15 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from router import tls
 from router._fastparse import Element
-from router.negotiation import events as ev
-from router.xml import SERVER_NS
-
-if TYPE_CHECKING:
-    from router.server import Relay
+from router.config import Config
+from router.metrics import RelayMetrics
+from router.rescope import rescope
+from router.routes import RouteTable
+from router.namespaces import SERVER_NS
 
 log = logging.getLogger("router.stream")
 raw_log = logging.getLogger("router.raw")
@@ -51,83 +49,44 @@ WHITESPACE_KEEPALIVE = b" "
 # Flow-control sets are empty on nearly every stream: they share this one and are
 # replaced (not mutated) when a stream waits or is waited for.
 NO_STREAMS: frozenset[XmlStream] = frozenset()
-# Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
-EARLY_BUFFER_SIZE = 16384
 # A write queue this large gains nothing from waiting for the end of the loop
 # iteration: it goes out at once, so flow control sees it as before.
 FLUSH_AT = 65536
 
 
-def _escape_attr(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace("'", "&apos;").replace('"', "&quot;")
+class StreamHost(Protocol):
+    """What streams, and the parts that act on them, need of the relay that owns
+    them (``router.server.Relay``): streams never import the relay itself."""
 
+    loop: asyncio.AbstractEventLoop
+    config: Config
+    metrics: RelayMetrics
+    table: RouteTable
+    streams: set[XmlStream]
+    resolver: Any  # router.resolver.Resolver
+    delivery: Any  # router.delivery.Delivery
+    connector: Any  # router.connector.Connector
 
-def _start_tag_attributes(data: bytes | memoryview, name_end: int) -> list[tuple[str, int, int]]:
-    """The attributes of an already validated start tag as (name, value_start, value_end)."""
-    out = []
-    i, n = name_end, len(data)
-    while i < n:
-        c = data[i]
-        if c in b" \t\r\n":
-            i += 1
-            continue
-        if c in b"/>":
-            return out
-        j = i
-        while data[j] not in b"= \t\r\n":
-            j += 1
-        name = bytes(data[i:j]).decode()
-        while data[j] in b" \t\r\n=":
-            j += 1
-        quote = data[j]
-        k = j + 1
-        while data[k] != quote:
-            k += 1
-        out.append((name, j + 1, k))
-        i = k + 1
-    return out
-
-
-def rescope(
-    data: bytes | memoryview,
-    element: Element,
-    header_namespaces: dict[str | None, str],
-    source_lang: str | None,
-    dest_ns: str,
-    dest_lang: str | None,
-) -> bytes | None:
-    """A copy of ``data`` (the element's bytes) fixed up for another stream, or
-    None when the bytes can be forwarded as they are.
-
-    Fix-ups (RFC 6120 §4.7.4, §4.8.3, §4.8.5): declare on the element the
-    prefixes it borrows from the input stream header; give it the input
-    stream's ``xml:lang`` when it has none and the output stream's default
-    differs; move an element that declares its own content namespace into the
-    output stream's one (``jabber:server`` <-> ``jabber:component:accept``).
-    Children that inherit the default namespace follow the element.
-    """
-    add_lang = element.lang is None and source_lang is not None and source_lang != dest_lang
-    fix_ns = element.own_xmlns and element.ns != dest_ns
-    if not (element.header_prefix or add_lang or fix_ns):
-        return None
-    qname = f"{element.prefix}:{element.name}" if element.prefix else element.name
-    name_end = 1 + len(qname.encode())
-    attributes = _start_tag_attributes(data, name_end)
-    declared = {name for name, _, _ in attributes}
-    extra = []
-    if element.header_prefix:
-        for prefix, uri in header_namespaces.items():
-            if prefix is not None and f"xmlns:{prefix}" not in declared:
-                extra.append(f" xmlns:{prefix}='{_escape_attr(uri)}'")
-    if add_lang:
-        extra.append(f" xml:lang='{_escape_attr(source_lang)}'")
-    raw = bytes(data)
-    if fix_ns:
-        for name, vstart, vend in attributes:
-            if name == "xmlns":
-                raw = raw[:vstart] + _escape_attr(dest_ns).encode() + raw[vend:]
-                break
-    return raw[:name_end] + "".join(extra).encode() + raw[name_end:]
+    def spawn(self, coro) -> asyncio.Task: ...
+    def stream_opened(self, stream: XmlStream) -> None: ...
+    def stream_closed(self, stream: XmlStream, exc: Exception | None) -> None: ...
+    def stream_authenticated(self, stream: XmlStream) -> None: ...
+    def flush_soon(self, stream: XmlStream) -> None: ...
+    def route(self, source: XmlStream, element: Element, from_domain: str, to_domain: str,
+              view: memoryview, batches: dict) -> None: ...
+    def route_stanza(self, source: XmlStream, element: Element, view: memoryview, batches: dict) -> None: ...
+    def authenticated(self, stream: XmlStream, event: Any) -> None: ...
+    def auth_failed(self, stream: XmlStream, event: Any) -> None: ...
+    def routes_changed(self, stream: XmlStream) -> None: ...
+    def unroute(self, stream: XmlStream) -> None: ...
+    def verify_key(self, origin: XmlStream, event: Any) -> None: ...
+    def verify_result(self, stream: XmlStream, event: Any) -> None: ...
+    def tls_server_context(self, domain: str | None) -> Any: ...
+    def tls_client_context(self, local: str | None, direct_tls: bool = False) -> Any: ...
+    def outbound_session(self, local: str, remote: str, *, direct_tls: bool = False,
+                         verify_only: bool = False) -> Any: ...
+    def component_secret(self, domain: str) -> str | None: ...
+    def component_online(self, stream: Any) -> bool: ...
 
 
 class XmlStream(asyncio.BufferedProtocol):
@@ -151,7 +110,7 @@ class XmlStream(asyncio.BufferedProtocol):
                  "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
                  "_unsent", "_unsent_bytes", "handed", "full_since", "stall")
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: StreamHost) -> None:
         self.relay = relay
         self.loop = relay.loop
         self.transport: asyncio.Transport | None = None
@@ -177,13 +136,18 @@ class XmlStream(asyncio.BufferedProtocol):
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
-        s2s = self.relay.config.s2s
-        transport.set_write_buffer_limits(high=s2s.write_high_water, low=s2s.write_low_water)  # type: ignore[attr-defined]
+        self.use_transport(transport)  # type: ignore[arg-type]
         self.relay.stream_opened(self)
+
+    def use_transport(self, transport: asyncio.Transport) -> None:
+        """Write to ``transport`` from now on (a new one after STARTTLS), with the
+        configured write-buffer marks that drive flow control."""
+        self.transport = transport
+        s2s = self.relay.config.s2s
+        transport.set_write_buffer_limits(high=s2s.write_high_water, low=s2s.write_low_water)
 
     @property
     def ip(self) -> str:
@@ -379,224 +343,3 @@ class XmlStream(asyncio.BufferedProtocol):
         if self._closed_waiter is None:
             self._closed_waiter = self.loop.create_future()
         await asyncio.shield(self._closed_waiter)
-
-
-class S2SStream(XmlStream):
-    """A server-to-server connection driven by a sans-IO ``Session``.
-
-    ``outbound`` streams are the ones we opened (initiating role); ``pairs``
-    asked of an outbound stream are tracked by the relay, which wakes the
-    connection attempt waiting for them.
-    """
-
-    kind = "s2s"
-    remote = True
-    __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
-                 "local_domain", "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early",
-                 "_early_buffer")
-
-    def __init__(self, relay: Relay, session: Any, *, outbound: bool, direct_tls: bool = False,
-                 local: str | None = None, remote: str | None = None) -> None:
-        super().__init__(relay)
-        self.session = session
-        self.outbound = outbound
-        self.direct_tls = direct_tls
-        self.authenticated = False
-        self.admitted = False  # inbound: counted by the relay's connection limits
-        self.bidi = False
-        self.mechanism: str | None = None  # metrics label of the first authentication
-        self.local_domain = local  # outbound: the domain we connect for
-        self.remote_domain = remote
-        self.verify_only = False
-        self.target: tuple[str, int] | None = None  # outbound: the address and port we connected to
-        self.failure: str | None = None  # why the stream ended, for the bounces of pairs waiting on it
-        self._tls_starting = False  # between StartTLS and the end of the handshake
-        self._early: list[bytes] | None = None  # decrypted bytes that arrived in that window
-        self._early_buffer: bytearray | None = None
-
-    @property
-    def tokenizer(self):
-        return self.session.tokenizer
-
-    @property
-    def out_lang(self) -> str | None:
-        """The xml:lang our header declared: the peer's own on inbound streams."""
-        return self.session.stream_lang if not self.outbound else self.session.config.default_lang
-
-    @property
-    def direction(self) -> str:
-        return "out" if self.outbound else "in"
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        if self.closing:  # refused by a connection limit
-            return
-        direction = "outbound" if self.outbound else "inbound"
-        log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.remote_domain or "-",
-                 " tls=direct" if self.direct_tls else "")
-        if self.direct_tls:
-            self._tls_done()
-        self.pump()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._tls_starting and self.failure is None:
-            self.failure = f"TLS handshake failed: {exc or 'the connection closed'}"
-        super().connection_lost(exc)
-
-    def _buffer_for(self, sizehint: int) -> memoryview:
-        if self._tls_starting:
-            return memoryview(self._early_buffer)
-        return self.session.get_buffer(sizehint)
-
-    def _received(self, nbytes: int) -> None:
-        if self._tls_starting:
-            # uvloop delivers the first decrypted bytes before start_tls() returns
-            if self._early is None:
-                self._early = []
-            self._early.append(bytes(self._early_buffer[:nbytes]))
-            return
-        self.session.buffer_updated(nbytes)
-        self.pump()
-        self.tokenizer.release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
-
-    # ------------------------------------------------------------------ session -> I/O
-    def pump(self) -> None:
-        """Write what the session wants sent and act on its events, in order."""
-        if self.transport is None:
-            return
-        view = memoryview(self.tokenizer.buffer)
-        batches: dict[XmlStream, list[Any]] = {}
-        for event in self.session.events():
-            if isinstance(event, ev.Stanza):
-                self.relay.route_stanza(self, event.element, view, batches)
-                continue
-            if batches:
-                self.forward(batches)
-                batches = {}
-            self._flush_session()
-            self._handle(event)
-        if batches:
-            self.forward(batches)
-        self._flush_session()
-
-    def _flush_session(self) -> None:
-        data = self.session.data_to_send()
-        if data:
-            self.write(data)
-
-    def _handle(self, event: Any) -> None:
-        if isinstance(event, ev.StartTLS):
-            self.flush()  # <proceed/> (or <starttls/>) leaves before the handshake starts
-            self.transport.pause_reading()  # the ClientHello must reach TLS, not us; start_tls resumes
-            self._tls_starting = True
-            self._early_buffer = bytearray(EARLY_BUFFER_SIZE)
-            self.relay.spawn(self._start_tls(event))
-        elif isinstance(event, ev.Authenticated):
-            if not self.authenticated:
-                self.authenticated = True
-                self.relay.stream_authenticated(self)
-            self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
-            self.remote_domain = self.remote_domain or event.remote
-            log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",
-                     "outbound" if self.outbound else "inbound", event.remote, event.local,
-                     event.mechanism, event.direction, self.peer)
-            self.relay.authenticated(self, event)
-        elif isinstance(event, ev.AuthFailed):
-            log.info("s2s authentication failed remote=%s local=%s condition=%s peer=%s",
-                     event.remote, event.local, event.condition, self.peer)
-            self.relay.auth_failed(self, event)
-        elif isinstance(event, ev.BidiEnabled):
-            self.bidi = True
-            log.info("s2s bidi enabled peer=%s domain=%s", self.peer, self.remote_domain or "-")
-            self.relay.routes_changed(self)
-        elif isinstance(event, ev.VerifyKey):
-            self.relay.verify_key(self, event)
-        elif isinstance(event, ev.VerifyResult):
-            self.relay.verify_result(self, event)
-        elif isinstance(event, ev.Closed):
-            metrics = self.relay.metrics
-            if event.cause == "parse":
-                metrics.parse_errors.inc(event.condition)
-            elif event.cause == "stanza":
-                metrics.stanzas_rejected.inc(event.condition)
-            if event.condition and not self.authenticated:
-                metrics.negotiations_failed.inc(self.direction, event.condition)
-            if event.condition:
-                self.failure = f"we closed the stream with <{event.condition}/>: {event.text}"
-            log.info("s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
-                     self.peer, self.remote_domain or "-", event.condition, event.cause, event.text)
-            self.relay.unroute(self)  # its pairs go to another stream at once (RFC 6120 §4.4)
-            self._flush_session()
-            if event.condition:
-                self.close_transport()
-            else:
-                self.closing = True  # nothing more may follow our </stream:stream>; we still read the peer's
-                self.abort_after(self.relay.config.s2s.close_timeout)
-        elif isinstance(event, ev.PeerClosed):
-            self.failure = "the peer closed the stream" + (f" with <{event.condition}/>" if event.condition else "") \
-                + (f": {event.text}" if event.text else "")
-            log.info("s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
-                     self.peer, self.remote_domain or "-", event.condition, event.text)
-            self.relay.unroute(self)  # its pairs go to another stream at once, TLS close or not
-            self._flush_session()
-            self.close_transport()
-
-    async def _start_tls(self, event: Any) -> None:
-        server_side = not self.outbound
-        try:
-            if server_side:
-                context = self.relay.tls_server_context(event.domain)
-                server_hostname = None
-            else:
-                context = self.relay.tls_client_context(self.local_domain)
-                server_hostname = self.remote_domain
-            transport = await asyncio.wait_for(
-                self.loop.start_tls(self.transport, self, context, server_side=server_side,
-                                    server_hostname=server_hostname),
-                self.relay.config.s2s.connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
-            # RFC 6120 §5.4.3.2: a failed handshake ends TCP without </stream>
-            log.info("s2s TLS handshake failed peer=%s domain=%s: %s", self.peer, self.remote_domain or "-", exc)
-            self.failure = self.failure or f"TLS handshake failed: {exc or type(exc).__name__}"
-            self.relay.metrics.negotiations_failed.inc(self.direction, "tls-handshake")
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        if transport is None:
-            return
-        self.transport = transport
-        s2s = self.relay.config.s2s
-        transport.set_write_buffer_limits(high=s2s.write_high_water, low=s2s.write_low_water)
-        self._tls_starting = False
-        self._early_buffer = None
-        self._tls_done()
-        early, self._early = self._early or [], None
-        for data in early:
-            self.session.receive_data(data)
-        self.pump()
-        self.tokenizer.release()
-
-    def _tls_done(self) -> None:
-        ssl_object = self.transport.get_extra_info("ssl_object")
-        chain = tls.peer_chain(ssl_object) if ssl_object is not None else []
-        log.info("s2s stream secured peer=%s domain=%s version=%s", self.peer, self.remote_domain or "-",
-                 ssl_object.version() if ssl_object is not None else "-")
-        self.session.tls_established(chain)
-
-    # ------------------------------------------------------------------ relay -> stream
-    def fail(self, condition: str, text: str) -> None:
-        if self.closing:
-            return
-        self.session.close(condition, text, cause="local")
-        self.pump()
-        self.close_transport()
-
-    def close_gracefully(self, condition: str | None = None, text: str | None = None) -> None:
-        """``</stream:stream>`` (after a stream error when ``condition``), then wait
-        a bounded time for the peer's close."""
-        if self.closing or self.transport is None:
-            return
-        self.session.close(condition, text, cause="local")
-        self.pump()
-        self.abort_after(self.relay.config.s2s.close_timeout)

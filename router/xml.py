@@ -4,22 +4,20 @@ The tokenizer hands over a top-level element as a byte range whose namespace
 context lives on the stream header (default ``jabber:server``, ``stream:``,
 ``db:``). ``parse_element`` re-creates that context by wrapping the bytes in a
 dummy root carrying the header's declarations (Openfire OF-2556/OF-3353 show
-what goes wrong otherwise, tricky.md T-02).
+what goes wrong otherwise: RFC 6120 §4.8.3, the stream's default namespace
+is inherited by its children).
 
 Writing is done with plain string formatting because our own headers fix the
 context: every header we send declares ``xmlns='jabber:server'``, ``stream:``
-and ``db:`` (T-13), so dialback elements are written as ``<db:result>`` and
-their ``<error/>`` child stays in ``jabber:server`` (T-12).
+and ``db:`` (XEP-0220 §2.4.1: declare the dialback namespace on the header), so dialback elements are written as ``<db:result>`` and
+their ``<error/>`` child stays in ``jabber:server`` (XEP-0220 §2.5).
 """
 
 from __future__ import annotations
 
 from lxml import etree
 
-STREAM_NS = "http://etherx.jabber.org/streams"
-SERVER_NS = "jabber:server"
-CLIENT_NS = "jabber:client"
-DIALBACK_NS = "jabber:server:dialback"
+from router.namespaces import DIALBACK_NS, SERVER_NS, STREAM_NS
 
 # Negotiation elements are small and already validated by the tokenizer;
 # the parser still refuses anything that could fetch or expand.

@@ -1,4 +1,4 @@
-"""router.certs: chain trust and RFC 6125 identity matching for XMPP S2S (checklist 42, 48, 49)."""
+"""router.certs: chain trust and RFC 6125 identity matching for XMPP S2S (RFC 6120 §13.7; XEP-0178 §3)."""
 
 import datetime
 
@@ -27,7 +27,7 @@ def chain(*creds):
     return [c.cert_der() for c in creds]
 
 
-# --- path validation (checklist 48) -------------------------------------------------
+# --- path validation (RFC 6120 §13.7.2) -------------------------------------------
 
 
 def test_leaf_signed_by_anchor_is_trusted(root, store):
@@ -319,7 +319,7 @@ def test_store_from_files(tmp_path, root):
     assert store.anchors == (root.cert,)
 
 
-# --- identities (checklist 49) --------------------------------------------------------
+# --- identities (RFC 6120 §13.7.1.2, §13.7.2.1: DNS-ID, SRV-ID, xmppAddr; CN-ID last) ----
 
 
 def test_identities_lists_every_kind(root):
@@ -401,7 +401,7 @@ def test_invalid_reference_never_matches(root):
     assert not certs.matches_domain(leaf.cert, "capulet lit")
 
 
-# --- peer_status (checklist 42, 48) ----------------------------------------------------
+# --- peer_status (XEP-0178 §3 step 11: a trusted certificate that names 'from') --------
 
 
 def test_peer_status_trusted_and_matching(root, store):

@@ -11,7 +11,7 @@ import time
 
 from router.cli import describe, main
 from router.config import default_config, parse_config
-from router.pki import load_credential
+from pki_helpers import load_credential
 
 PROCESS_TIMEOUT = 60
 

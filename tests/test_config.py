@@ -7,8 +7,9 @@ import stat
 import pytest
 
 from router import config as cfg
+from router.config import defaults
 from router.config import ConfigError, Endpoint, StaticRoute, default_config, load_config, parse_config
-from router.pki import load_credential
+from pki_helpers import load_credential
 
 MINIMAL = """
 [server]
@@ -27,19 +28,19 @@ def test_minimal_file_gets_named_defaults(tmp_path):
     config = parse_config(MINIMAL, tmp_path)
     assert config.server.domains == ("example.org",)
     assert config.server.dialback_secret == "0123456789abcdef0123"
-    assert config.server.state_dir == tmp_path / cfg.DEFAULT_STATE_DIR
-    assert config.listen.s2s == cfg.parse_endpoint(cfg.DEFAULT_S2S_LISTEN)
+    assert config.server.state_dir == tmp_path / defaults.DEFAULT_STATE_DIR
+    assert config.listen.s2s == cfg.parse_endpoint(defaults.DEFAULT_S2S_LISTEN)
     assert config.listen.component == Endpoint("127.0.0.1", 5347)
     assert config.listen.s2s_direct_tls is None
-    assert config.s2s.bidi == cfg.DEFAULT_BIDI
-    assert config.s2s.keepalive_interval == cfg.DEFAULT_KEEPALIVE_INTERVAL
-    assert config.policy.max_stanza_bytes == cfg.DEFAULT_MAX_STANZA_BYTES
-    assert config.policy.pre_auth_max_stanza_bytes >= cfg.MIN_STANZA_BYTES
-    assert config.policy.require_encryption is cfg.DEFAULT_REQUIRE_ENCRYPTION
+    assert config.s2s.bidi == defaults.DEFAULT_BIDI
+    assert config.s2s.keepalive_interval == defaults.DEFAULT_KEEPALIVE_INTERVAL
+    assert config.policy.max_stanza_bytes == defaults.DEFAULT_MAX_STANZA_BYTES
+    assert config.policy.pre_auth_max_stanza_bytes >= defaults.MIN_STANZA_BYTES
+    assert config.policy.require_encryption is defaults.DEFAULT_REQUIRE_ENCRYPTION
     assert config.log.level == "INFO"
     assert config.local_domains == {"example.org"}
     # a configured secret means no state is written
-    assert not (tmp_path / cfg.DEFAULT_STATE_DIR).exists()
+    assert not (tmp_path / defaults.DEFAULT_STATE_DIR).exists()
 
 
 def test_full_file_round_trips_every_section(tmp_path):
@@ -223,17 +224,17 @@ def test_load_config_resolves_relative_to_file(tmp_path):
     conf_dir.mkdir()
     (conf_dir / "relay.toml").write_text(MINIMAL)
     config = load_config(conf_dir / "relay.toml")
-    assert config.server.state_dir == conf_dir / cfg.DEFAULT_STATE_DIR
+    assert config.server.state_dir == conf_dir / defaults.DEFAULT_STATE_DIR
     assert config.source.endswith("relay.toml")
 
 
 def test_default_config_creates_state_once_and_reuses_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first = default_config()
-    state = tmp_path / cfg.DEFAULT_STATE_DIR
-    secret_file = state / cfg.DIALBACK_SECRET_FILENAME
+    state = tmp_path / defaults.DEFAULT_STATE_DIR
+    secret_file = state / defaults.DIALBACK_SECRET_FILENAME
     assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
-    assert len(first.server.dialback_secret) == 2 * cfg.DIALBACK_SECRET_BYTES
+    assert len(first.server.dialback_secret) == 2 * defaults.DIALBACK_SECRET_BYTES
     assert first.server.domains == ("localhost",)
     assert first.services.echo == ("echo.localhost",) and first.services.sink == ("sink.localhost",)
     assert first.listen.s2s.host == "127.0.0.1"
@@ -252,7 +253,7 @@ def test_default_config_text_is_a_valid_file(tmp_path):
     text = cfg.default_config_text(tmp_path / "s")
     config = parse_config(text, tmp_path)
     assert config.server.state_dir == tmp_path / "s"
-    assert (tmp_path / "s" / cfg.DIALBACK_SECRET_FILENAME).is_file()
+    assert (tmp_path / "s" / defaults.DIALBACK_SECRET_FILENAME).is_file()
 
 
 def test_peer_trust_anchors_are_read_per_remote_domain(tmp_path):

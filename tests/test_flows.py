@@ -1,7 +1,25 @@
-"""The conversations of flows.md, run two ways.
+"""Three S2S example conversations, byte for byte, run two ways.
+
+`FLOW_BLOCKS` holds each conversation followed by its variants. Every line `PARTY@N: bytes`
+is one write by PARTY on TCP connection N: C/S (O/R in the classic one) are the two ends of
+the main connection, A/M authoritative servers reached over other connections.
+
+* `EXTERNAL_BIDI`: STARTTLS, SASL EXTERNAL and bidi on one connection, stanzas both ways
+  (XEP-0288 Example 3, errata fixed); variants: the stream errors of RFC 6120 §4.3.5,
+  §8.1.2.2, §8.1.1.2 and §11.1, and EXTERNAL refused (XEP-0178 §3 step 11b);
+* `DIALBACK_BIDI`: dialback on a bidi stream from a self-signed initiator, db:verify over
+  separate connections, then reverse dialback for conference.montague.lit (XEP-0288
+  Examples 4-5, XEP-0220 §2, real XEP-0185 keys); variants: unknown target, the
+  authoritative server saying invalid or unreachable, an unsolicited result (XEP-0220 §3.1);
+* `CLASSIC_DIALBACK`: the XEP-0220 example conversation (capulet.example -> montague.example,
+  keys of XEP-0220 Examples 1 and 5): two connections, no TLS, a piggybacked sender
+  (§2.6.1) and a return connection for errors (RFC 6120 §4.9.1.4); variants: unknown
+  target, an error from the authoritative server, a prefix-free peer (RFC 6120 §9.2).
+
+The two ways:
 
 * literal: one `Session` plays one party and is fed the other party's bytes exactly as
-  written in flows.md; what it writes must equal the document's bytes after parsing
+  written here; what it writes must equal the conversation's bytes after parsing
   (attribute order and quote style aside; dialback keys and stream ids exactly);
 * wired: both parties are `Session`s connected back to back (TLS simulated with
   certificates from router.pki, dialback keys checked by a third session acting as the
@@ -139,17 +157,18 @@ R@1: <db:result xmlns:db='jabber:server:dialback' from='montague.example' to='ca
 """,
 )
 
-FLOW_A, FLOW_A_VARIANTS, FLOW_B, FLOW_B_VARIANTS, FLOW_C, FLOW_C_VARIANTS = FLOW_BLOCKS
+(EXTERNAL_BIDI, EXTERNAL_BIDI_VARIANTS, DIALBACK_BIDI, DIALBACK_BIDI_VARIANTS,
+ CLASSIC_DIALBACK, CLASSIC_DIALBACK_VARIANTS) = FLOW_BLOCKS
 
 CAPULET_SECRET = "s3cr3tf0rd14lb4ck"
 MONTAGUE_SECRET = "d14lb4ck43v3r"
-A_IDS = ("65b30434afd7646699d077f7affcb2c120c48e18", "b5cd769b1dc292c6f6557fe76cabc4d112333f9a",
+EXTERNAL_BIDI_IDS = ("65b30434afd7646699d077f7affcb2c120c48e18", "b5cd769b1dc292c6f6557fe76cabc4d112333f9a",
          "3f0c9a7d51e24b8e96d1c7a2b4e8f0d35a6c1b92")
-KEY_B_CAPULET = "3388d61d1e7d79749d56c31dfadbb2d9dca69cb0ebc8d88748a83c18f27ae915"
-KEY_B_CONFERENCE = "21a6ad90105b239ca465925833f3ecc4c3f240325e428154bddaac53e179d839"
-KEY_C_CAPULET = "b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3"
-KEY_C_ROOMS = "8acfc019f4065de59e88f08d4532376c61c8becf61ce78a25156e42fdbd0b69c"
-KEY_C_REVERSE = "225cc5aa6a071133249d25fef42ae516fc7a86c523aa1c6980a7f73e784c972d"
+KEY_BIDI_CAPULET = "3388d61d1e7d79749d56c31dfadbb2d9dca69cb0ebc8d88748a83c18f27ae915"
+KEY_BIDI_CONFERENCE = "21a6ad90105b239ca465925833f3ecc4c3f240325e428154bddaac53e179d839"
+KEY_CLASSIC_CAPULET = "b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3"
+KEY_CLASSIC_ROOMS = "8acfc019f4065de59e88f08d4532376c61c8becf61ce78a25156e42fdbd0b69c"
+KEY_CLASSIC_REVERSE = "225cc5aa6a071133249d25fef42ae516fc7a86c523aa1c6980a7f73e784c972d"
 
 
 def ids(*values):
@@ -158,19 +177,20 @@ def ids(*values):
 
 
 def test_vendored_vectors_match_the_spec_file():
-    """FLOW_BLOCKS is a copy of flows.md's conversations; keep them in step."""
+    """FLOW_BLOCKS copies the conversations of the project's S2S notes, kept outside this
+    repository (/work/shared/spec/flows.md); where that file exists, the copy must match it."""
     import re
     from pathlib import Path
 
     spec = Path("/work/shared/spec/flows.md")
     if not spec.exists():
-        pytest.skip("flows.md is not available on this machine")
+        pytest.skip("the S2S notes (/work/shared/spec/flows.md) are not on this machine")
     blocks = re.findall(r"```\n(.*?)```", spec.read_text(), re.S)
     lines = ["\n".join(l for l in b.split("\n") if re.match(r"^[A-Z]@\d: ", l)) for b in blocks]
     assert tuple(block + "\n" for block in lines) == FLOW_BLOCKS
 
 
-# ---------------------------------------------------------------- (a) STARTTLS + EXTERNAL + bidi
+# ---------------------------------------------------------------- STARTTLS + SASL EXTERNAL + bidi
 
 
 def montague_lit(leaves, ca, **overrides):
@@ -183,10 +203,10 @@ def capulet_lit(ca, **overrides):
     return config(["capulet.lit"], CAPULET_SECRET, trust=[ca], **overrides)
 
 
-def test_flow_a_receiver_literal(pki_world):
+def test_external_bidi_receiver_literal(pki_world):
     ca, leaves = pki_world
-    session = Session("receiver", montague_lit(leaves, ca), new_id=ids(*A_IDS))
-    writes = script(FLOW_A, 1)
+    session = Session("receiver", montague_lit(leaves, ca), new_id=ids(*EXTERNAL_BIDI_IDS))
+    writes = script(EXTERNAL_BIDI, 1)
     player = Player(session, writes, "S", peer_chain=[leaves["capulet.lit"].cert_der()])
     player.run()
     player.assert_wrote_expected()
@@ -198,10 +218,10 @@ def test_flow_a_receiver_literal(pki_world):
     assert player.of(ev.PeerClosed) == [ev.PeerClosed(None, None)]
 
 
-def test_flow_a_initiator_literal(pki_world):
+def test_external_bidi_initiator_literal(pki_world):
     ca, leaves = pki_world
     session = Session("initiator", capulet_lit(ca, bidi="always"), "capulet.lit", "montague.lit")
-    writes = script(FLOW_A, 1)
+    writes = script(EXTERNAL_BIDI, 1)
     close_index = sum(1 for party, _ in writes if party == "C") - 1
     player = Player(session, writes, "C", peer_chain=[leaves["montague.lit"].cert_der()],
                     actions={close_index: lambda p: p.session.close()})
@@ -212,20 +232,20 @@ def test_flow_a_initiator_literal(pki_world):
     assert [s.element.name for s in player.of(ev.Stanza)] == ["iq", "message"]
 
 
-def _a_receiver_until(pki_world, marker: bytes, **overrides):
-    """A flow (a) receiver fed C's writes up to (excluding) the first one containing `marker`."""
+def _external_bidi_receiver_until(pki_world, marker: bytes, **overrides):
+    """An EXTERNAL_BIDI receiver fed C's writes up to (excluding) the first one containing `marker`."""
     ca, leaves = pki_world
-    session = Session("receiver", montague_lit(leaves, ca, **overrides), new_id=ids(*A_IDS))
-    writes = script(FLOW_A, 1)
+    session = Session("receiver", montague_lit(leaves, ca, **overrides), new_id=ids(*EXTERNAL_BIDI_IDS))
+    writes = script(EXTERNAL_BIDI, 1)
     upto = next(i for i, (party, data) in enumerate(writes) if party == "C" and marker in data)
     return Player(session, writes, "S", peer_chain=[leaves["capulet.lit"].cert_der()]).run(upto)
 
 
 def _variant(label: str) -> tuple[bytes, bytes]:
-    """The (peer write, our expected answer) of a flows.md negative variant."""
-    lines = script(FLOW_A_VARIANTS, 1)
-    labels = ["a1", "a2", "a3", "a4", "a5", "a6"]
-    if label == "a6":
+    """The (peer write, our expected answer) of a negative variant of EXTERNAL_BIDI."""
+    lines = script(EXTERNAL_BIDI_VARIANTS, 1)
+    labels = ["early-stanza", "spoofed-from", "no-to", "foreign-to", "comment", "external-refused"]
+    if label == "external-refused":
         return b"", lines[-1][1]
     index = labels.index(label)
     return lines[2 * index][1], lines[2 * index + 1][1]
@@ -237,9 +257,10 @@ def _assert_closed_with(player, condition):
     assert closed[0].text  # every error says what was wrong
 
 
-def test_flow_a1_stanza_before_sasl_is_not_authorized(pki_world):
-    player = _a_receiver_until(pki_world, b"<bidi")
-    sent, answer = _variant("a1")
+def test_external_bidi_stanza_before_sasl_is_not_authorized(pki_world):
+    """RFC 6120 §4.3.5, §4.9.3.12."""
+    player = _external_bidi_receiver_until(pki_world, b"<bidi")
+    sent, answer = _variant("early-stanza")
     before = bytes(player.actual)
     player.feed(sent)
     assert canonical_tail(player.actual, before) == canonical_tail(answer)
@@ -258,11 +279,12 @@ def canonical_tail(data: bytes, before: bytes = b"") -> list:
 
 @pytest.mark.parametrize(
     "label, condition",
-    [("a2", "invalid-from"), ("a3", "improper-addressing"), ("a4", "host-unknown"), ("a5", "restricted-xml")],
+    [("spoofed-from", "invalid-from"), ("no-to", "improper-addressing"), ("foreign-to", "host-unknown"),
+     ("comment", "restricted-xml")],
 )
-def test_flow_a_variants_after_authentication(pki_world, label, condition):
-    """a2 spoofed from (RFC 6120 §8.1.2.2), a3 no 'to' (§8.1.1.2), a4 foreign 'to', a5 comment (§11.1)."""
-    player = _a_receiver_until(pki_world, b"<iq ")
+def test_external_bidi_variants_after_authentication(pki_world, label, condition):
+    """Spoofed 'from' (RFC 6120 §8.1.2.2), no 'to' and a 'to' not served here (§8.1.1.2), a comment (§11.1)."""
+    player = _external_bidi_receiver_until(pki_world, b"<iq ")
     assert set(player.session.inbound_pairs) == {("capulet.lit", "montague.lit")}
     sent, answer = _variant(label)
     before = bytes(player.actual)
@@ -272,25 +294,26 @@ def test_flow_a_variants_after_authentication(pki_world, label, condition):
     assert not player.of(ev.Stanza)
 
 
-def test_flow_a6_external_with_a_certificate_for_another_name(pki_world):
-    """a6: the certificate does not name 'from' -> <failure><not-authorized/>, stream stays for dialback."""
+def test_external_bidi_certificate_for_another_name(pki_world):
+    """XEP-0178 §3 step 11b: the certificate does not name 'from' -> <failure><not-authorized/>, the
+    stream stays for dialback."""
     ca, leaves = pki_world
-    session = Session("receiver", montague_lit(leaves, ca, dialback=True), new_id=ids(*A_IDS))
-    writes = script(FLOW_A, 1)
+    session = Session("receiver", montague_lit(leaves, ca, dialback=True), new_id=ids(*EXTERNAL_BIDI_IDS))
+    writes = script(EXTERNAL_BIDI, 1)
     upto = next(i for i, (party, data) in enumerate(writes) if party == "C" and b"<bidi" in data)
     wrong = pki.make_leaf(ca, "tybalt.lit")
     player = Player(session, writes, "S", peer_chain=[wrong.cert_der()]).run(upto)
     assert b"EXTERNAL" not in player.actual  # never offered for a certificate that does not match
     before = bytes(player.actual)
     player.feed(writes[upto + 1][1])  # the <auth/> (EXTERNAL, authzid capulet.lit)
-    _, answer = _variant("a6")
+    _, answer = _variant("external-refused")
     assert canonical_tail(player.actual, before) == canonical_tail(answer)
     assert not session.closed and not session.inbound_pairs
 
 
-# ---------------------------------------------------------------- (b) dialback on a bidi stream
+# ---------------------------------------------------------------- dialback on a bidi stream
 
-B_IDS = ("65b30434afd7646699d077f7affcb2c120c48e18", "b5cd769b1dc292c6f6557fe76cabc4d112333f9a")
+DIALBACK_BIDI_IDS = ("65b30434afd7646699d077f7affcb2c120c48e18", "b5cd769b1dc292c6f6557fe76cabc4d112333f9a")
 MONTAGUE_NETWORK = ["montague.lit", "conference.montague.lit"]
 
 
@@ -316,19 +339,19 @@ def _only(items):
     return items[0]
 
 
-def test_flow_b_receiver_literal(pki_world, self_signed_capulet):
+def test_dialback_bidi_receiver_literal(pki_world, self_signed_capulet):
     ca, leaves = pki_world
-    session = Session("receiver", montague_network(ca), new_id=ids(*B_IDS))
+    session = Session("receiver", montague_network(ca), new_id=ids(*DIALBACK_BIDI_IDS))
 
     def verified(player):
         key = _only(player.of(ev.VerifyKey))
-        assert key == ev.VerifyKey(key.token, "montague.lit", "capulet.lit", B_IDS[1], KEY_B_CAPULET)
+        assert key == ev.VerifyKey(key.token, "montague.lit", "capulet.lit", DIALBACK_BIDI_IDS[1], KEY_BIDI_CAPULET)
         player.session.key_verified(key.token, "valid")
 
     def reverse_dialback(player):
         assert player.session.request_pair("conference.montague.lit", "capulet.lit")
 
-    player = Player(session, script(FLOW_B, 1), "S", peer_chain=[self_signed_capulet.cert_der()],
+    player = Player(session, script(DIALBACK_BIDI, 1), "S", peer_chain=[self_signed_capulet.cert_der()],
                     actions={5: verified, 7: reverse_dialback})
     player.run()
     player.assert_wrote_expected()
@@ -338,17 +361,19 @@ def test_flow_b_receiver_literal(pki_world, self_signed_capulet):
     assert not player.of(ev.Closed) and player.of(ev.PeerClosed)
 
 
-def test_flow_b_initiator_literal(pki_world, self_signed_capulet):
+def test_dialback_bidi_initiator_literal(pki_world, self_signed_capulet):
     ca, leaves = pki_world
     session = Session("initiator", capulet_network(ca, bidi="always"), "capulet.lit", "montague.lit")
 
     def verified(player):
         key = _only(player.of(ev.VerifyKey))
-        # T-09: the only stream id on the connection is the receiver's
-        assert key == ev.VerifyKey(key.token, "capulet.lit", "conference.montague.lit", B_IDS[1], KEY_B_CONFERENCE)
+        # XEP-0288 §2.2 does not say which stream id keys reverse dialback: the only one on the
+        # connection is the receiver's
+        assert key == ev.VerifyKey(key.token, "capulet.lit", "conference.montague.lit", DIALBACK_BIDI_IDS[1],
+                                   KEY_BIDI_CONFERENCE)
         player.session.key_verified(key.token, "valid")
 
-    player = Player(session, script(FLOW_B, 1), "C", peer_chain=[leaves["montague.lit"].cert_der()],
+    player = Player(session, script(DIALBACK_BIDI, 1), "C", peer_chain=[leaves["montague.lit"].cert_der()],
                     actions={6: verified, 8: lambda p: p.session.close()})
     player.run()
     player.assert_wrote_expected()  # includes our db:result with the exact key 3388d61d...
@@ -358,20 +383,20 @@ def test_flow_b_initiator_literal(pki_world, self_signed_capulet):
 
 
 @pytest.mark.parametrize("connection", [2, 3])
-def test_flow_b_verify_connections_literal(pki_world, connection):
+def test_dialback_bidi_verify_connections_literal(pki_world, connection):
     """TCP#2 (S asks A about capulet.lit) and TCP#3 (C asks M about conference.montague.lit), both ends."""
     ca, _ = pki_world
     if connection == 2:
         asker, authority_party, asker_party = montague_network(ca), "A", "S"
         authority = config(["capulet.lit"], CAPULET_SECRET, bidi="encrypted", required_flags=False)
-        request = ("montague.lit", "capulet.lit", B_IDS[1], KEY_B_CAPULET)
+        request = ("montague.lit", "capulet.lit", DIALBACK_BIDI_IDS[1], KEY_BIDI_CAPULET)
         authority_id = "a83fd2c61e5b4d90e7c2"
     else:
         asker, authority_party, asker_party = capulet_network(ca), "M", "C"
         authority = config(MONTAGUE_NETWORK, MONTAGUE_SECRET, bidi="encrypted", required_flags=False)
-        request = ("capulet.lit", "conference.montague.lit", B_IDS[1], KEY_B_CONFERENCE)
+        request = ("capulet.lit", "conference.montague.lit", DIALBACK_BIDI_IDS[1], KEY_BIDI_CONFERENCE)
         authority_id = "c41e99b07f2d3a6511d8"
-    writes = script(FLOW_B, connection)
+    writes = script(DIALBACK_BIDI, connection)
 
     verifier = Session("initiator", asker, request[0], request[1], verify_only=True)
     verifier.request_verify("token-1", *request)
@@ -384,21 +409,18 @@ def test_flow_b_verify_connections_literal(pki_world, connection):
     assert not answering.session.inbound_pairs  # answering db:verify authorizes nothing
 
 
-def _b_receiver_with_pending_key(pki_world, self_signed_capulet):
+def _dialback_bidi_receiver_with_pending_key(pki_world, self_signed_capulet):
     ca, _ = pki_world
-    session = Session("receiver", montague_network(ca), new_id=ids(*B_IDS))
-    writes = script(FLOW_B, 1)
+    session = Session("receiver", montague_network(ca), new_id=ids(*DIALBACK_BIDI_IDS))
+    writes = script(DIALBACK_BIDI, 1)
     upto = next(i for i, (party, data) in enumerate(writes) if party == "S" and b"type='valid'" in data)
     return Player(session, writes, "S", peer_chain=[self_signed_capulet.cert_der()]).run(upto)
 
 
-def _b_variant(index: int) -> bytes:
-    return [data for _, data in script(FLOW_B_VARIANTS, 1) + script(FLOW_B_VARIANTS, 2)][index]
-
-
-def test_flow_b1_unknown_target_gets_item_not_found_and_the_stream_stays(pki_world, self_signed_capulet):
-    variants = script(FLOW_B_VARIANTS, 1)
-    player = _b_receiver_with_pending_key(pki_world, self_signed_capulet)
+def test_dialback_bidi_unknown_target_gets_item_not_found_and_the_stream_stays(pki_world, self_signed_capulet):
+    """XEP-0220 §2.2.1, §2.5."""
+    variants = script(DIALBACK_BIDI_VARIANTS, 1)
+    player = _dialback_bidi_receiver_with_pending_key(pki_world, self_signed_capulet)
     before = bytes(player.actual)
     player.feed(variants[0][1])
     assert canonical_tail(player.actual, before) == canonical_tail(variants[1][1])
@@ -406,10 +428,11 @@ def test_flow_b1_unknown_target_gets_item_not_found_and_the_stream_stays(pki_wor
 
 
 @pytest.mark.parametrize("result, expected_lines", [("invalid", (2, 3)), ("remote-connection-failed", (4,))])
-def test_flow_b2_b3_authoritative_answers(pki_world, self_signed_capulet, result, expected_lines):
-    """b2: AS says invalid on the only pair -> type='invalid' and close; b3: AS unreachable -> dialback error."""
-    variants = script(FLOW_B_VARIANTS, 1)
-    player = _b_receiver_with_pending_key(pki_world, self_signed_capulet)
+def test_dialback_bidi_authoritative_answers(pki_world, self_signed_capulet, result, expected_lines):
+    """The authoritative server says invalid on the only pair -> type='invalid' and close (XEP-0220
+    §2.2.1); it cannot be reached -> a <remote-connection-failed/> dialback error (XEP-0220 §2.5)."""
+    variants = script(DIALBACK_BIDI_VARIANTS, 1)
+    player = _dialback_bidi_receiver_with_pending_key(pki_world, self_signed_capulet)
     key = _only(player.of(ev.VerifyKey))
     before = bytes(player.actual)
     player.session.key_verified(key.token, result)
@@ -420,17 +443,18 @@ def test_flow_b2_b3_authoritative_answers(pki_world, self_signed_capulet, result
     assert player.session.closed == (result == "invalid")
 
 
-def test_flow_b4_unsolicited_valid_result_is_rejected(pki_world, self_signed_capulet):
-    """b4 (T-07): a typed db:result nobody asked for must never open montague.lit -> victim.example."""
-    variants = script(FLOW_B_VARIANTS, 1)
-    player = _b_receiver_with_pending_key(pki_world, self_signed_capulet)
+def test_dialback_bidi_unsolicited_valid_result_is_rejected(pki_world, self_signed_capulet):
+    """XEP-0220 §3.1, XEP-0288 §4 (the 2012 unsolicited-dialback vulnerability): a typed db:result
+    nobody asked for must never open montague.lit -> victim.example."""
+    variants = script(DIALBACK_BIDI_VARIANTS, 1)
+    player = _dialback_bidi_receiver_with_pending_key(pki_world, self_signed_capulet)
     player.feed(variants[-1][1])
     _assert_closed_with(player, "not-authorized")
     assert ("montague.lit", "victim.example") not in player.session.outbound_pairs
     assert not any(e.direction == "outbound" for e in player.of(ev.Authenticated))
 
 
-# ---------------------------------------------------------------- (c) classic dialback, piggybacking
+# ---------------------------------------------------------------- classic dialback, piggybacking (XEP-0220 example)
 
 CAPULET_EXAMPLE = ["capulet.example", "rooms.capulet.example"]
 
@@ -447,9 +471,9 @@ def capulet_example(**overrides):
     return config(CAPULET_EXAMPLE, CAPULET_SECRET, **options)
 
 
-def test_flow_c_receiver_literal():
+def test_classic_dialback_receiver_literal():
     session = Session("receiver", montague_example(), new_id=ids("D60000229F"))
-    keys = iter([("capulet.example", KEY_C_CAPULET), ("rooms.capulet.example", KEY_C_ROOMS)])
+    keys = iter([("capulet.example", KEY_CLASSIC_CAPULET), ("rooms.capulet.example", KEY_CLASSIC_ROOMS)])
 
     def verified(player):
         originating, key = next(keys)
@@ -457,20 +481,21 @@ def test_flow_c_receiver_literal():
         assert event == ev.VerifyKey(event.token, "montague.example", originating, "D60000229F", key)
         player.session.key_verified(event.token, "valid")
 
-    player = Player(session, script(FLOW_C, 1), "R", actions={2: verified, 3: verified}).run()
+    player = Player(session, script(CLASSIC_DIALBACK, 1), "R", actions={2: verified, 3: verified}).run()
     player.assert_wrote_expected()  # includes answering O's db:verify for 417GAF25 as valid
     assert set(session.inbound_pairs) == {("capulet.example", "montague.example"), ("rooms.capulet.example", "montague.example")}
     assert not session.outbound_pairs  # no bidi: R must open its own connection (TCP#3)
     assert [s.element.name for s in player.of(ev.Stanza)] == ["message", "presence", "message"]
 
 
-def test_flow_c_initiator_literal():
+def test_classic_dialback_initiator_literal():
     session = Session("initiator", capulet_example(), "capulet.example", "montague.example")
     player = Player(
-        session, script(FLOW_C, 1), "O",
+        session, script(CLASSIC_DIALBACK, 1), "O",
         actions={
             3: lambda p: p.session.request_pair("rooms.capulet.example", "montague.example"),
-            6: lambda p: p.session.request_verify("tcp3", "capulet.example", "montague.example", "417GAF25", KEY_C_REVERSE),
+            6: lambda p: p.session.request_verify("tcp3", "capulet.example", "montague.example", "417GAF25",
+                                                  KEY_CLASSIC_REVERSE),
         },
     ).run()
     player.assert_wrote_expected()  # keys b4835385... and 8acfc019... computed from D60000229F exactly
@@ -479,12 +504,12 @@ def test_flow_c_initiator_literal():
     assert player.of(ev.VerifyResult) == [ev.VerifyResult("tcp3", "valid")]
 
 
-def test_flow_c_verify_connection_literal():
-    writes = script(FLOW_C, 2)
+def test_classic_dialback_verify_connection_literal():
+    writes = script(CLASSIC_DIALBACK, 2)
     verifier = Session("initiator", montague_example(), "montague.example", "capulet.example", verify_only=True)
-    verifier.request_verify(1, "montague.example", "capulet.example", "D60000229F", KEY_C_CAPULET)
+    verifier.request_verify(1, "montague.example", "capulet.example", "D60000229F", KEY_CLASSIC_CAPULET)
     player = Player(verifier, writes, "R", actions={
-        2: lambda p: p.session.request_verify(2, "montague.example", "rooms.capulet.example", "D60000229F", KEY_C_ROOMS),
+        2: lambda p: p.session.request_verify(2, "montague.example", "rooms.capulet.example", "D60000229F", KEY_CLASSIC_ROOMS),
         3: lambda p: p.session.close(),
     }).run()
     player.assert_wrote_expected()
@@ -494,15 +519,15 @@ def test_flow_c_verify_connection_literal():
     authority.assert_wrote_expected()
 
 
-def test_flow_c_reverse_connection_literal():
-    writes = script(FLOW_C, 3)
+def test_classic_dialback_reverse_connection_literal():
+    writes = script(CLASSIC_DIALBACK, 3)
     initiator = Player(Session("initiator", montague_example(), "montague.example", "capulet.example"), writes, "R").run()
     initiator.assert_wrote_expected()  # db:result key 225cc5aa... (XEP-0220 Ex. 5) from stream id 417GAF25
     assert set(initiator.session.outbound_pairs) == {("montague.example", "capulet.example")}
 
     def verified(player):
         event = _only(player.of(ev.VerifyKey))
-        assert event == ev.VerifyKey(event.token, "capulet.example", "montague.example", "417GAF25", KEY_C_REVERSE)
+        assert event == ev.VerifyKey(event.token, "capulet.example", "montague.example", "417GAF25", KEY_CLASSIC_REVERSE)
         player.session.key_verified(event.token, "valid")
 
     receiver = Player(Session("receiver", capulet_example(), new_id=ids("417GAF25")), writes, "A",
@@ -511,36 +536,38 @@ def test_flow_c_reverse_connection_literal():
     assert set(receiver.session.inbound_pairs) == {("montague.example", "capulet.example")}
 
 
-def test_flow_c2_unknown_target_on_the_classic_stream():
-    variants = script(FLOW_C_VARIANTS, 1)
+def test_classic_dialback_unknown_target_gets_item_not_found():
+    """XEP-0220 §2.2.1: a dialback error, the stream stays and nobody is asked."""
+    variants = script(CLASSIC_DIALBACK_VARIANTS, 1)
     session = Session("receiver", montague_example(), new_id=ids("D60000229F"))
-    player = Player(session, script(FLOW_C, 1), "R").run(upto=3)
+    player = Player(session, script(CLASSIC_DIALBACK, 1), "R").run(upto=3)
     before = bytes(player.actual)
     player.feed(variants[0][1])
     assert canonical_tail(player.actual, before) == canonical_tail(variants[1][1])
     assert not session.closed and not player.of(ev.VerifyKey)
 
 
-def test_flow_c3_authoritative_server_answers_with_an_error():
+def test_classic_dialback_authoritative_server_answers_with_an_error():
+    """XEP-0220 §2.2.2 (Example 8): the error reaches the verification that asked."""
     verifier = Session("initiator", montague_example(), "montague.example", "capulet.example", verify_only=True)
-    verifier.request_verify("t", "montague.example", "capulet.example", "D60000229F", KEY_C_CAPULET)
-    writes = [w for w in script(FLOW_C, 2) if b"type='valid'" not in w[1]][:4]
+    verifier.request_verify("t", "montague.example", "capulet.example", "D60000229F", KEY_CLASSIC_CAPULET)
+    writes = [w for w in script(CLASSIC_DIALBACK, 2) if b"type='valid'" not in w[1]][:4]
     player = Player(verifier, writes, "R").run()
-    player.feed(script(FLOW_C_VARIANTS, 2)[0][1])
+    player.feed(script(CLASSIC_DIALBACK_VARIANTS, 2)[0][1])
     assert player.of(ev.VerifyResult) == [ev.VerifyResult("t", "item-not-found")]
     assert not verifier.closed
 
 
-def test_flow_c4_prefix_free_peer():
-    """c4: the receiving server writes prefix-free (RFC 6120 §9.2); its db: prefix is declared inline."""
+def test_classic_dialback_prefix_free_peer():
+    """The receiving server writes prefix-free (RFC 6120 §9.2); its db: prefix is declared inline."""
     session = Session("initiator", capulet_example(), "capulet.example", "montague.example")
     player = Player(session, [], "O")
-    for _, data in script(FLOW_C_VARIANTS, 1)[2:]:
+    for _, data in script(CLASSIC_DIALBACK_VARIANTS, 1)[2:]:
         player.feed(data)
     written = canonical(player.actual)
     assert written[0][0] == "header"
     assert written[1:] == canonical_tail(
-        f"<db:result from='capulet.example' to='montague.example'>{KEY_C_CAPULET}</db:result>".encode()
+        f"<db:result from='capulet.example' to='montague.example'>{KEY_CLASSIC_CAPULET}</db:result>".encode()
     )
     assert set(session.outbound_pairs) == {("capulet.example", "montague.example")}
     assert not session.closed
@@ -553,7 +580,7 @@ def _chain(credential):
     return (credential.cert_der(),)
 
 
-def test_flow_a_wired_ends_with_the_same_pairs(pki_world):
+def test_external_bidi_wired_ends_with_the_same_pairs(pki_world):
     ca, leaves = pki_world
     initiator = Session("initiator", config(["capulet.lit"], CAPULET_SECRET, trust=[ca]), "capulet.lit", "montague.lit")
     receiver = Session("receiver", config(["montague.lit"], MONTAGUE_SECRET, trust=[ca]))
@@ -570,7 +597,7 @@ def test_flow_a_wired_ends_with_the_same_pairs(pki_world):
     assert not wire.of("i", ev.Closed) and not wire.of("r", ev.Closed)
 
 
-def test_flow_b_wired_with_reverse_dialback(pki_world, self_signed_capulet):
+def test_dialback_bidi_wired_with_reverse_dialback(pki_world, self_signed_capulet):
     ca, leaves = pki_world
     capulet = config(["capulet.lit"], CAPULET_SECRET, trust=[ca])
     montague = config(MONTAGUE_NETWORK, MONTAGUE_SECRET, trust=[ca], bidi_reverse_dialback=True)
@@ -590,7 +617,7 @@ def test_flow_b_wired_with_reverse_dialback(pki_world, self_signed_capulet):
     assert all(e.mechanism == "dialback" for e in wire.of("r", ev.Authenticated))
 
 
-def test_flow_c_wired_classic_dialback_and_piggybacking():
+def test_classic_dialback_wired_with_piggybacking():
     capulet = capulet_example(required_flags=True)
     montague = montague_example(required_flags=True)
     outgoing = Wire(Session("initiator", capulet, "capulet.example", "montague.example"), Session("receiver", montague))
@@ -608,13 +635,13 @@ def test_flow_c_wired_classic_dialback_and_piggybacking():
     reverse.verify("r", capulet, montague)
     assert set(reverse.initiator.outbound_pairs) == {("montague.example", "capulet.example")}
     assert set(reverse.receiver.inbound_pairs) == {("montague.example", "capulet.example")}
-    # a stanza for a pair not validated on the stream is fatal (flows.md (c), RFC 6120 §8.1.2.2)
+    # a stanza for a pair not validated on the stream is fatal (RFC 6120 §8.1.2.2)
     outgoing.receiver.receive_data(b"<message from='tybalt@tybalt.example' to='romeo@montague.example'/>")
     outgoing.pump()
     assert [c.condition for c in outgoing.of("r", ev.Closed)] == ["invalid-from"]
 
 
-def test_flow_b_wired_invalid_key_bounces_and_closes(pki_world, self_signed_capulet):
+def test_dialback_bidi_wired_invalid_key_bounces_and_closes(pki_world, self_signed_capulet):
     """A forged key (wrong secret) is answered invalid by the real authoritative server."""
     ca, leaves = pki_world
     forger = config(["capulet.lit"], "not-the-capulet-secret", trust=[ca])

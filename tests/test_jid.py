@@ -1,4 +1,5 @@
-"""router.jid: domainpart extraction and the canonical domain form (RFC 7622; tricky T-03)."""
+"""router.jid: domainpart extraction and the canonical domain form (RFC 7622; domains are normalized
+before the per-pair checks of RFC 6120 §8.1.2.2 compare them)."""
 
 import pytest
 

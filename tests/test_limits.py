@@ -8,7 +8,7 @@ import asyncio
 import uvloop
 
 from router.limits import LOG_INTERVAL, OVERALL, Limit, admit, release
-from router.server import KeyedSemaphores
+from router.connector import KeyedSemaphores
 
 
 def test_admit_takes_every_slot_or_none_and_names_the_full_limit():

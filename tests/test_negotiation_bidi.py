@@ -1,4 +1,5 @@
-"""XEP-0288 bidirectional streams (checklist §6, tricky.md T-01, T-03, T-09)."""
+"""XEP-0288 bidirectional streams: the feature and request namespaces (§2.1-§2.2), TLS first (§2.1),
+which pairs each side may use (§2.2) and the checks on stanzas coming back."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def secured(ca, leaf_name="a.example", **overrides):
     return session
 
 
-def test_c80_c81_bidi_offered_after_tls_by_default_and_before_in_always_mode(pki_world):
+def test_bidi_offered_after_tls_by_default_and_before_in_always_mode(pki_world):
+    """XEP-0288 §2.1: bidi is enabled only after STARTTLS, so it is offered after TLS (before it too with
+    bidi = "always")."""
     ca, _ = pki_world
     plain = Session("receiver", config(["b.example"]))
     plain.receive_data(header())
@@ -37,14 +40,16 @@ def test_c80_c81_bidi_offered_after_tls_by_default_and_before_in_always_mode(pki
     assert b"bidi" not in off.data_to_send()
 
 
-def test_c81_bidi_requested_before_tls_is_ignored_in_encrypted_mode():
+def test_bidi_requested_before_tls_is_ignored_in_encrypted_mode():
+    """XEP-0288 §2.1: STARTTLS is completed before bidi is enabled."""
     session = Session("receiver", config(["b.example"]))
     session.receive_data(header() + BIDI_REQUEST)
     assert not session.bidi and not session.closed
     assert not [e for e in session.events() if isinstance(e, ev.BidiEnabled)]
 
 
-def test_c81_tls_restart_discards_a_pre_tls_bidi_request(pki_world):
+def test_tls_restart_discards_a_pre_tls_bidi_request(pki_world):
+    """XEP-0288 §2.1; RFC 6120 §5.4.3.3: what was negotiated before TLS is forgotten."""
     ca, _ = pki_world
     session = Session("receiver", config(["b.example"], bidi="always"))
     session.receive_data(header() + BIDI_REQUEST)
@@ -54,21 +59,23 @@ def test_c81_tls_restart_discards_a_pre_tls_bidi_request(pki_world):
     assert not session.bidi
 
 
-def test_c82_c85_request_pipelined_with_dialback_then_inverse_pairs_only(pki_world):
+def test_request_pipelined_with_dialback_then_inverse_pairs_only(pki_world):
+    """XEP-0288 §2.2: the request may be pipelined with db:result; then only the inverse of the verified pair."""
     ca, _ = pki_world
     session = secured(ca, leaf_name="untrusted-name.example")
     session.data_to_send()
     session.receive_data(BIDI_REQUEST + b"<db:result from='a.example' to='b.example'>k</db:result>")
     events = session.events()
     assert isinstance(events[0], ev.BidiEnabled) and isinstance(events[1], ev.VerifyKey)
-    assert not session.outbound_pairs  # c83: nothing may be sent before the peer is verified
+    assert not session.outbound_pairs  # XEP-0288 §2.2: nothing may be sent before the peer is verified
     session.key_verified(events[1].token, "valid")
-    assert set(session.outbound_pairs) == {("b.example", "a.example")}  # c85: the inverse, not c.example
+    assert set(session.outbound_pairs) == {("b.example", "a.example")}  # XEP-0288 §2.2: the inverse, not c.example
     directions = [(e.direction, e.remote, e.local) for e in session.events() if isinstance(e, ev.Authenticated)]
     assert directions == [("inbound", "a.example", "b.example"), ("outbound", "a.example", "b.example")]
 
 
-def test_c82_request_after_authentication_is_ignored(pki_world):
+def test_bidi_request_after_authentication_is_ignored(pki_world):
+    """XEP-0288 §2.2: bidi is requested before SASL or dialback; a later request is ignored."""
     ca, _ = pki_world
     session = secured(ca, leaf_name="other.example")
     session.receive_data(b"<db:result from='a.example' to='b.example'>k</db:result>")
@@ -78,7 +85,9 @@ def test_c82_request_after_authentication_is_ignored(pki_world):
     assert not session.bidi and not session.outbound_pairs and not session.closed
 
 
-def test_t01_feature_namespace_sent_as_a_request_enables_nothing(pki_world):
+def test_feature_namespace_sent_as_a_request_enables_nothing(pki_world):
+    """XEP-0288 §2.1-§2.2: the request is urn:xmpp:bidi; the feature namespace sent as a request
+    enables nothing and closes nothing (ejabberd once used the namespaces the other way round)."""
     ca, _ = pki_world
     session = secured(ca)
     session.receive_data(b"<bidi xmlns='urn:xmpp:features:bidi'/>")
@@ -86,7 +95,8 @@ def test_t01_feature_namespace_sent_as_a_request_enables_nothing(pki_world):
     assert not [e for e in session.events() if isinstance(e, ev.BidiEnabled)]
 
 
-def test_c85_sasl_bidi_pairs_are_header_to_from_inverse(pki_world):
+def test_sasl_bidi_pairs_are_header_to_from_inverse(pki_world):
+    """XEP-0288 §2.2: after SASL the receiver may send from the header's 'to' to the header's 'from'."""
     ca, _ = pki_world
     a = Session("initiator", config(["a.example"], trust=[ca]), "a.example", "b.example")
     b = Session("receiver", config(["b.example", "c.example"], trust=[ca]))
@@ -105,7 +115,9 @@ def _bidi_initiator(ca):
     return a
 
 
-def test_c88_initiator_checks_stanzas_coming_back(pki_world):
+def test_initiator_checks_stanzas_coming_back(pki_world):
+    """XEP-0288 §2.2, RFC 6120 §8.1.1.2, §8.1.2.2: stanzas arriving on our outgoing bidi stream get the
+    receiving-side checks."""
     ca, _ = pki_world
     a = _bidi_initiator(ca)
     a.receive_data(b"<message from='r@b.example' to='j@a.example'/>")
@@ -128,7 +140,9 @@ def test_stanzas_on_our_stream_without_bidi_are_not_authorized(pki_world):
     assert closed_with(a.events()) == ["not-authorized"]
 
 
-def test_t09_no_reverse_dialback_over_bidi_by_default(pki_world):
+def test_no_reverse_dialback_over_bidi_by_default(pki_world):
+    """XEP-0288 §2.2 lets the receiver run dialback over bidi but does not say which stream id keys it, and
+    Prosody and ejabberd do not support it: off unless bidi_reverse_dialback."""
     ca, _ = pki_world
     session = secured(ca, leaf_name="x.example")
     session.receive_data(BIDI_REQUEST + b"<db:result from='a.example' to='b.example'>k</db:result>")
@@ -147,11 +161,12 @@ def test_t09_no_reverse_dialback_over_bidi_by_default(pki_world):
     assert not enabled.request_pair("c.example", "never-seen.example")  # only domains the peer proved
 
 
-def test_c30_c88_secure_domain_is_sent_to_and_heard_from_only_with_a_proving_certificate(pki_world):
+def test_secure_domain_is_sent_to_and_heard_from_only_with_a_proving_certificate(pki_world):
     """Our dialback proves who we are, not who the peer is: a domain our policy says must
     use certificates gets stanzas from us, and may send back over bidi, only if the TLS
     peer's certificate proves it; otherwise the pair fails with the reason and, with no
-    other pair on it, the stream ends."""
+    other pair on it, the stream ends (RFC 6120 §13.7.2: the initiator validates the
+    receiver's certificate; XEP-0288 §2.2: stanzas coming back over bidi are checked too)."""
     ca, _ = pki_world
     policy = Policy(require_encryption=False, auth_overrides={"b.example": "secure"})
     for receiver_name, proven in (("b.example", True), ("impostor.example", False)):
@@ -173,7 +188,8 @@ def test_c30_c88_secure_domain_is_sent_to_and_heard_from_only_with_a_proving_cer
             assert closed_with(wire.i_events) == ["policy-violation"]
 
 
-def test_c81_wired_with_mandatory_tls_and_required_flags(pki_world):
+def test_bidi_wired_with_mandatory_tls_and_required_flags(pki_world):
+    """XEP-0288 §2.1: STARTTLS before bidi; RFC 6120 §5.3.1: only <starttls><required/> before TLS."""
     ca, _ = pki_world
     strict = Policy(require_encryption=True)
     a = Session("initiator", config(["a.example"], trust=[ca], policy=strict), "a.example", "b.example")

@@ -1,4 +1,4 @@
-"""Server Dialback in every role (checklist §5, tricky.md T-05..T-07, T-11)."""
+"""Server Dialback in every role (XEP-0220; XEP-0185 keys; XEP-0288 §2.2 and §4 on bidi streams)."""
 
 from __future__ import annotations
 
@@ -42,26 +42,32 @@ def dialback_error_condition(out: bytes) -> str | None:
     return None
 
 
-def test_c60_receiving_server_emits_verify_key_and_never_answers_on_its_own():
+def test_receiving_server_emits_verify_key_and_never_answers_on_its_own():
+    """XEP-0220 §2.2.1: the receiving server verifies the sender before accepting stanzas for the pair."""
     session = opened()
     out, events = ask(session, result(key="  abc  "))
     assert out == b"" and events == [ev.VerifyKey(events[0].token, "b.example", "a.example", session.stream_id, "abc")]
 
 
-def test_c63_t05_key_is_not_verified_over_its_own_stream():
+def test_key_is_not_verified_over_its_own_stream():
+    """XEP-0288 §2.2: never verify a key over the connection the request came on; XEP-0220 §2.1.2: verify over a
+    separate connection."""
     session = opened()
     _, events = ask(session, result())
     with pytest.raises(ValueError):
         session.request_verify(events[0].token, "b.example", "a.example", session.stream_id, "k")
 
 
-def test_c61_unknown_target_is_item_not_found_without_closing():
+def test_unknown_target_is_item_not_found_without_closing():
+    """XEP-0220 §2.2.1: an unknown Target Domain gets an <item-not-found/> dialback error; the stream stays."""
     session = opened()
     out, events = ask(session, result(to="nope.example"))
     assert dialback_error_condition(out) == "item-not-found" and not events and not session.closed
 
 
-def test_t06_duplicate_request_is_verified_once_and_a_valid_pair_answered_at_once():
+def test_duplicate_request_is_verified_once_and_a_valid_pair_answered_at_once():
+    """XEP-0220 §2.1.1 leaves re-verification open: a duplicate shares one verification, an already valid pair is
+    answered at once and never downgraded."""
     session = opened()
     _, first = ask(session, result())
     _, second = ask(session, result())
@@ -73,7 +79,8 @@ def test_t06_duplicate_request_is_verified_once_and_a_valid_pair_answered_at_onc
     assert out == b"<db:result from='b.example' to='a.example' type='valid'/>" and events == []
 
 
-def test_c66_invalid_with_other_pairs_is_forbidden_and_keeps_the_stream():
+def test_invalid_with_other_pairs_is_forbidden_and_keeps_the_stream():
+    """XEP-0220 §2.2.1, §2.1.2: invalid while other pairs are valid: <forbidden/> dialback error, stream stays."""
     session = opened()
     _, events = ask(session, result())
     session.key_verified(events[0].token, "valid")
@@ -85,7 +92,8 @@ def test_c66_invalid_with_other_pairs_is_forbidden_and_keeps_the_stream():
     assert not session.closed and set(session.inbound_pairs) == {("a.example", "b.example")}
 
 
-def test_c64_late_or_unknown_key_verified_answers_are_ignored():
+def test_late_or_unknown_key_verified_answers_are_ignored():
+    """XEP-0220 §2.1.2: a verification answer that matches no pending request is dropped."""
     session = opened()
     session.key_verified(12345, "valid")
     assert session.data_to_send() == b"" and not session.inbound_pairs
@@ -93,13 +101,15 @@ def test_c64_late_or_unknown_key_verified_answers_are_ignored():
 
 @pytest.mark.parametrize("text", ["<db:result from='b.example' to='a.example' type='valid'/>",
                                   "<db:result from='b.example' to='a.example' type='invalid'/>"])
-def test_c70_t07_typed_result_without_request_closes(text):
+def test_typed_result_without_request_closes(text):
+    """XEP-0220 §2.2, §3.1 (the 2012 unsolicited-dialback vulnerability): a typed db:result nobody asked for."""
     session = opened()
     _, events = ask(session, text.encode())
     assert closed_with(events) == ["not-authorized"] and not session.outbound_pairs
 
 
-def test_c64_t07_typed_verify_must_match_our_request():
+def test_typed_verify_must_match_our_request():
+    """XEP-0220 §2.1.2, §3.1: a db:verify answer must match the (from, to, id) of a request we sent."""
     session = Session("initiator", config(["b.example"], "s"), "b.example", "a.example", verify_only=True)
     session.request_verify("t1", "b.example", "a.example", "ID1", "key")
     session.receive_data(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:server' "
@@ -110,7 +120,9 @@ def test_c64_t07_typed_verify_must_match_our_request():
     assert closed_with(session.events()) == ["not-authorized"]
 
 
-def test_c72_authoritative_server_answers_valid_and_invalid_and_unknown_target():
+def test_authoritative_server_answers_valid_and_invalid_and_unknown_target():
+    """XEP-0220 §2.2.2: recompute the key, answer valid/invalid with from/to swapped and the same id; an unknown
+    target gets <item-not-found/> and the stream stays."""
     session = opened()
     key = dialback_key("secret-b", "x.example", "b.example", "SID")
     out, _ = ask(session, f"<db:verify from='x.example' to='b.example' id='SID'>{key}</db:verify>".encode())
@@ -122,13 +134,15 @@ def test_c72_authoritative_server_answers_valid_and_invalid_and_unknown_target()
     assert not session.inbound_pairs
 
 
-def test_c121_dialback_time_federation_refusal_is_a_dialback_error():
+def test_dialback_time_federation_refusal_is_a_dialback_error():
+    """RFC 6120 §13.14: federation is a local choice; XEP-0220 §2.5: a <policy-violation/> dialback error."""
     session = opened(policy=Policy(require_encryption=False, deny=("evil.example",)))
     out, events = ask(session, result(from_="evil.example"))
     assert dialback_error_condition(out) == "policy-violation" and not events and not session.closed
 
 
-def test_c68_tls_required_before_dialback_is_policy_violation():
+def test_tls_required_before_dialback_is_policy_violation():
+    """XEP-0220 §2.5 table: <policy-violation/> when TLS is required before dialback."""
     session = Session("receiver", config(["b.example"], policy=Policy(require_encryption=True)))
     session.receive_data(header(version=None))  # a 0.9 peer cannot start TLS
     session.data_to_send()
@@ -136,7 +150,8 @@ def test_c68_tls_required_before_dialback_is_policy_violation():
     assert dialback_error_condition(out) == "policy-violation" and not events
 
 
-def test_c68_secure_auth_domain_gets_not_authorized(pki_world):
+def test_secure_auth_domain_gets_not_authorized(pki_world):
+    """XEP-0220 §2.5 table: <not-authorized/> when a certificate (PKIX) proof is required and absent."""
     ca, _ = pki_world
     policy = Policy(require_encryption=False, auth_overrides={"a.example": "secure"})
     session = Session("receiver", config(["b.example"], trust=[ca], policy=policy, tls_offered=False))
@@ -146,7 +161,9 @@ def test_c68_secure_auth_domain_gets_not_authorized(pki_world):
     assert dialback_error_condition(out) == "not-authorized"
 
 
-def test_c78_certificate_that_proves_the_sender_skips_the_authoritative_server(pki_world):
+def test_certificate_that_proves_the_sender_skips_the_authoritative_server(pki_world):
+    """XEP-0220 §1.2, XEP-0344 §2.4-§3: a trusted certificate naming the Sender Domain, checked when the
+    db:result arrives, replaces asking the authoritative server."""
     ca, _ = pki_world
     session = Session("receiver", config(["b.example"], trust=[ca]))
     session.receive_data(header() + b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
@@ -178,13 +195,15 @@ def initiator(errors=True, **overrides):
     return session
 
 
-def test_c54_initiator_step1_carries_the_xep0185_key():
+def test_initiator_step1_carries_the_xep0185_key():
+    """XEP-0220 §2.1.1 Step 1: <db:result from='Sender' to='Target'> with the XEP-0185 key."""
     session = initiator()
     key = dialback_key("secret-a", "b.example", "a.example", "SID")
     assert session.data_to_send().endswith(f"<db:result from='a.example' to='b.example'>{key}</db:result>".encode())
 
 
-def test_c53_request_pair_deduplicates_and_piggybacks():
+def test_request_pair_deduplicates_and_piggybacks():
+    """XEP-0220 §2.1.1: no second key while the pair is pending; §2.6.1: a new Sender Domain on the same stream."""
     session = initiator()
     session.data_to_send()
     assert session.request_pair("rooms.a.example", "b.example")
@@ -192,7 +211,8 @@ def test_c53_request_pair_deduplicates_and_piggybacks():
     assert session.data_to_send().count(b"<db:result") == 1
 
 
-def test_c74_target_multiplexing_needs_dialback_errors():
+def test_target_multiplexing_needs_dialback_errors():
+    """XEP-0220 §2.6.2: target multiplexing only if the receiver advertised dialback <errors/>."""
     assert initiator(errors=True).request_pair("a.example", "other.example")
     assert not initiator(errors=False).request_pair("a.example", "other.example")
     assert not initiator().request_pair("not-ours.example", "b.example")
@@ -206,7 +226,9 @@ def test_c74_target_multiplexing_needs_dialback_errors():
          f"<remote-server-timeout xmlns='{STANZAS}'/></error></db:result>", "remote-server-timeout", "remote-server-timeout"),
     ],
 )
-def test_c58_c105_failed_pair_tells_how_to_bounce(answer, condition, bounce):
+def test_failed_pair_tells_how_to_bounce(answer, condition, bounce):
+    """XEP-0220 §2.1.1: queued stanzas bounce with <internal-server-error/> after invalid, with
+    <remote-server-timeout/> after a dialback error."""
     session = initiator()
     session.events()
     session.receive_data(answer.encode())
@@ -217,13 +239,15 @@ def test_c58_c105_failed_pair_tells_how_to_bounce(answer, condition, bounce):
     assert not session.outbound_pairs and not session.closed
 
 
-def test_c57_initiator_rejects_a_result_for_a_pair_it_did_not_request():
+def test_initiator_rejects_a_result_for_a_pair_it_did_not_request():
+    """XEP-0220 §2.1.1, §3.1: a result must match a request we sent over the same stream."""
     session = initiator()
     session.receive_data(b"<db:result from='b.example' to='rooms.a.example' type='valid'/>")
     assert closed_with(session.events()) == ["not-authorized"] and not session.outbound_pairs
 
 
-def test_t19_closing_with_pending_requests_fails_them():
+def test_closing_with_pending_requests_fails_them():
+    """XEP-0220 §2.1.1: the stream closing while we wait is a dialback error; §2.1.2: pending verifies fail."""
     session = initiator()
     session.request_verify("v", "a.example", "b.example", "ID", "k")
     session.events()
@@ -234,14 +258,17 @@ def test_t19_closing_with_pending_requests_fails_them():
     assert ev.VerifyResult("v", "remote-server-timeout") in events
 
 
-def test_c64_connection_lost_fails_pending_verifies():
+def test_connection_lost_fails_pending_verifies():
+    """XEP-0220 §2.1.2: verify requests pending on a closed connection count as failed."""
     session = Session("initiator", config(["b.example"]), "b.example", "a.example", verify_only=True)
     session.request_verify("v", "b.example", "a.example", "ID", "k")
     session.connection_lost()
     assert session.events() == [ev.VerifyResult("v", "remote-server-timeout")]
 
 
-def test_c59_dialback_request_on_our_stream_without_bidi_is_refused():
+def test_dialback_request_on_our_stream_without_bidi_is_refused():
+    """XEP-0288 §2.2: dialback requests on our outgoing stream need bidi; without it, a <not-allowed/> dialback
+    error (XEP-0220 §2.5), or a stream error for a peer without dialback errors."""
     session = initiator()
     session.data_to_send()
     session.receive_data(b"<db:result from='b.example' to='a.example'>k</db:result>")
@@ -251,8 +278,9 @@ def test_c59_dialback_request_on_our_stream_without_bidi_is_refused():
     assert closed_with(session.events()) == ["undefined-condition"]  # a peer without <errors/> gets a stream error
 
 
-def test_c62_verify_request_on_an_inbound_stream_waits_for_its_header():
-    """A db:verify may ride any other stream to the authoritative server, inbound ones too."""
+def test_verify_request_on_an_inbound_stream_waits_for_its_header():
+    """A db:verify may ride any other stream to the authoritative server, inbound ones too
+    (XEP-0220 §2.1.2: an existing stream may be reused)."""
     session = Session("receiver", config(["b.example"], "secret-b"))
     session.request_verify("t", "b.example", "a.example", "SID", "key")
     assert session.data_to_send() == b""

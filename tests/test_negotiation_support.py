@@ -111,20 +111,9 @@ class Wire:
         return wires
 
 
-def parse_stream(data: bytes) -> list[etree._Element]:
-    """The top-level elements of one direction's bytes (header and end tag dropped), via lxml."""
-    text = bytes(data)
-    start = text.index(b"<stream:stream") if b"<stream:stream" in text else text.index(b"<stream ")
-    text = text[start:]
-    if not text.rstrip().endswith(b"</stream:stream>"):
-        text += b"</stream:stream>"
-    root = etree.fromstring(text)
-    return list(root)
-
-
 @pytest.fixture(scope="session")
 def pki_world():
-    """A private CA and leaf certificates for the names used in flows.md."""
+    """A private CA and leaf certificates for the names of the example conversations (test_flows.py)."""
     ca = pki.make_ca("Negotiation Test CA")
     leaves = {
         name: pki.make_leaf(ca, name)
@@ -142,14 +131,14 @@ def test_wire_moves_bytes_and_reaches_a_header_exchange():
     assert b.stream_id is not None and a.stream_id == b.stream_id
 
 
-# ---------------------------------------------------------------- literal conversations (flows.md)
+# ---------------------------------------------------------------- literal conversations (test_flows.py)
 
 _STANZA_START = (b"<message", b"<presence", b"<iq")
 _ERROR_TEXT_PARENT_NS = ("urn:ietf:params:xml:ns:xmpp-",)
 
 
 def script(block: str, connection: int) -> list[tuple[str, bytes]]:
-    """The writes of one TCP connection of a flows.md block, as (party, bytes)."""
+    """The writes of one TCP connection of a conversation block (lines `PARTY@N: bytes`), as (party, bytes)."""
     writes = []
     for line in block.splitlines():
         party, _, rest = line.partition("@")
@@ -194,7 +183,7 @@ def canonical(data: bytes) -> list[tuple]:
 
 
 class Player:
-    """Plays party `me` of a flows.md connection with `session`: the peer's writes are fed
+    """Plays party `me` of a scripted connection with `session`: the peer's writes are fed
     verbatim, our expected writes are collected for comparison with what the session wrote.
 
     `actions[i]` runs just before our i-th expected write (counting every write of ours,

@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pki_helpers import load_credential
 from router import pki
 
 
@@ -25,7 +26,7 @@ def test_round_trip_through_files(tmp_path, ca):
     leaf = pki.make_leaf(ca, "a.example")
     cert_path, key_path = leaf.write(tmp_path, "a")
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
-    loaded = pki.load_credential(cert_path, key_path)
+    loaded = load_credential(cert_path, key_path)
     assert loaded.cert == leaf.cert
     assert loaded.key.private_numbers() == leaf.key.private_numbers()
     assert isinstance(leaf.key, ec.EllipticCurvePrivateKey)
@@ -142,5 +143,5 @@ def test_ensure_self_signed_creates_once(tmp_path):
     first = cert_path.read_bytes()
     assert pki.ensure_self_signed(tmp_path, "relay.example") == (cert_path, key_path)
     assert cert_path.read_bytes() == first
-    cert = pki.load_credential(cert_path, key_path).cert
+    cert = load_credential(cert_path, key_path).cert
     assert _san(cert).get_values_for_type(x509.DNSName) == ["relay.example"]

@@ -1,6 +1,6 @@
 """The route table, pending queues and backoff (sans-IO, no sockets)."""
 
-from router.routes import Backoff, PendingQueue, Queued, RouteTable, bounce_condition
+from router.routes import Backoff, PendingQueue, Queued, RouteTable
 
 
 def queued(n: int, since: float) -> Queued:
@@ -44,7 +44,7 @@ def test_first_stream_keeps_a_pair_and_closing_it_frees_every_pair():
     first, second = object(), object()
     assert table.add_remote(("a.test", "b.test"), first)
     assert table.add_remote(("a2.test", "b.test"), first)
-    assert not table.add_remote(("a.test", "b.test"), second)  # one output stream per pair (T-21)
+    assert not table.add_remote(("a.test", "b.test"), second)  # one output stream per pair (RFC 6120 §10.1)
     assert table.remote[("a.test", "b.test")] is first
     assert list(table.links_to("b.test")) == [first]
     assert table.remove_link(first) == {("a.test", "b.test"), ("a2.test", "b.test")}
@@ -72,8 +72,3 @@ def test_queue_for_reports_creation_once():
     queue.push(queued(0, 0.0))
     assert [q.id for q in table.take_queue(("a.test", "b.test"))] == ["0"]
     assert table.take_queue(("a.test", "b.test")) == []
-
-
-def test_bounce_condition_distinguishes_resolution_from_connection_failures():
-    assert bounce_condition(resolution_failed=True) == "remote-server-not-found"
-    assert bounce_condition(resolution_failed=False) == "remote-server-timeout"

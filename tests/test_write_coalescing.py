@@ -13,12 +13,13 @@ import asyncio
 import pytest
 import uvloop
 
-from router.component_client import handshake_digest
+from router.handshake import handshake_digest
 from router.components import ComponentStream
 from router.config import parse_config
 from router.negotiation.dialback import dialback_key
 from router.server import Relay
-from router.stream import FLUSH_AT, S2SStream
+from router.s2s import S2SStream
+from router.stream import FLUSH_AT
 
 DOMAIN, SECRET, REMOTE_SECRET = "svc.test", "component-secret", "remote-dialback-secret"
 CONFIG = f"""

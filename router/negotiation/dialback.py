@@ -12,8 +12,16 @@
 
 Typed answers are accepted only when they match an outstanding request on
 this stream in this direction, keyed by (from, to) or (from, to, id): the
-2012 unsolicited-dialback attack (tricky.md T-07) is a typed answer nobody
-asked for. Anything unmatched closes the stream with ``<not-authorized/>``.
+2012 unsolicited-dialback attack (XEP-0220 §3.1, XSF security notice of
+2012-08-21) is a typed answer nobody asked for. Anything unmatched closes the
+stream with ``<not-authorized/>``.
+
+The session keeps the outstanding requests (`Session.results_out`,
+`results_in`, `verifies_out`); this module renders the requests it sends
+(`result_request`, `verify_request`) and matches answers through
+`Negotiator.result_answered`, `verify_answered` and `verification_answered`.
+Same shape as the other feature modules: `offer`, `available` (the
+initiator's choice: dialback has no request of its own) and `HANDLERS`.
 """
 
 from __future__ import annotations
@@ -21,17 +29,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
-from typing import TYPE_CHECKING
 
 from router import policy as pol
-from router.errors import STANZAS_NS, error_child
+from router.errors import error_child
+from router.jid import normalize_domain
+from router.namespaces import DIALBACK_FEATURE_NS, DIALBACK_NS, STANZAS_NS
 from router.negotiation.events import VerifyKey, VerifyResult
-from router.negotiation.features import DIALBACK_FEATURE_NS, Offer
-from router.negotiation.pairs import NO_REQUESTS, without
-from router.xml import DIALBACK_NS, attr, first_condition, text_in, text_node
-
-if TYPE_CHECKING:
-    from router.negotiation.session import Session
+from router.negotiation.features import Offer
+from router.negotiation.state import NO_MATCH, Negotiator
+from router.xml import attr, first_condition, text_in, text_node
 
 _tokens = itertools.count(1)  # VerifyKey tokens, unique in the process
 
@@ -55,12 +61,12 @@ def dialback_key(secret: str, receiving: str, originating: str, stream_id: str) 
 
 
 def key_matches(secret: str, receiving: str, originating: str, stream_id: str, key: str) -> bool:
-    """Constant-time check of a received key (T-11)."""
+    """Is `key` ours for these inputs? Compared in constant time, so timing tells an attacker nothing."""
     expected = dialback_key(secret, receiving, originating, stream_id)
     return hmac.compare_digest(expected.encode("ascii"), key.strip().encode("utf-8"))
 
 
-def offer(s: Session, sasl_offered: bool) -> Offer | None:
+def offer(s: Negotiator, sasl_offered: bool) -> Offer | None:
     """``<dialback><errors/></dialback>``; required when it is the only way left to authenticate."""
     if not s.config.dialback or s.sasl_done:
         return None
@@ -69,33 +75,28 @@ def offer(s: Session, sasl_offered: bool) -> Offer | None:
     return Offer("dialback", DIALBACK_FEATURE_NS, children="<errors/>", required=not sasl_offered)
 
 
-def available(s: Session) -> bool:
+def available(s: Negotiator) -> bool:
     """Initiator: may we send dialback elements to this peer at all?"""
     adv = s.advertised
     return s.peer_declares_dialback or (adv is not None and adv.dialback)
 
 
-# ---------------------------------------------------------------- sending
+# ---------------------------------------------------------------- sending (the session records the request)
 
 
-def send_result_request(s: Session, local: str, remote: str) -> None:
-    """Step 1: ask the peer to accept ``local -> remote`` (XEP-0220 §2.1.1)."""
-    key = dialback_key(s.config.dialback_secret, remote, local, s.stream_id)
-    s.results_out |= {(local, remote)}
-    s.send(f"<db:result from={attr(local)} to={attr(remote)}>{key}</db:result>".encode())
+def result_request(secret: str, local: str, remote: str, stream_id: str) -> bytes:
+    """Step 1: ask the peer to accept ``local -> remote`` (XEP-0220 §2.1.1), keyed with its stream ID."""
+    key = dialback_key(secret, remote, local, stream_id)
+    return f"<db:result from={attr(local)} to={attr(remote)}>{key}</db:result>".encode()
 
 
-def send_verify_request(s: Session, token, receiving: str, originating: str, stream_id: str, key: str) -> None:
+def verify_request(receiving: str, originating: str, stream_id: str, key: str) -> bytes:
     """Step 2, sent to the authoritative server of `originating` (XEP-0220 §2.1.2)."""
-    if not s.verifies_out:
-        s.verifies_out = {}
-    s.verifies_out.setdefault((receiving, originating, stream_id), []).append(token)
-    s.send(
-        f"<db:verify from={attr(receiving)} to={attr(originating)} id={attr(stream_id)}>{text_node(key)}</db:verify>".encode()
-    )
+    return (f"<db:verify from={attr(receiving)} to={attr(originating)} id={attr(stream_id)}>"
+            f"{text_node(key)}</db:verify>").encode()
 
 
-def send_error(s: Session, kind: str, from_: str, to: str, condition: str, text: str, stream_id: str | None = None) -> None:
+def send_error(s: Negotiator, kind: str, from_: str, to: str, condition: str, text: str, stream_id: str | None = None) -> None:
     """A dialback error (XEP-0220 §2.5): not fatal for the stream, unless the peer cannot read it."""
     if s.role == "initiator" and not (s.advertised is not None and s.advertised.dialback_errors):
         s.close(_STREAM_EQUIVALENT.get(condition, "undefined-condition"), text)
@@ -109,15 +110,15 @@ def send_error(s: Session, kind: str, from_: str, to: str, condition: str, text:
 # ---------------------------------------------------------------- receiving
 
 
-def _addresses(s: Session, element) -> tuple[str, str] | None:
+def _addresses(s: Negotiator, element) -> tuple[str, str] | None:
     try:
-        return s.normalize(element.from_ or ""), s.normalize(element.to or "")
+        return normalize_domain(element.from_ or ""), normalize_domain(element.to or "")
     except ValueError as exc:
         s.close("improper-addressing", f"dialback <{element.name}/> needs valid 'from' and 'to': {exc}")
         return None
 
 
-def handle_result(s: Session, element) -> None:
+def handle_result(s: Negotiator, element) -> None:
     addresses = _addresses(s, element)
     if addresses is None:
         return
@@ -128,7 +129,7 @@ def handle_result(s: Session, element) -> None:
         _result_answer(s, from_, to, element)
 
 
-def _result_request(s: Session, remote: str, local: str, key: str) -> None:
+def _result_request(s: Negotiator, remote: str, local: str, key: str) -> None:
     """Step 1 received: the peer asserts it is `remote` and wants to send to our `local`."""
     if s.role == "initiator" and not s.bidi:
         send_error(s, "result", local, remote, "not-allowed", "dialback requests are only accepted on this stream with bidi")
@@ -141,11 +142,12 @@ def _result_request(s: Session, remote: str, local: str, key: str) -> None:
         return
     pair = (remote, local)
     if pair in s.inbound_pairs:
-        # T-06: already valid; never downgrade an existing authorization
+        # already valid: answer at once and never downgrade an existing authorization
+        # (XEP-0220 §2.1.1 leaves re-verification open)
         _send_valid(s, remote, local)
         return
     if pair in s.results_in:
-        return  # one verification answers both requests (T-06)
+        return  # already being verified: one verification answers both requests
     federation = pol.federation_allowed(s.config.policy, remote)
     if not federation:
         send_error(s, "result", local, remote, "policy-violation", federation.text)
@@ -159,20 +161,15 @@ def _result_request(s: Session, remote: str, local: str, key: str) -> None:
         send_error(s, "result", local, remote, decision.condition, decision.text)
         return
     token = next(_tokens)
-    if not s.results_in:
-        s.results_in = {}
-    s.results_in[pair] = token
+    s.await_verification(pair, token)
     s.emit(VerifyKey(token, local, remote, s.stream_id, key))
 
 
-def key_verified(s: Session, token, result: str, text: str | None = None) -> None:
+def key_verified(s: Negotiator, token, result: str, text: str | None = None) -> None:
     """Step 4: the authoritative server's answer for a `VerifyKey` (XEP-0220 §2.2.1)."""
-    pair = next((p for p, t in s.results_in.items() if t == token), None)
+    pair = s.verification_answered(token)
     if pair is None:
         return  # the stream dropped that request (closed or re-keyed); nothing is waiting for it
-    del s.results_in[pair]
-    if not s.results_in:
-        s.results_in = NO_REQUESTS
     remote, local = pair
     if result == "valid":
         _send_valid(s, remote, local)
@@ -188,16 +185,15 @@ def key_verified(s: Session, token, result: str, text: str | None = None) -> Non
         send_error(s, "result", local, remote, condition, text or f"could not verify the dialback key of {remote}")
 
 
-def _send_valid(s: Session, remote: str, local: str) -> None:
+def _send_valid(s: Negotiator, remote: str, local: str) -> None:
     s.send(f"<db:result from={attr(local)} to={attr(remote)} type='valid'/>".encode())
 
 
-def _result_answer(s: Session, remote: str, local: str, element) -> None:
+def _result_answer(s: Negotiator, remote: str, local: str, element) -> None:
     """Step 4 received: the answer to one of our requests, and only that."""
-    if (local, remote) not in s.results_out:
+    if not s.result_answered(local, remote):
         s.close("not-authorized", f"unsolicited dialback result for {local} -> {remote} on this stream")
         return
-    s.results_out = without(s.results_out, (local, remote))
     if element.type == "valid":
         s.accept_outbound(local, remote, "dialback")
     elif element.type == "invalid":
@@ -211,7 +207,7 @@ def _result_answer(s: Session, remote: str, local: str, element) -> None:
         s.close("bad-format", f"dialback result type {element.type!r} is not valid, invalid or error")
 
 
-def _error_of(s: Session, element) -> tuple[str, str | None]:
+def _error_of(s: Negotiator, element) -> tuple[str, str | None]:
     """The stanza error condition and text of a dialback ``type='error'`` answer."""
     for sub in s.tree(element):
         if isinstance(sub.tag, str) and sub.tag.endswith("}error"):
@@ -219,7 +215,7 @@ def _error_of(s: Session, element) -> tuple[str, str | None]:
     return "undefined-condition", None
 
 
-def handle_verify(s: Session, element) -> None:
+def handle_verify(s: Negotiator, element) -> None:
     addresses = _addresses(s, element)
     if addresses is None:
         return
@@ -227,15 +223,10 @@ def handle_verify(s: Session, element) -> None:
     if element.type is None:
         _verify_request(s, from_, to, element)
         return
-    tokens = s.verifies_out.get((to, from_, element.id))
-    if not tokens:
+    token = s.verify_answered(to, from_, element.id)
+    if token is NO_MATCH:
         s.close("not-authorized", f"unsolicited dialback verify answer for {to} -> {from_} on this stream")
         return
-    token = tokens.pop(0)
-    if not tokens:
-        del s.verifies_out[(to, from_, element.id)]
-        if not s.verifies_out:
-            s.verifies_out = NO_REQUESTS
     if element.type in ("valid", "invalid"):
         s.emit(VerifyResult(token, element.type))
     elif element.type == "error":
@@ -244,7 +235,7 @@ def handle_verify(s: Session, element) -> None:
         s.close("bad-format", f"dialback verify type {element.type!r} is not valid, invalid or error")
 
 
-def _verify_request(s: Session, receiving: str, originating: str, element) -> None:
+def _verify_request(s: Negotiator, receiving: str, originating: str, element) -> None:
     """Step 3 as the authoritative server: recompute the key for our own domain (XEP-0220 §2.2.2)."""
     if not element.id:
         send_error(s, "verify", originating, receiving, "bad-request", "<db:verify/> needs an 'id'")

@@ -8,7 +8,8 @@ still wants) means go. RFC 6120 only defines the flag for ``<starttls/>``;
 for peers that choke on unknown children.
 
 Each feature module (tls, sasl, dialback, bidi) offers at most one `Offer`
-per stage; this module only renders and parses the container.
+per stage; this module only renders and parses the container, and imports
+no other module of the package.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from router.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, TLS_NS
 from router.xml import child
 
-TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
-SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
-DIALBACK_FEATURE_NS = "urn:xmpp:features:dialback"
-BIDI_FEATURE_NS = "urn:xmpp:features:bidi"
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,10 @@ class Advertised:
 def parse(features: etree._Element) -> Advertised:
     """Read a peer's features. Unknown children are ignored unless flagged required.
 
-    A ``<bidi xmlns='urn:xmpp:bidi'/>`` inside features (the seed draft's bug,
-    tricky.md T-01) is not the bidi feature; an empty ``<mechanisms/>`` (T-14)
-    offers nothing.
+    A ``<bidi xmlns='urn:xmpp:bidi'/>`` inside features (the request namespace,
+    which draft 0.0.2 of XEP-0288 put there by mistake) is not the bidi
+    feature (XEP-0288 §2.1); an empty ``<mechanisms/>`` (XEP-0288 Example 4,
+    against RFC 6120 §6.4.1) offers nothing.
     """
     required = set()
     for feature in features:

@@ -9,20 +9,24 @@ the stream open for dialback (XEP-0178 §3 step 11b).
 
 Initiator: tries EXTERNAL first when offered and we present a certificate,
 falls back to dialback on failure.
+
+Same shape as the other feature modules: `offer` (receiver), `choose`
+(initiator: the ``<auth/>`` to send, or None; the session sends it and moves
+to `Stage.SASL`) and `HANDLERS`. Outcomes go back through the session:
+`sasl_succeeded`, `sasl_refused`, `record_sasl_failure`.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING
 
 from router import policy as pol
-from router.negotiation.features import SASL_NS, Offer
+from router.jid import normalize_domain
+from router.namespaces import SASL_NS
+from router.negotiation.features import Advertised, Offer
+from router.negotiation.state import SASL, Negotiator
 from router.xml import first_condition, text_node
-
-if TYPE_CHECKING:
-    from router.negotiation.session import Session
 
 EXTERNAL = "EXTERNAL"
 # RFC 6120 §6.5: conditions a <failure/> may carry; anything else means not-authorized.
@@ -35,7 +39,7 @@ FAILURE_CONDITIONS = frozenset(
 )
 
 
-def offer(s: Session) -> Offer | None:
+def offer(s: Negotiator) -> Offer | None:
     """``<mechanisms><mechanism>EXTERNAL</mechanism></mechanisms>`` when the certificate proves `from`."""
     if not s.encrypted or s.authenticated or s.remote_domain is None or not s.peer_certificate_ok(s.remote_domain):
         return None
@@ -44,16 +48,25 @@ def offer(s: Session) -> Offer | None:
     return Offer("mechanisms", SASL_NS, children="<mechanism>EXTERNAL</mechanism>", required=True)
 
 
-def _failure(s: Session, condition: str, text: str) -> None:
+def choose(s: Negotiator, adv: Advertised) -> bytes | None:
+    """Initiator: try EXTERNAL first when offered and we present a certificate (§6.3.4)."""
+    if EXTERNAL not in adv.mechanisms or not s.config.has_certificate or s.sasl_tried or not s.encrypted:
+        return None
+    authzid = base64.b64encode(s.local_domain.encode()).decode() if s.config.sasl_send_authzid else "="
+    return f"<auth xmlns='{SASL_NS}' mechanism='EXTERNAL'>{authzid}</auth>".encode()
+
+
+def _failure(s: Negotiator, condition: str, text: str) -> None:
     s.send(f"<failure xmlns='{SASL_NS}'><{condition}/><text xml:lang='en'>{text_node(text)}</text></failure>".encode())
-    s.sasl_failures += 1
-    if s.sasl_failures > s.config.sasl_max_failures:
-        s.close("policy-violation", f"too many failed SASL attempts ({s.sasl_failures})")
+    failures = s.record_sasl_failure()
+    if failures > s.config.sasl_max_failures:
+        s.close("policy-violation", f"too many failed SASL attempts ({failures})")
 
 
 def decode_authzid(data: str) -> str | None:
     """The authzid of an EXTERNAL initial response; '' for none (``=``). ValueError if malformed (§6.3.5)."""
-    data = "".join(data.split())  # XML whitespace inside the element is tolerated (seeds.md E8)
+    # RFC 6120 §6.3.5 wants plain base64, but XEP-0288 Example 3 indents it: XML whitespace is tolerated
+    data = "".join(data.split())
     if data == "=":
         return ""
     if not data:
@@ -70,7 +83,7 @@ def decode_authzid(data: str) -> str | None:
         raise ValueError("authzid is not UTF-8") from None
 
 
-def handle_auth(s: Session, element) -> None:
+def handle_auth(s: Negotiator, element) -> None:
     """Receiver: ``<auth mechanism='EXTERNAL'>`` -> ``<success/>`` (restart) or ``<failure/>``."""
     if s.role != "receiver":
         s.close("unsupported-stanza-type", "<auth/> sent to the initiating server")
@@ -91,7 +104,7 @@ def handle_auth(s: Session, element) -> None:
     domain = s.remote_domain
     if authzid:
         try:
-            same = s.normalize(authzid) == domain
+            same = normalize_domain(authzid) == domain
         except ValueError:
             same = False
         if not same:
@@ -108,7 +121,7 @@ def handle_auth(s: Session, element) -> None:
     s.sasl_succeeded(element.end)
 
 
-def handle_abort(s: Session, element) -> None:
+def handle_abort(s: Negotiator, element) -> None:
     """Receiver: ``<abort/>`` -> ``<failure><aborted/></failure>`` (§6.4.4)."""
     if s.role != "receiver":
         s.close("unsupported-stanza-type", "<abort/> sent to the initiating server")
@@ -116,7 +129,7 @@ def handle_abort(s: Session, element) -> None:
     _failure(s, "aborted", "authentication aborted by the initiating server")
 
 
-def handle_response(s: Session, element) -> None:
+def handle_response(s: Negotiator, element) -> None:
     """Receiver: EXTERNAL has no challenges, so any ``<response/>`` is out of place."""
     if s.role != "receiver":
         s.close("unsupported-stanza-type", "<response/> sent to the initiating server")
@@ -124,35 +137,21 @@ def handle_response(s: Session, element) -> None:
     _failure(s, "malformed-request", "EXTERNAL sends no challenges; <response/> is unexpected")
 
 
-def choose(s: Session, adv) -> bool:
-    """Initiator: try EXTERNAL first when offered and we present a certificate (§6.3.4)."""
-    if EXTERNAL not in adv.mechanisms or not s.config.has_certificate or s.sasl_tried or not s.encrypted:
-        return False
-    s.sasl_tried = True
-    s.sasl_pending = True
-    authzid = base64.b64encode(s.local_domain.encode()).decode() if s.config.sasl_send_authzid else "="
-    s.send(f"<auth xmlns='{SASL_NS}' mechanism='EXTERNAL'>{authzid}</auth>".encode())
-    return True
-
-
-def handle_success(s: Session, element) -> None:
+def handle_success(s: Negotiator, element) -> None:
     """Initiator: restart the stream (re-feeding whatever followed ``<success/>``)."""
-    if s.role != "initiator" or not s.sasl_pending:
+    if s.role != "initiator" or s.stage is not SASL:
         s.close("unsupported-stanza-type", "<success/> without an <auth/> request")
         return
-    s.sasl_pending = False
     s.sasl_succeeded(element.end)
 
 
-def handle_failure(s: Session, element) -> None:
+def handle_failure(s: Negotiator, element) -> None:
     """Initiator: EXTERNAL refused; continue with dialback if the peer offers it."""
-    if s.role != "initiator" or not s.sasl_pending:
+    if s.role != "initiator" or s.stage is not SASL:
         s.close("unsupported-stanza-type", "SASL <failure/> without an <auth/> request")
         return
-    s.sasl_pending = False
     condition = first_condition(s.tree(element), SASL_NS)
-    s.sasl_condition = condition if condition in FAILURE_CONDITIONS else "not-authorized"
-    s.continue_negotiation()
+    s.sasl_refused(condition if condition in FAILURE_CONDITIONS else "not-authorized")
 
 
 HANDLERS = {

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from router.component_client import COMPONENT_NS, STREAM_NS, handshake_digest
+from router.handshake import handshake_digest
+from router.namespaces import COMPONENT_NS, STREAM_NS
 
 _ID = re.compile(rb"<stream:stream[^>]*\sid=['\"]([^'\"]+)['\"]")
 

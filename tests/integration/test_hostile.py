@@ -36,7 +36,7 @@ async def echo_component(port: int, domain: str, secret: str) -> tuple[Component
 
     async def serve() -> None:
         while True:
-            message = await client.receive()
+            message = await client.receive(timeout=None)
             if message.get("type") == "error":
                 continue
             body = message.findtext("{jabber:component:accept}body") or ""
@@ -258,7 +258,7 @@ def test_db_result_flood_from_one_connection_is_bounded(relay_spec, pki):
                 # the second stream from the same address gets only what is left of the per-IP limit
                 await asyncio.wait_for(read_errors(1, domains - (per_ip - per_stream)), 10.0)
                 await asyncio.sleep(0.2)
-                assert relay.verifications.total() == per_ip
+                assert relay.verifier.pending.total() == per_ip
                 assert b"limits.max_pending_verifications_per_stream = 16" in answers[0]
                 assert b"limits.max_pending_verifications_per_ip = 24" in answers[1]
                 assert peak_open <= per_target
@@ -317,19 +317,19 @@ def test_connection_flood_hits_named_limits_and_legitimate_peers_still_connect(r
             assert all(b"<resource-constraint" in a and b"limits.max_pre_auth_connections = 50" in a for a in refused)
             assert relay.metrics.limits_hit.get("max_connections_per_ip") == 10
             assert relay.metrics.limits_hit.get("max_pre_auth_connections") == 10
-            assert relay.pre_auth.total() == pre_auth
+            assert relay.admission.pre_auth.total() == pre_auth
             # the flood gives up; a legitimate peer gets in
             for _, writer in one_ip + others:
                 writer.close()
             for _ in range(100):
-                if relay.pre_auth.total() == 0:
+                if relay.admission.pre_auth.total() == 0:
                     break
                 await asyncio.sleep(0.02)
-            assert relay.pre_auth.total() == 0 and relay.connections.total() == 0
+            assert relay.admission.pre_auth.total() == 0 and relay.admission.connections.total() == 0
             peer = await Peer.connect(spec.s2s_port, "p1.peers.test", "echo.relay.test", cert=peers_cert,
                                       ca_path=pki.ca_path, source_ip="127.0.0.2")
             await peer.authenticated()
-            assert relay.pre_auth.total() == 0 and relay.connections.total() == 1
+            assert relay.admission.pre_auth.total() == 0 and relay.admission.connections.total() == 1
             peer.send("<message from='u@p1.peers.test' to='echo.relay.test' id='hello'><body>hi</body></message>")
             assert b"id='hello'" in (await peer.receive()).replace(b'"', b"'")
             await peer.close()

@@ -12,7 +12,7 @@ from cryptography import x509
 from lxml import etree
 
 from router.component_client import ComponentClient
-from router.errors import STANZAS_NS
+from router.namespaces import STANZAS_NS
 from router.metrics import PREFIX
 from router.negotiation import events as ev
 from router.pki import make_ca, make_leaf
@@ -61,7 +61,7 @@ def test_peer_authenticates_with_sasl_external_and_gets_echo_over_bidi(relay, pk
             reply = parse(await peer.receive())
             assert (reply.get("from"), reply.get("to"), reply.get("id")) == ("echo.relay.test", "juliet@p1.peers.test/b", "e1")
             assert reply.findtext("{jabber:server}body") == "Art thou not Romeo?"
-            assert r.connections_opened == 0  # the reply used the inbound bidi stream
+            assert r.connector.connections_opened == 0  # the reply used the inbound bidi stream
             # one SASL EXTERNAL authentication, usable in both directions thanks to bidi
             assert r.metrics.negotiations_completed.get("in", "sasl-external") == 1
             assert r.metrics.negotiations_completed.get("out", "sasl-external") == 1
@@ -71,7 +71,7 @@ def test_peer_authenticates_with_sasl_external_and_gets_echo_over_bidi(relay, pk
 
 
 def test_peer_trust_anchors_replace_the_generic_store_for_that_peer(relay_spec, pki, peers_cert, tmp_path):
-    """checklist 50: with its own anchors configured, a peer's certificate must chain to
+    """RFC 6120 §13.6: with its own anchors configured, a peer's certificate must chain to
     them; the test CA every other peer uses no longer proves it (EXTERNAL is not offered,
     and with secure authentication required the relay closes with <policy-violation/>)."""
     other_ca = tmp_path / "partner-ca.pem"
@@ -128,7 +128,7 @@ def test_component_to_remote_component_and_back_over_bidi(pair_of_relays):
             back = await bot_a.receive()
             assert (back.get("id"), back.get("from")) == ("back", "juliet@bot.b.test")
             # one TCP connection: A's outbound stream, used by B in reverse (bidi)
-            assert (relay_a.connections_opened, relay_b.connections_opened) == (1, 0)
+            assert (relay_a.connector.connections_opened, relay_b.connector.connections_opened) == (1, 0)
             stream = relay_b.table.remote[("bot.b.test", "bot.a.test")]
             assert not stream.outbound and stream.bidi and stream.mechanism == "sasl-external"
             await bot_a.close()
@@ -149,7 +149,7 @@ def test_pairs_starting_together_share_one_new_connection(pair_of_relays):
             bot2_a.send("<message from='x@bot2.a.test' to='y@bot.b.test' id='two'/>")
             got = {(await bot_b.receive()).get("id") for _ in range(2)}
             assert got == {"one", "two"}
-            assert relay_a.connections_opened == 1
+            assert relay_a.connector.connections_opened == 1
             for client in (bot_a, bot2_a, bot_b):
                 await client.close()
 
@@ -168,7 +168,7 @@ def test_without_bidi_each_direction_gets_its_own_connection(pair_of_relays):
             assert (await bot_b.receive()).get("id") == "there"
             bot_b.send("<message from='y@bot.b.test' to='x@bot.a.test' id='back'/>")
             assert (await bot_a.receive()).get("id") == "back"
-            assert (relay_a.connections_opened, relay_b.connections_opened) == (1, 1)
+            assert (relay_a.connector.connections_opened, relay_b.connector.connections_opened) == (1, 1)
             assert relay_b.table.remote[("bot.b.test", "bot.a.test")].outbound
             assert not relay_a.table.remote[("bot.a.test", "bot.b.test")].bidi
             await bot_a.close()
@@ -179,7 +179,7 @@ def test_without_bidi_each_direction_gets_its_own_connection(pair_of_relays):
 
 def test_dialback_with_untrusted_certificate_verifies_over_another_connection(pair_of_relays):
     a, b = pair_of_relays
-    a.trusted = False  # A's certificates are self-signed: B must use dialback (flows.md b)
+    a.trusted = False  # A's certificates are self-signed: B must use dialback (XEP-0178 §3 step 11b)
 
     async def scenario():
         async with running(a.config()) as relay_a, running(b.config()) as relay_b:
@@ -190,8 +190,8 @@ def test_dialback_with_untrusted_certificate_verifies_over_another_connection(pa
             origin = relay_b.table.remote[("bot.b.test", "bot.a.test")]
             assert origin.mechanism == "dialback" and origin.bidi
             # B verified the key over a connection of its own to A (never the one carrying the request)
-            assert relay_b.connections_opened == 1
-            assert relay_a.connections_opened == 1
+            assert relay_b.connector.connections_opened == 1
+            assert relay_a.connector.connections_opened == 1
             bot_b.send("<message from='juliet@bot.b.test' to='romeo@bot.a.test' id='db2'/>")
             assert (await bot_a.receive()).get("id") == "db2"
             await bot_a.close()
@@ -218,10 +218,10 @@ def test_piggybacked_pairs_share_one_connection(pair_of_relays):
             # target multiplexing: a new remote domain served at the same address and port
             bot_a.send("<message from='x@bot.a.test' to='y@bot2.b.test' id='target-mux'/>")
             assert (await bot2_b.receive()).get("id") == "target-mux"
-            assert relay_a.connections_opened == 1
+            assert relay_a.connector.connections_opened == 1
             # B verified each of the three keys over a verify-only connection of its own, never
-            # over the stream that carried the request, although that stream reaches A too (T-05)
-            assert relay_b.connections_opened == 3
+            # over the stream that carried the request, although that stream reaches A too (XEP-0288 §2.2)
+            assert relay_b.connector.connections_opened == 3
             stream = relay_a.table.remote[("bot.a.test", "bot.b.test")]
             assert relay_a.table.remote[("bot2.a.test", "bot.b.test")] is stream
             assert relay_a.table.remote[("bot.a.test", "bot2.b.test")] is stream
@@ -449,15 +449,15 @@ def test_keepalives_and_idle_timeout(relay, pki, peers_cert):
     arun(scenario())
 
 
-# ---------------------------------------------------------------------- flows.md (c)
+# ------------------------- classic dialback: the XEP-0220 example domains, secrets and conversation
 
-CAPULET_SECRET = "s3cr3tf0rd14lb4ck"  # the XEP-0220 example secret of flows.md
-MONTAGUE_SECRET = "d14lb4ck43v3r-montague"  # flows.md's is shorter than the config's HMAC key minimum
+CAPULET_SECRET = "s3cr3tf0rd14lb4ck"  # the XEP-0220 example secret of capulet.example
+MONTAGUE_SECRET = "d14lb4ck43v3r-montague"  # XEP-0220's d14lb4ck43v3r is below the config's minimum length
 
 
-def test_c67_unreachable_authoritative_server_is_a_dialback_error_not_a_stream_error(relay_spec, pki):
+def test_unreachable_authoritative_server_is_a_dialback_error_not_a_stream_error(relay_spec, pki):
     """The originating domain's authoritative server cannot be reached: the relay answers
-    the db:result with a dialback error naming why (XEP-0220 §2.4, table condition
+    the db:result with a dialback error naming why (XEP-0220 §2.5, table condition
     remote-connection-failed) and the stream stays open for other pairs."""
     spec = relay_spec("as-down", domains=("montague.example",), tls=False, policy={"require_encryption": False},
                       routes={"capulet.example": free_port()})  # nothing listens there
@@ -478,10 +478,11 @@ def test_c67_unreachable_authoritative_server_is_a_dialback_error_not_a_stream_e
     arun(scenario())
 
 
-def test_flow_c_classic_dialback_return_connection_and_piggybacking(relay_spec, pki):
-    """flows.md (c): no TLS, no bidi. The relay (montague.example) verifies the
-    peer's keys with capulet's authoritative server over connections of its own,
-    sends errors on a return connection, and accepts a piggybacked sender."""
+def test_classic_dialback_return_connection_and_piggybacking(relay_spec, pki):
+    """The XEP-0220 example conversation (capulet.example -> montague.example): no TLS, no
+    bidi. The relay (montague.example) verifies the peer's keys with capulet's authoritative
+    server over connections of its own (XEP-0220 §2.1.2), sends errors on a return connection
+    (RFC 6120 §4.9.1.4), and accepts a piggybacked sender (XEP-0220 §2.6.1)."""
 
     async def scenario():
         authority = AuthoritativeServer({"capulet.example", "rooms.capulet.example"}, CAPULET_SECRET, MONTAGUE_SECRET)
@@ -496,7 +497,7 @@ def test_flow_c_classic_dialback_return_connection_and_piggybacking(relay_spec, 
                                           require_encryption=False, other_domains=("rooms.capulet.example",))
                 await peer.authenticated()
                 origin_id = peer.session.stream_id
-                # Step 2 went to the authoritative server, never back over TCP#1 (T-05)
+                # Step 2 went to the authoritative server, never back over TCP#1 (XEP-0220 §2.1.2)
                 assert any(b"<db:verify" in data and origin_id.encode() in data for data in authority.inputs)
                 assert not any(b"db:verify" in data for data in peer.reads)
                 peer.send("<message from='juliet@capulet.example/balcony' id='ju2ba41c' to='romeo@montague.example' "
@@ -506,7 +507,7 @@ def test_flow_c_classic_dialback_return_connection_and_piggybacking(relay_spec, 
                 assert (error.get("type"), error.get("id"), error.get("from"), error.get("to")) == (
                     "error", "ju2ba41c", "romeo@montague.example", "juliet@capulet.example/balcony")
                 assert error.find("{jabber:server}error/{%s}service-unavailable" % STANZAS_NS) is not None
-                assert relay.connections_opened >= 2  # a verify-only connection and the return connection
+                assert relay.connector.connections_opened >= 2  # a verify-only connection and the return connection
                 assert not peer.stanzas  # nothing was sent back over TCP#1 (no bidi)
                 # piggybacking: a new sender domain on the same stream
                 assert peer.session.request_pair("rooms.capulet.example", "montague.example")

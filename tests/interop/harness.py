@@ -1,6 +1,6 @@
 """Real Prosody 0.12 and ejabberd 23.01 S2S peers on loopback, for the interop tests.
 
-Recipe: /work/shared/peers/README.md (kept in docs/interop.md). Each peer runs as a
+Recipe: docs/interop.md. Each peer runs as a
 subprocess from its own work directory, listens on its own 127.0.0.x address on free
 ports, reaches other domains only through pinned routes (Prosody: our
 mod_test_s2s_routes plugin; ejabberd: SRV records preloaded into Erlang's resolver
@@ -31,7 +31,8 @@ import uvloop
 from lxml import etree
 
 from router import pki
-from router.component_client import COMPONENT_NS, ComponentClient, ComponentError
+from router.component_client import ComponentClient, ComponentError
+from router.namespaces import COMPONENT_NS
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import uvloop
 
-from router.component_client import COMPONENT_NS, ComponentClient, ComponentClosed, ComponentStreamError
+from router.component_client import ComponentClient, ComponentClosed, ComponentStreamError
+from router.namespaces import COMPONENT_NS
 
 from .harness import SECURE
 

@@ -1,0 +1,212 @@
+"""Where a stanza goes, and what happens when it cannot get there.
+
+``route`` is the hot path: at most two dict lookups (the ``to`` domain among
+local targets, else the ``(from, to)`` pair among remote streams) and the
+stanza's byte range joins its destination's batch. The rest is the slow path:
+a built-in service answers (parsed with lxml), a pair without a stream queues
+while the connector sets one up, and what cannot be delivered bounces to its
+sender (RFC 6120 §8.3). Stanzas the relay makes itself (bounces, service
+replies) take the same bounded path as forwarded ones: a destination whose
+write queue is full gets nothing more, and a sender that does not read what
+the relay answers it stops being read when that hurts nobody else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from router import errors
+from router.jid import domain_of
+from router.limits import Limit
+from router.routes import Pair, Queued, RouteTable
+from router.services import Services
+from router.s2s import S2SStream
+from router.stream import StreamHost, XmlStream
+from router.namespaces import SERVER_NS
+from router.xml import parse_element
+
+log = logging.getLogger("router.delivery")
+
+
+@dataclass(frozen=True)
+class OutputProfile:
+    """What ``rescope`` needs to know about a destination that has no stream yet."""
+
+    content_ns: str
+    out_lang: str | None
+
+
+class Service:
+    """A built-in service domain in the route table (ping, disco, echo, sink)."""
+
+    __slots__ = ("domain",)
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+
+
+class Delivery:
+    """Routing, built-in services, queues and bounces of the relay ``host``."""
+
+    def __init__(self, host: StreamHost, table: RouteTable) -> None:
+        self.host = host
+        self.table = table
+        self.metrics = host.metrics
+        self.local_domains: frozenset[str] = frozenset()
+        self.services: Services | None = None
+        self.s2s_output = OutputProfile(SERVER_NS, None)
+        self._outbound_queues_full = Limit("max_outbound_queues", 0)  # counts its refusals for the log
+
+    def configure(self, config, default_lang: str | None) -> None:
+        """Local domains and services of ``config`` (at start and on reload)."""
+        self.local_domains = config.local_domains
+        for domain in config.service_domains:
+            if not isinstance(self.table.local.get(domain), Service):
+                self.table.set_local(domain, Service(domain))
+        for domain, target in list(self.table.local.items()):
+            if isinstance(target, Service) and domain not in config.service_domains:
+                del self.table.local[domain]
+        self.services = Services.from_config(config, self.metrics)
+        # queued stanzas are fixed up for the outbound stream they will most likely take
+        self.s2s_output = OutputProfile(SERVER_NS, default_lang)
+
+    # ------------------------------------------------------------------ hot path
+    def route_stanza(self, source: S2SStream, element, view: memoryview, batches: dict) -> None:
+        """A stanza the session authorized on an S2S stream."""
+        self.route(source, element, domain_of(element.from_), domain_of(element.to), view, batches)
+
+    def route(self, source: XmlStream, element, from_domain: str, to_domain: str,
+              view: memoryview, batches: dict) -> None:
+        """Send ``element`` towards ``to_domain``: into ``batches`` for a stream,
+        to a built-in service, into a pending queue, or back as a bounce."""
+        target = self.table.local.get(to_domain)
+        if target is None:
+            link = self.table.remote.get((from_domain, to_domain))
+            if link is not None and not link.closing:
+                if link.paused and link.queue_full(element.end - element.start):
+                    self._bounce_element(source, element, "resource-constraint",
+                                         f"{to_domain} is not reading what is sent to it")
+                    return
+                batches.setdefault(link, []).append(source.chunk_for(link, element, view))
+                self.metrics.stanzas_routed.inc("remote")
+                return
+            if to_domain in self.local_domains:
+                self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
+                return
+            self._enqueue(source, element, from_domain, to_domain, view)
+            return
+        if isinstance(target, Service):
+            self._serve(source, element, view, target)
+            return
+        if target.closing:
+            self._bounce_element(source, element, "service-unavailable", f"{to_domain} is disconnecting")
+            return
+        if target.paused and target.queue_full(element.end - element.start):
+            self._bounce_element(source, element, "resource-constraint", f"{to_domain} is not keeping up")
+            return
+        batches.setdefault(target, []).append(source.chunk_for(target, element, view))
+        self.metrics.stanzas_routed.inc("component")
+
+    # ------------------------------------------------------------------ relay-made stanzas
+    def deliver(self, data: bytes, name: str, type_: str | None, from_: str | None, to: str | None,
+                id_: str | None, from_domain: str, to_domain: str) -> XmlStream | None:
+        """Route a stanza the relay made itself (a service reply or a bounce); its
+        bytes inherit the destination stream's namespace. Returns the stream
+        written to, if any, so the caller can apply flow control. A stream whose
+        queue is full gets nothing more: the stanza is counted and logged, since
+        its sender is the relay itself."""
+        target = self.table.local.get(to_domain)
+        if target is None:
+            link = self.table.remote.get((from_domain, to_domain))
+            target = link if link is not None and not link.closing else None
+        elif not isinstance(target, XmlStream) or target.closing:
+            return None  # a service does not answer a service; a closing component gets nothing
+        if target is not None:
+            if target.paused and target.queue_full(len(data)):
+                log.debug("dropping relay-made %s to %s: its stream's write queue is full", name, to_domain)
+                return None
+            target.write(data)
+            return target
+        if to_domain in self.local_domains:
+            log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
+            return None
+        self._push(Queued(data, name, type_, from_, to, id_, self.host.loop.time()), (from_domain, to_domain))
+        return None
+
+    def _serve(self, source: XmlStream, element, view: memoryview, service: Service) -> None:
+        """The slow path: parse the stanza with lxml and let the service answer."""
+        header = source.tokenizer.header
+        stanza = parse_element(bytes(view[element.start : element.end]),
+                               header.namespaces if header is not None else {})
+        self.metrics.stanzas_routed.inc("service")
+        reply = self.services.handle(stanza)
+        if reply is None:
+            return
+        dest = self.deliver(reply, element.name, None, element.to, element.from_, element.id,
+                            service.domain, domain_of(element.from_))
+        self._hold(source, dest)
+
+    @staticmethod
+    def _hold(source: XmlStream, dest: XmlStream | None) -> None:
+        """A sender that does not read what the relay answers it stops being read
+        (when that hurts nobody else: ``may_wait_for``)."""
+        if dest is not None and dest.paused and source.may_wait_for(dest):
+            source.block_on(dest)
+
+    # ------------------------------------------------------------------ queues and bounces
+    def _enqueue(self, source: XmlStream, element, from_domain: str, to_domain: str, view: memoryview) -> None:
+        data = source.chunk_for(self.s2s_output, element, view)
+        item = Queued(bytes(data), element.name, element.type, element.from_, element.to, element.id,
+                      self.host.loop.time())
+        self._push(item, (from_domain, to_domain), source)
+
+    def _push(self, item: Queued, pair: Pair, source: XmlStream | None = None) -> None:
+        s2s = self.host.config.s2s
+        if pair not in self.table.pending and len(self.table.pending) >= s2s.max_outbound_queues:
+            self.metrics.limits_hit.inc("max_outbound_queues")
+            count = self._outbound_queues_full.refused(self.host.loop.time())
+            if count:
+                log.warning("bounced %d stanza(s) for new remote domains: %d are already waiting for a stream "
+                            "(s2s.max_outbound_queues)", count, s2s.max_outbound_queues)
+            self.bounce(item, "resource-constraint", "too many remote domains are being connected; try later",
+                        source)
+            return
+        queue, created = self.table.queue_for(pair, s2s.queue_max_stanzas, s2s.queue_max_age)
+        if not queue.push(item):
+            self.bounce(item, "resource-constraint", "too many stanzas waiting for the remote server", source)
+            return
+        if created:
+            self.host.spawn(self.host.connector.establish(pair))
+
+    def expire_queues(self, now: float) -> None:
+        """Bounce queued stanzas that waited longer than ``s2s.queue_max_age``."""
+        for queue in list(self.table.pending.values()):
+            for item in queue.expired(now):
+                self.bounce(item, "remote-server-timeout", "no stream to the remote server in time")
+        self.update_queue_gauges()
+
+    def update_queue_gauges(self) -> None:
+        self.metrics.queued_stanzas.set(sum(len(q.items) for q in self.table.pending.values()))
+        self.metrics.outbound_queues.set(len(self.table.pending))
+
+    def _bounce_element(self, source: XmlStream, element, condition: str, text: str) -> None:
+        self.bounce(Queued(b"", element.name, element.type, element.from_, element.to, element.id, 0.0),
+                    condition, text, source)
+
+    def bounce(self, item: Queued, condition: str, text: str | None = None,
+               source: XmlStream | None = None) -> None:
+        """Tell the sender its stanza was not delivered (never for an error). The
+        bounce takes the bounded path of every relay-made stanza; ``source``, the
+        stream being read when the bounce was made, waits if it is not read."""
+        data = errors.bounce(item.name, item.from_, item.to, item.id, item.type, condition, text)
+        if data is None or not item.from_ or not item.to:
+            return
+        self.metrics.stanzas_bounced.inc(condition)
+        try:
+            from_domain, to_domain = domain_of(item.to), domain_of(item.from_)
+        except ValueError:
+            return
+        dest = self.deliver(data, item.name, "error", item.to, item.from_, item.id, from_domain, to_domain)
+        if source is not None:
+            self._hold(source, dest)

@@ -1,0 +1,241 @@
+"""A server-to-server connection: a ``Session`` (sans-IO negotiation) driven
+over an ``XmlStream``.
+
+``S2SStream`` turns the session's events into I/O: STARTTLS, authenticated
+pairs for the route table, dialback verification requests, closes. Stanzas the
+session authorized go to ``StreamHost.route_stanza`` as byte ranges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from router import tls
+from router.negotiation import events as ev
+from router.stream import StreamHost, XmlStream
+
+log = logging.getLogger("router.s2s")
+
+# Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
+EARLY_BUFFER_SIZE = 16384
+
+
+class S2SStream(XmlStream):
+    """A server-to-server connection driven by a sans-IO ``Session``.
+
+    ``outbound`` streams are the ones we opened (initiating role); ``pairs``
+    asked of an outbound stream are tracked by the relay, which wakes the
+    connection attempt waiting for them.
+    """
+
+    kind = "s2s"
+    remote = True
+    __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
+                 "local_domain", "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early",
+                 "_early_buffer")
+
+    def __init__(self, relay: StreamHost, session: Any, *, outbound: bool, direct_tls: bool = False,
+                 local: str | None = None, remote: str | None = None) -> None:
+        super().__init__(relay)
+        self.session = session
+        self.outbound = outbound
+        self.direct_tls = direct_tls
+        self.authenticated = False
+        self.admitted = False  # inbound: counted by the relay's connection limits
+        self.bidi = False
+        self.mechanism: str | None = None  # metrics label of the first authentication
+        self.local_domain = local  # outbound: the domain we connect for
+        self.remote_domain = remote
+        self.verify_only = False
+        self.target: tuple[str, int] | None = None  # outbound: the address and port we connected to
+        self.failure: str | None = None  # why the stream ended, for the bounces of pairs waiting on it
+        self._tls_starting = False  # between StartTLS and the end of the handshake
+        self._early: list[bytes] | None = None  # decrypted bytes that arrived in that window
+        self._early_buffer: bytearray | None = None
+
+    @property
+    def tokenizer(self):
+        return self.session.tokenizer
+
+    @property
+    def out_lang(self) -> str | None:
+        """The xml:lang our header declared: the peer's own on inbound streams."""
+        return self.session.stream_lang if not self.outbound else self.session.config.default_lang
+
+    @property
+    def direction(self) -> str:
+        return "out" if self.outbound else "in"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.closing:  # refused by a connection limit
+            return
+        direction = "outbound" if self.outbound else "inbound"
+        log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.remote_domain or "-",
+                 " tls=direct" if self.direct_tls else "")
+        if self.direct_tls:
+            self._tls_done()
+        self.pump()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._tls_starting and self.failure is None:
+            self.failure = f"TLS handshake failed: {exc or 'the connection closed'}"
+        super().connection_lost(exc)
+
+    def _buffer_for(self, sizehint: int) -> memoryview:
+        if self._tls_starting:
+            return memoryview(self._early_buffer)
+        return self.session.get_buffer(sizehint)
+
+    def _received(self, nbytes: int) -> None:
+        if self._tls_starting:
+            # uvloop delivers the first decrypted bytes before start_tls() returns
+            if self._early is None:
+                self._early = []
+            self._early.append(bytes(self._early_buffer[:nbytes]))
+            return
+        self.session.buffer_updated(nbytes)
+        self.pump()
+        self.tokenizer.release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
+
+    # ------------------------------------------------------------------ session -> I/O
+    def pump(self) -> None:
+        """Write what the session wants sent and act on its events, in order."""
+        if self.transport is None:
+            return
+        view = memoryview(self.tokenizer.buffer)
+        batches: dict[XmlStream, list[Any]] = {}
+        for event in self.session.events():
+            if isinstance(event, ev.Stanza):
+                self.relay.route_stanza(self, event.element, view, batches)
+                continue
+            if batches:
+                self.forward(batches)
+                batches = {}
+            self._flush_session()
+            self._handle(event)
+        if batches:
+            self.forward(batches)
+        self._flush_session()
+
+    def _flush_session(self) -> None:
+        data = self.session.data_to_send()
+        if data:
+            self.write(data)
+
+    def _handle(self, event: Any) -> None:
+        if isinstance(event, ev.StartTLS):
+            self.flush()  # <proceed/> (or <starttls/>) leaves before the handshake starts
+            self.transport.pause_reading()  # the ClientHello must reach TLS, not us; start_tls resumes
+            self._tls_starting = True
+            self._early_buffer = bytearray(EARLY_BUFFER_SIZE)
+            self.relay.spawn(self._start_tls(event))
+        elif isinstance(event, ev.Authenticated):
+            if not self.authenticated:
+                self.authenticated = True
+                self.relay.stream_authenticated(self)
+            self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
+            self.remote_domain = self.remote_domain or event.remote
+            log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",
+                     "outbound" if self.outbound else "inbound", event.remote, event.local,
+                     event.mechanism, event.direction, self.peer)
+            self.relay.authenticated(self, event)
+        elif isinstance(event, ev.AuthFailed):
+            log.info("s2s authentication failed remote=%s local=%s condition=%s peer=%s",
+                     event.remote, event.local, event.condition, self.peer)
+            self.relay.auth_failed(self, event)
+        elif isinstance(event, ev.BidiEnabled):
+            self.bidi = True
+            log.info("s2s bidi enabled peer=%s domain=%s", self.peer, self.remote_domain or "-")
+            self.relay.routes_changed(self)
+        elif isinstance(event, ev.VerifyKey):
+            self.relay.verify_key(self, event)
+        elif isinstance(event, ev.VerifyResult):
+            self.relay.verify_result(self, event)
+        elif isinstance(event, ev.Closed):
+            metrics = self.relay.metrics
+            if event.cause == "parse":
+                metrics.parse_errors.inc(event.condition)
+            elif event.cause == "stanza":
+                metrics.stanzas_rejected.inc(event.condition)
+            if event.condition and not self.authenticated:
+                metrics.negotiations_failed.inc(self.direction, event.condition)
+            if event.condition:
+                self.failure = f"we closed the stream with <{event.condition}/>: {event.text}"
+            log.info("s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
+                     self.peer, self.remote_domain or "-", event.condition, event.cause, event.text)
+            self.relay.unroute(self)  # its pairs go to another stream at once (RFC 6120 §4.4)
+            self._flush_session()
+            if event.condition:
+                self.close_transport()
+            else:
+                self.closing = True  # nothing more may follow our </stream:stream>; we still read the peer's
+                self.abort_after(self.relay.config.s2s.close_timeout)
+        elif isinstance(event, ev.PeerClosed):
+            self.failure = "the peer closed the stream" + (f" with <{event.condition}/>" if event.condition else "") \
+                + (f": {event.text}" if event.text else "")
+            log.info("s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
+                     self.peer, self.remote_domain or "-", event.condition, event.text)
+            self.relay.unroute(self)  # its pairs go to another stream at once, TLS close or not
+            self._flush_session()
+            self.close_transport()
+
+    async def _start_tls(self, event: Any) -> None:
+        server_side = not self.outbound
+        try:
+            if server_side:
+                context = self.relay.tls_server_context(event.domain)
+                server_hostname = None
+            else:
+                context = self.relay.tls_client_context(self.local_domain)
+                server_hostname = self.remote_domain
+            transport = await asyncio.wait_for(
+                self.loop.start_tls(self.transport, self, context, server_side=server_side,
+                                    server_hostname=server_hostname),
+                self.relay.config.s2s.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            # RFC 6120 §5.4.3.2: a failed handshake ends TCP without </stream>
+            log.info("s2s TLS handshake failed peer=%s domain=%s: %s", self.peer, self.remote_domain or "-", exc)
+            self.failure = self.failure or f"TLS handshake failed: {exc or type(exc).__name__}"
+            self.relay.metrics.negotiations_failed.inc(self.direction, "tls-handshake")
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if transport is None:
+            return
+        self.use_transport(transport)
+        self._tls_starting = False
+        self._early_buffer = None
+        self._tls_done()
+        early, self._early = self._early or [], None
+        for data in early:
+            self.session.receive_data(data)
+        self.pump()
+        self.tokenizer.release()
+
+    def _tls_done(self) -> None:
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        chain = tls.peer_chain(ssl_object) if ssl_object is not None else []
+        log.info("s2s stream secured peer=%s domain=%s version=%s", self.peer, self.remote_domain or "-",
+                 ssl_object.version() if ssl_object is not None else "-")
+        self.session.tls_established(chain)
+
+    # ------------------------------------------------------------------ relay -> stream
+    def fail(self, condition: str, text: str) -> None:
+        if self.closing:
+            return
+        self.session.close(condition, text, cause="local")
+        self.pump()
+        self.close_transport()
+
+    def close_gracefully(self, condition: str | None = None, text: str | None = None) -> None:
+        """``</stream:stream>`` (after a stream error when ``condition``), then wait
+        a bounded time for the peer's close."""
+        if self.closing or self.transport is None:
+            return
+        self.session.close(condition, text, cause="local")
+        self.pump()
+        self.abort_after(self.relay.config.s2s.close_timeout)
