@@ -90,7 +90,7 @@ def parser() -> argparse.ArgumentParser:
 
 def generator_pki(directory: Path) -> tuple[str, str, str]:
     """(ca_file, cert, key) in `directory`, created on first use."""
-    from router import pki
+    from router.trust import pki
 
     from bench.loadlib import wire
 

@@ -5,7 +5,7 @@ Plaintext Server Dialback with a bidi request: initiator header -> features ->
 recomputing the XEP-0185 key as the authoritative server would -> `type='valid'`.
 
 SASL EXTERNAL: STARTTLS on both sides, then `tls_established` hands each
-session the other's certificate (from `router.pki`, one test CA both trust),
+session the other's certificate (from `router.trust.pki`, one test CA both trust),
 as the runtime does when the handshake is over; the TLS record layer itself is
 not part of the measure. Each handshake verifies the peer's chain and its
 identity for the domain (RFC 6125), which is the cost that matters here.
@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import pytest
 
-from router import certs, pki
+from router.trust import certs, pki
 from router.negotiation import events as ev
 from router.negotiation.dialback import dialback_key
 from router.negotiation.session import Session, SessionConfig
-from router.policy import Policy
+from router.trust.policy import Policy
 
 SECRET = "bench-dialback-secret-0123456789"
 INITIATOR = SessionConfig(local_domains=frozenset({"a.example"}), dialback_secret=SECRET, tls_client=False,

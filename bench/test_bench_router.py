@@ -17,12 +17,12 @@ import asyncio
 
 import pytest
 
-from router.handshake import handshake_digest
-from router.components import ComponentStream
+from router.wire.handshake import handshake_digest
+from router.net.components import ComponentStream
 from router.config import parse_config
 from router.negotiation.dialback import dialback_key
 from router.server import Relay
-from router.s2s import S2SStream
+from router.net.s2s import S2SStream
 
 REMOTE, DOMAIN = "a.example", "bench.test"
 REMOTE_SECRET = "remote-network-dialback-secret-0123"  # the authoritative server's, not the relay's

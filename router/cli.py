@@ -105,8 +105,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_gen_cert(args: argparse.Namespace) -> int:
-    from router.jid import normalize_domain
-    from router.pki import make_leaf
+    from router.wire.jid import normalize_domain
+    from router.trust.pki import make_leaf
 
     try:
         domain = normalize_domain(args.domain)

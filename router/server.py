@@ -3,7 +3,7 @@
 ``Relay`` owns every stream and the route table and hands the work to its
 parts: ``Delivery`` (routing, services, queues, bounces), ``Connector``
 (outbound streams), ``DialbackVerifier`` and ``Admission`` (connection limits).
-Streams reach it through ``router.stream.StreamHost``; the callbacks they make
+Streams reach it through ``router.net.stream.StreamHost``; the callbacks they make
 are the parts' own methods, bound here, so the hot path pays no extra call.
 ``run(config)`` is the process entry point used by the CLI: it serves until
 SIGTERM/SIGINT, reloads policy and certificates on SIGHUP, and on shutdown
@@ -17,19 +17,21 @@ import logging
 import signal
 from typing import Any
 
-from router import resolver, tls
-from router.admission import Admission, raise_fd_limit
-from router.certs import TrustStore
-from router.components import ComponentStream
+from router.net import resolver
+
+from router.trust import tls
+from router.net.admission import Admission, raise_fd_limit
+from router.trust.certs import TrustStore
+from router.net.components import ComponentStream
 from router.config import Config, load_config
-from router.connector import Connector
-from router.delivery import Delivery
+from router.net.connector import Connector
+from router.routing.delivery import Delivery
 from router.metrics import RelayMetrics, start_metrics_server
 from router.negotiation.session import Session, SessionConfig
-from router.routes import RouteTable
-from router.s2s import S2SStream
-from router.stream import XmlStream
-from router.verifier import DialbackVerifier
+from router.routing.routes import RouteTable
+from router.net.s2s import S2SStream
+from router.net.stream import XmlStream
+from router.net.verifier import DialbackVerifier
 
 log = logging.getLogger("router.server")
 
@@ -58,7 +60,7 @@ class Relay:
         self.verifier = DialbackVerifier(self)
         self.admission = Admission(self)
         # the per-stanza calls of streams go straight to the part (no extra call)
-        self.route, self.route_stanza = self.delivery.route, self.delivery.route_stanza
+        self.route = self.delivery.route
         self.metrics.pre_auth_streams.collect = lambda: {(): self.admission.pre_auth.total()}
         self.metrics.pending_verifications.collect = lambda: {(): self.verifier.pending.total()}
         self._apply(config)

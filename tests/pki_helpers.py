@@ -1,4 +1,4 @@
-"""Test-only companions of router/pki.py (the relay itself never reads a credential back)."""
+"""Test-only companions of router/trust/pki.py (the relay itself never reads a credential back)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from router.pki import Credential
+from router.trust.pki import Credential
 
 
 def load_credential(cert_path: str | os.PathLike, key_path: str | os.PathLike) -> Credential:

@@ -1,4 +1,4 @@
-"""router.certs: chain trust and RFC 6125 identity matching for XMPP S2S (RFC 6120 §13.7; XEP-0178 §3)."""
+"""router.trust.certs: chain trust and RFC 6125 identity matching for XMPP S2S (RFC 6120 §13.7; XEP-0178 §3)."""
 
 import datetime
 
@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from router import certs, pki
+from router.trust import certs, pki
 
 UTC = datetime.timezone.utc
 

@@ -1,9 +1,9 @@
-"""Stream and stanza error builders (router/errors.py), checked by parsing the bytes with lxml."""
+"""Stream and stanza error builders (router/wire/errors.py), checked by parsing the bytes with lxml."""
 
 import pytest
 from lxml import etree
 
-from router import errors
+from router.wire import errors
 
 STREAM_WRAP = (b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:server'>", b"</stream:stream>")
 

@@ -22,7 +22,7 @@ The two ways:
   written here; what it writes must equal the conversation's bytes after parsing
   (attribute order and quote style aside; dialback keys and stream ids exactly);
 * wired: both parties are `Session`s connected back to back (TLS simulated with
-  certificates from router.pki, dialback keys checked by a third session acting as the
+  certificates from router.trust.pki, dialback keys checked by a third session acting as the
   authoritative server over another wire) and must end with the same pairs.
 """
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import pytest
 
-from router import pki
+from router.trust import pki
 from router.negotiation import events as ev
 from router.negotiation.session import Session
 from test_negotiation_support import Player, Wire, canonical, config, pki_world, script  # noqa: F401

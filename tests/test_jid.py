@@ -1,10 +1,10 @@
-"""router.jid: domainpart extraction and the canonical domain form (RFC 7622; domains are normalized
+"""router.wire.jid: domainpart extraction and the canonical domain form (RFC 7622; domains are normalized
 before the per-pair checks of RFC 6120 §8.1.2.2 compare them)."""
 
 import pytest
 
-from router import jid
-from router.jid import domain_of, normalize_domain
+from router.wire import jid
+from router.wire.jid import domain_of, normalize_domain
 
 
 @pytest.mark.parametrize("jid, domain", [

@@ -1,4 +1,4 @@
-"""Admission limits (router.limits) and the relay's keyed semaphores: counts that
+"""Admission limits (router.routing.limits) and the relay's keyed semaphores: counts that
 refuse past their maximum, take all slots or none, and forget idle keys."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import asyncio
 
 import uvloop
 
-from router.limits import LOG_INTERVAL, OVERALL, Limit, admit, release
-from router.connector import KeyedSemaphores
+from router.routing.limits import LOG_INTERVAL, OVERALL, Limit, admit, release
+from router.net.connector import KeyedSemaphores
 
 
 def test_admit_takes_every_slot_or_none_and_names_the_full_limit():

@@ -3,10 +3,10 @@ which pairs each side may use (§2.2) and the checks on stanzas coming back."""
 
 from __future__ import annotations
 
-from router import pki
+from router.trust import pki
 from router.negotiation import events as ev
 from router.negotiation.session import Session
-from router.policy import Policy
+from router.trust.policy import Policy
 from test_negotiation_support import Wire, config, pki_world  # noqa: F401
 from test_negotiation_stream import closed_with, features_of, header
 

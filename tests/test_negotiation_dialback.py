@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from router import pki
+from router.trust import pki
 from router.negotiation import events as ev
 from router.negotiation.dialback import dialback_key
 from router.negotiation.session import Session
-from router.policy import Policy
+from router.trust.policy import Policy
 from test_negotiation_support import canonical, config, pki_world  # noqa: F401
 from test_negotiation_stream import closed_with, header
 

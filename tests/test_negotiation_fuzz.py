@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.errors import STREAM_CONDITIONS
+from router.wire.errors import STREAM_CONDITIONS
 from router.negotiation import events as ev
 from router.negotiation.session import Session
 from test_negotiation_support import config

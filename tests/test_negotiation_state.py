@@ -10,12 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from router import pki
+from router.trust import pki
 from router.negotiation import authorization, headers, negotiate, opening
 from router.negotiation.features import Advertised
 from router.negotiation.session import Session
 from router.negotiation.state import TRANSITIONS, Negotiator, Stage, StageError, advance, first_stage
-from router.policy import Policy
+from router.trust.policy import Policy
 from test_negotiation_support import Wire, config, pki_world  # noqa: F401
 from test_negotiation_stream import header
 

@@ -9,7 +9,7 @@ import pytest
 
 from router.negotiation import events as ev
 from router.negotiation.session import Session, parse_version
-from router.policy import Policy
+from router.trust.policy import Policy
 from test_negotiation_support import Wire, canonical, config, pki_world  # noqa: F401
 
 STREAMS = "http://etherx.jabber.org/streams"
@@ -61,7 +61,7 @@ def test_stream_id_unpredictable_and_new_after_restart(pki_world):
 
 
 def pki_leaf(ca, name):
-    from router import pki
+    from router.trust import pki
 
     return pki.make_leaf(ca, name).cert_der()
 

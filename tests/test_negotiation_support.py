@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import pytest
 from lxml import etree
 
-from router import certs, pki
+from router.trust import certs, pki
 from router.negotiation import events as ev
 from router.negotiation.session import Session, SessionConfig
-from router.policy import Policy
+from router.trust.policy import Policy
 
 MAX_ROUNDS = 50  # bound on ping-pong rounds in one pump
 
@@ -157,7 +157,7 @@ def canonical(data: bytes) -> list[tuple]:
     """One direction's bytes as comparable items: headers (attributes, namespaces, id) and
     elements in exclusive C14N, with human-readable <text/> of error elements dropped."""
     from router._fastparse import Tokenizer
-    from router.xml import parse_element
+    from router.wire.xml import parse_element
 
     items = []
     segments = [b"<?xml" + part for part in bytes(data).split(b"<?xml") if part]

@@ -7,7 +7,7 @@ import datetime
 
 import pytest
 
-from router import certs, pki
+from router.trust import certs, pki
 from router.negotiation import events as ev
 from router.negotiation.session import Session
 from test_negotiation_support import Wire, config, pki_world  # noqa: F401

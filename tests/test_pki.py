@@ -1,4 +1,4 @@
-"""router.pki: the certificates every other test builds on must carry what was asked."""
+"""router.trust.pki: the certificates every other test builds on must carry what was asked."""
 
 import datetime
 import ssl
@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pki_helpers import load_credential
-from router import pki
+from router.trust import pki
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""router.policy: federation allow/deny (RFC 6120 §13.14), the authentication mechanism policy
+"""router.trust.policy: federation allow/deny (RFC 6120 §13.14), the authentication mechanism policy
 (XEP-0178 §3, XEP-0220 §2.5) and the per-stanza addressing checks (RFC 6120 §4.3.5, §8.1.1.2,
 §8.1.2.2), with the negative cases of the STARTTLS + SASL EXTERNAL + bidi conversation of
 test_flows.py."""
 
 import pytest
 
-from router.policy import (
+from router.trust.policy import (
     ALLOW,
     MECHANISM_DIALBACK,
     MECHANISM_EXTERNAL,
@@ -24,11 +24,11 @@ PAIRS = {("capulet.lit", "montague.lit")}
 
 
 def test_authorized_stanza_passes():
-    assert check_stanza("juliet@capulet.lit/balcony", "romeo@montague.lit", PAIRS, LOCAL) is None
+    assert check_stanza("juliet@capulet.lit/balcony", "romeo@montague.lit", PAIRS, LOCAL) == ("capulet.lit", "montague.lit")
 
 
 def test_comparison_is_on_normalized_domains():
-    assert check_stanza("juliet@Capulet.LIT./balcony", "romeo@MONTAGUE.lit", PAIRS, LOCAL) is None
+    assert check_stanza("juliet@Capulet.LIT./balcony", "romeo@MONTAGUE.lit", PAIRS, LOCAL) == ("capulet.lit", "montague.lit")
 
 
 def test_stanza_before_authentication_is_not_authorized():
@@ -92,7 +92,7 @@ def test_check_is_per_pair_not_per_domain():
     """RFC 6120 §8.1.2.2, XEP-0220 §2.2.1: dialback authorizes (from, to) pairs; both domains are
     validated on the stream, but not as this pair."""
     pairs = {("capulet.lit", "montague.lit"), ("verona.lit", "conference.montague.lit")}
-    assert check_stanza("a@verona.lit", "room@conference.montague.lit", pairs, LOCAL) is None
+    assert check_stanza("a@verona.lit", "room@conference.montague.lit", pairs, LOCAL) == ("verona.lit", "conference.montague.lit")
     condition, _ = check_stanza("a@verona.lit", "romeo@montague.lit", pairs, LOCAL)
     assert condition == "invalid-from"
 

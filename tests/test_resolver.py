@@ -15,7 +15,7 @@ import pytest
 import uvloop
 
 from router.config import StaticRoute
-from router.resolver import DEFAULT_S2S_PORT, ResolutionError, Resolver, SrvRecord, Target, order_records
+from router.net.resolver import DEFAULT_S2S_PORT, ResolutionError, Resolver, SrvRecord, Target, order_records
 
 
 class ZoneServer(asyncio.DatagramProtocol):

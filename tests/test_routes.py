@@ -1,6 +1,6 @@
 """The route table, pending queues and backoff (sans-IO, no sockets)."""
 
-from router.routes import Backoff, PendingQueue, Queued, RouteTable
+from router.routing.routes import Backoff, PendingQueue, Queued, RouteTable
 
 
 def queued(n: int, since: float) -> Queued:

@@ -6,7 +6,7 @@ import pytest
 from lxml import etree
 
 from router.metrics import RelayMetrics
-from router.services import DISCO_INFO_NS, PING_NS, STANZAS_NS, Services
+from router.routing.services import DISCO_INFO_NS, PING_NS, STANZAS_NS, Services
 
 STREAM_OPEN = (
     "<stream:stream xmlns='{ns}' xmlns:stream='http://etherx.jabber.org/streams' "

@@ -1,4 +1,4 @@
-"""router.tls: real handshakes on 127.0.0.1 under uvloop (RFC 6120 §5.4.3.1: certificates both ways,
+"""router.trust.tls: real handshakes on 127.0.0.1 under uvloop (RFC 6120 §5.4.3.1: certificates both ways,
 chosen by the 'to' domain; §13.7.2: validation; XEP-0368 ALPN/SNI)."""
 
 import asyncio
@@ -8,7 +8,7 @@ import pytest
 import uvloop
 from cryptography import x509
 
-from router import certs, pki, tls
+from router.trust import certs, pki, tls
 
 HANDSHAKE_TIMEOUT = 10
 

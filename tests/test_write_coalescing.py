@@ -1,4 +1,4 @@
-"""Writes gathered per event-loop iteration (router/stream.py): what many sources forward
+"""Writes gathered per event-loop iteration (router/net/stream.py): what many sources forward
 to one destination in one iteration leaves in one call, in order, byte for byte, even
 when a source reads again before the write (its buffer must stay untouched).
 
@@ -13,13 +13,13 @@ import asyncio
 import pytest
 import uvloop
 
-from router.handshake import handshake_digest
-from router.components import ComponentStream
+from router.wire.handshake import handshake_digest
+from router.net.components import ComponentStream
 from router.config import parse_config
 from router.negotiation.dialback import dialback_key
 from router.server import Relay
-from router.s2s import S2SStream
-from router.stream import FLUSH_AT
+from router.net.s2s import S2SStream
+from router.net.stream import FLUSH_AT
 
 DOMAIN, SECRET, REMOTE_SECRET = "svc.test", "component-secret", "remote-dialback-secret"
 CONFIG = f"""

@@ -17,7 +17,7 @@ import signal
 import sys
 
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
-from router.handshake import handshake_digest
+from router.wire.handshake import handshake_digest
 
 COMPONENT_NS = "jabber:component:accept"
 

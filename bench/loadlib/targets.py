@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from router import pki
+from router.trust import pki
 from tests.interop import harness
 
 from . import echo, wire

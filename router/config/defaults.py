@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from router import policy as policy_module
+from router.trust import policy as policy_module
 
 # The embedded default serves only this domain: it needs no DNS and no real
 # certificate, and every XMPP server resolves it to loopback.
@@ -114,9 +114,9 @@ DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET = 4
 
 # RFC 6120 §13.12: a stanza size limit MUST NOT be below 10000 bytes.
 MIN_STANZA_BYTES = 10000
-# 512 KiB, as Prosody (router.policy's default, the tokenizer's too).
+# 512 KiB, as Prosody (router.trust.policy's default, the tokenizer's too).
 DEFAULT_MAX_STANZA_BYTES = policy_module.DEFAULT_MAX_STANZA_BYTES
-# Before authentication a peer sends only small negotiation elements (router.policy's default).
+# Before authentication a peer sends only small negotiation elements (router.trust.policy's default).
 DEFAULT_PRE_AUTH_MAX_STANZA_BYTES = policy_module.DEFAULT_PRE_AUTH_MAX_STANZA_BYTES
 # RFC 7590 and Prosody's default: no authentication over plain TCP. Self-signed
 # peers still federate: dialback runs fine inside an unverified TLS session.

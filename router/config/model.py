@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 from pathlib import Path
 
-from router.policy import Policy
+from router.trust.policy import Policy
 
 @dataclass(frozen=True)
 class Problem:
@@ -95,7 +95,7 @@ class S2SConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
-    """Bounds on work peers can start before proving anything (router.limits)."""
+    """Bounds on work peers can start before proving anything (router.routing.limits)."""
 
     max_connections: int
     max_connections_per_ip: int
@@ -138,7 +138,7 @@ class Config:
     tls: TlsConfig
     s2s: S2SConfig
     limits: LimitsConfig
-    policy: Policy  # router.policy.Policy, built from [policy]
+    policy: Policy  # router.trust.policy.Policy, built from [policy]
     components: tuple[ComponentConfig, ...]
     services: ServicesConfig
     routes: Mapping[str, StaticRoute]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from router.config.model import Endpoint, Problem, parse_endpoint
-from router.jid import normalize_domain
+from router.wire.jid import normalize_domain
 
 
 class Reader:

@@ -26,7 +26,7 @@ from router.config.model import (
     parse_endpoint,
 )
 from router.config.reader import Reader, kind_of
-from router.policy import Policy
+from router.trust.policy import Policy
 
 
 def parse_policy(r: Reader, p: Mapping[str, Any]) -> Policy:

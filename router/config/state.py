@@ -39,7 +39,7 @@ def ensure_dialback_secret(state_dir: Path) -> str:
 def with_self_signed(tls: TlsConfig, state_dir: Path, domains: list[str]) -> TlsConfig:
     if not domains:
         return tls
-    from router.pki import ensure_self_signed  # cryptography is imported only when needed
+    from router.trust.pki import ensure_self_signed  # cryptography is imported only when needed
 
     certificates = dict(tls.certificates)
     for domain in domains:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from router import policy as pol
-from router.jid import normalize_domain
+from router.trust import policy as pol
+from router.wire.jid import normalize_domain
 from router.negotiation import dialback
 from router.negotiation.events import AuthFailed, Authenticated, VerifyResult
 from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS, Pair, with_pair, without

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 
-from router.namespaces import BIDI_FEATURE_NS, BIDI_NS
+from router.wire.namespaces import BIDI_FEATURE_NS, BIDI_NS
 from router.negotiation.features import Advertised, Offer
 from router.negotiation.state import Negotiator
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from router import certs
-from router import policy as pol
-from router.jid import normalize_domain
+from router.trust import certs
+from router.trust import policy as pol
+from router.wire.jid import normalize_domain
 
 
 @dataclass(frozen=True)

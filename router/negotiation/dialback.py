@@ -30,14 +30,14 @@ import hashlib
 import hmac
 import itertools
 
-from router import policy as pol
-from router.errors import error_child
-from router.jid import normalize_domain
-from router.namespaces import DIALBACK_FEATURE_NS, DIALBACK_NS, STANZAS_NS
+from router.trust import policy as pol
+from router.wire.errors import error_child
+from router.wire.jid import normalize_domain
+from router.wire.namespaces import DIALBACK_FEATURE_NS, DIALBACK_NS, STANZAS_NS
 from router.negotiation.events import VerifyKey, VerifyResult
 from router.negotiation.features import Offer
 from router.negotiation.state import NO_MATCH, Negotiator
-from router.xml import attr, first_condition, text_in, text_node
+from router.wire.xml import attr, first_condition, text_in, text_node
 
 _tokens = itertools.count(1)  # VerifyKey tokens, unique in the process
 

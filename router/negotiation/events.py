@@ -74,6 +74,8 @@ class Stanza:
     until the next `receive_data` / `buffer_updated` call."""
 
     element: Any
+    from_domain: str  # normalized, checked against the stream's authenticated pairs
+    to_domain: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from router.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, TLS_NS
-from router.xml import child
+from router.wire.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, TLS_NS
+from router.wire.xml import child
 
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 import secrets
 
-from router import policy as pol
-from router.jid import normalize_domain
+from router.trust import policy as pol
+from router.wire.jid import normalize_domain
 from router.negotiation.config import SessionConfig
-from router.namespaces import DIALBACK_NS, SERVER_NS, STREAM_NS
-from router.xml import stream_header
+from router.wire.namespaces import DIALBACK_NS, SERVER_NS, STREAM_NS
+from router.wire.xml import stream_header
 
 OUR_VERSION = (1, 0)
 _VERSION = re.compile(r"([0-9]+)\.([0-9]+)")

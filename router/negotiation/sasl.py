@@ -2,7 +2,7 @@
 
 Receiver: EXTERNAL is offered only on an encrypted stream whose peer
 certificate chains to our trust store and names the header's ``from`` domain
-(`router.certs.peer_status`); the authzid may be absent (``=``) or that
+(`router.trust.certs.peer_status`); the authzid may be absent (``=``) or that
 domain. Failures are counted; past `SessionConfig.sasl_max_failures` the
 stream closes with ``<policy-violation/>`` (§6.4.5). A failed EXTERNAL leaves
 the stream open for dialback (XEP-0178 §3 step 11b).
@@ -21,12 +21,12 @@ from __future__ import annotations
 import base64
 import binascii
 
-from router import policy as pol
-from router.jid import normalize_domain
-from router.namespaces import SASL_NS
+from router.trust import policy as pol
+from router.wire.jid import normalize_domain
+from router.wire.namespaces import SASL_NS
 from router.negotiation.features import Advertised, Offer
 from router.negotiation.state import SASL, Negotiator
-from router.xml import first_condition, text_node
+from router.wire.xml import first_condition, text_node
 
 EXTERNAL = "EXTERNAL"
 # RFC 6120 §6.5: conditions a <failure/> may carry; anything else means not-authorized.

@@ -10,7 +10,7 @@ features) and `authorization.Authorizations` (the pairs authorized and
 pending). Nothing here does I/O, and nothing raises on bad input: every
 protocol error becomes a stream error and a `Closed` event.
 
-Stanzas take a short path: one `router.policy.check_stanza` call over the
+Stanzas take a short path: one `router.trust.policy.check_stanza` call over the
 tokenizer's decoded ``from``/``to`` and a `Stanza` event; lxml is used only
 for negotiation elements.
 """
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 
-from router import certs
-from router import policy as pol
+from router.trust import certs
+from router.trust import policy as pol
 from router._fastparse import ParseError, StreamEnd, StreamHeader, Tokenizer
-from router.errors import STANZA_KINDS, STREAM_CONDITIONS, stream_condition, stream_error
-from router.jid import normalize_domain
-from router.namespaces import CLIENT_NS, SERVER_NS, STREAMS_NS, STREAM_NS
+from router.wire.errors import STANZA_KINDS, STREAM_CONDITIONS, stream_condition, stream_error
+from router.wire.jid import normalize_domain
+from router.wire.namespaces import CLIENT_NS, SERVER_NS, STREAMS_NS, STREAM_NS
 from router.negotiation import bidi, dialback, sasl, tls
 from router.negotiation.authorization import Authorizations
 from router.negotiation.config import SessionConfig
@@ -32,7 +32,7 @@ from router.negotiation.events import BidiEnabled, Closed, PeerClosed, Stanza, S
 from router.negotiation.headers import OUR_VERSION, new_stream_id, parse_version
 from router.negotiation.opening import Opening
 from router.negotiation.state import CLOSED, FEATURES, HEADER, TLS, Stage, advance, first_stage
-from router.xml import STREAM_CLOSE, first_condition, parse_element, text_in
+from router.wire.xml import STREAM_CLOSE, first_condition, parse_element, text_in
 
 __all__ = ["OUR_VERSION", "Session", "SessionConfig", "new_stream_id", "parse_version"]
 
@@ -331,10 +331,10 @@ class Session(Opening, Authorizations):
                            cause="stanza")
                 return
             verdict = pol.check_stanza(element.from_, element.to, self.inbound_pairs, self.config.local_domains)
-            if verdict is None:
-                self.emit(Stanza(element))
-            else:
+            if isinstance(verdict, pol.Refusal):
                 self.close(*verdict, cause="stanza")
+            else:
+                self.emit(Stanza(element, *verdict))
             return
         handler = _HANDLERS.get((ns, element.name))
         if handler is not None:

@@ -13,7 +13,7 @@ Same shape as the other feature modules: `offer` (receiver), `choose`
 
 from __future__ import annotations
 
-from router.namespaces import TLS_NS
+from router.wire.namespaces import TLS_NS
 from router.negotiation.features import Advertised, Offer
 from router.negotiation.state import STARTTLS, Negotiator
 

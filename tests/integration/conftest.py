@@ -23,7 +23,7 @@ import pytest
 import uvloop
 
 from router.config import parse_config
-from router.pki import make_ca, make_leaf
+from router.trust.pki import make_ca, make_leaf
 
 SCENARIO_TIMEOUT = 40.0
 

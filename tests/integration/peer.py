@@ -9,11 +9,11 @@ import asyncio
 import socket
 from collections import deque
 
-from router import tls
-from router.certs import TrustStore
+from router.trust import tls
+from router.trust.certs import TrustStore
 from router.negotiation import events as ev
 from router.negotiation.session import Session, SessionConfig
-from router.policy import Policy
+from router.trust.policy import Policy
 
 READ_SIZE = 65536
 

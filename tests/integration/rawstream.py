@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 
-from router.handshake import handshake_digest
-from router.namespaces import COMPONENT_NS, STREAM_NS
+from router.wire.handshake import handshake_digest
+from router.wire.namespaces import COMPONENT_NS, STREAM_NS
 
 _ID = re.compile(rb"<stream:stream[^>]*\sid=['\"]([^'\"]+)['\"]")
 

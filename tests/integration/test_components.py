@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from router.component_client import ComponentClient, ComponentClosed, ComponentStreamError
+from router.net.component_client import ComponentClient, ComponentClosed, ComponentStreamError
 
 from .conftest import arun, running
 from .rawstream import RawComponent

@@ -17,7 +17,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
-from router.component_client import ComponentClient
+from router.net.component_client import ComponentClient
 
 from .conftest import arun, free_port, relay_process, running
 from .peer import AuthoritativeServer, Peer, PeerClosed

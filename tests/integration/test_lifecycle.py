@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import signal
 
-from router.component_client import ComponentClient, ComponentStreamError
+from router.net.component_client import ComponentClient, ComponentStreamError
 
 from .conftest import arun, relay_process
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS
-from router.s2s import S2SStream
-from router.stream import NO_STREAMS
+from router.net.s2s import S2SStream
+from router.net.stream import NO_STREAMS
 
 from .conftest import arun, running
 from .peer import Peer

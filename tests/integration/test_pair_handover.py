@@ -11,13 +11,13 @@ import ssl
 import pytest
 from lxml import etree
 
-from router import tls
-from router.certs import TrustStore
-from router.component_client import ComponentClient
+from router.trust import tls
+from router.trust.certs import TrustStore
+from router.net.component_client import ComponentClient
 from router.negotiation import events as ev
 from router.negotiation.dialback import key_matches
 from router.negotiation.session import Session, SessionConfig
-from router.policy import Policy
+from router.trust.policy import Policy
 
 from .conftest import arun, running
 from .peer import Peer

@@ -11,11 +11,11 @@ import pytest
 from cryptography import x509
 from lxml import etree
 
-from router.component_client import ComponentClient
-from router.namespaces import STANZAS_NS
+from router.net.component_client import ComponentClient
+from router.wire.namespaces import STANZAS_NS
 from router.metrics import PREFIX
 from router.negotiation import events as ev
-from router.pki import make_ca, make_leaf
+from router.trust.pki import make_ca, make_leaf
 
 from .conftest import arun, free_port, running
 from .peer import AuthoritativeServer, Peer, PeerClosed

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.component_client import ComponentClient
+from router.net.component_client import ComponentClient
 
 from .conftest import arun, running
 

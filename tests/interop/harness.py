@@ -30,9 +30,9 @@ from string import Template
 import uvloop
 from lxml import etree
 
-from router import pki
-from router.component_client import ComponentClient, ComponentError
-from router.namespaces import COMPONENT_NS
+from router.trust import pki
+from router.net.component_client import ComponentClient, ComponentError
+from router.wire.namespaces import COMPONENT_NS
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE / "configs"

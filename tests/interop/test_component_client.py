@@ -1,12 +1,12 @@
-"""`router.component_client.ComponentClient` against real XEP-0114 ports (Prosody, ejabberd)."""
+"""`router.net.component_client.ComponentClient` against real XEP-0114 ports (Prosody, ejabberd)."""
 
 from __future__ import annotations
 
 import pytest
 import uvloop
 
-from router.component_client import ComponentClient, ComponentClosed, ComponentStreamError
-from router.namespaces import COMPONENT_NS
+from router.net.component_client import ComponentClient, ComponentClosed, ComponentStreamError
+from router.wire.namespaces import COMPONENT_NS
 
 from .harness import SECURE
 

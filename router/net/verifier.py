@@ -6,7 +6,7 @@ that stream (XEP-0288 §2.2: never verify over the connection that carried the
 request): another authenticated stream to the originating domain if there is
 one, else a verify-only connection closed right after the answer. Each
 verification costs a DNS look-up and maybe a connection, so they are counted
-overall, per remote IP and per stream (router.limits), and verify-only
+overall, per remote IP and per stream (router.routing.limits), and verify-only
 connections to one authoritative server address are capped.
 """
 
@@ -16,13 +16,13 @@ import asyncio
 import logging
 from typing import Any
 
-from router import resolver
-from router.connector import ConnectFailed, KeyedSemaphores, address_key
-from router.limits import OVERALL, Limit, admit, release
-from router.s2s import S2SStream
-from router.stream import StreamHost
+from router.net import resolver
+from router.net.connector import ConnectFailed, KeyedSemaphores, address_key
+from router.routing.limits import OVERALL, Limit, admit, release
+from router.net.s2s import S2SStream
+from router.net.stream import StreamHost
 
-log = logging.getLogger("router.verifier")
+log = logging.getLogger("router.net.verifier")
 
 
 class DialbackVerifier:

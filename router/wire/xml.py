@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-from router.namespaces import DIALBACK_NS, SERVER_NS, STREAM_NS
+from router.wire.namespaces import DIALBACK_NS, SERVER_NS, STREAM_NS
 
 # Negotiation elements are small and already validated by the tokenizer;
 # the parser still refuses anything that could fetch or expand.

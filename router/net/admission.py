@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import resource
 
-from router.limits import OVERALL, Limit, admit, release
-from router.s2s import S2SStream
-from router.stream import StreamHost
+from router.routing.limits import OVERALL, Limit, admit, release
+from router.net.s2s import S2SStream
+from router.net.stream import StreamHost
 
-log = logging.getLogger("router.admission")
+log = logging.getLogger("router.net.admission")
 
 # File descriptors kept for what is not an inbound S2S stream (listeners, logs,
 # components, DNS, outbound and verification connections).

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from router.jid import domain_of, normalize_domain
+from router.wire.jid import domain_of, normalize_domain
 
 MECHANISM_EXTERNAL = "EXTERNAL"
 MECHANISM_DIALBACK = "dialback"
@@ -128,13 +129,21 @@ def auth_mechanism_allowed(policy: Policy, remote_domain: str, mechanism: str, e
     return ALLOW
 
 
+class Refusal(NamedTuple):
+    """Why a stanza received on a stream may not be routed: a stream error condition and text."""
+
+    condition: str
+    text: str
+
+
 def check_stanza(
     from_jid: str | None,
     to_jid: str | None,
     inbound_pairs: Collection[tuple[str, str]],
     local_domains: frozenset[str],
-) -> tuple[str, str] | None:
-    """None if a stanza received on a stream may be routed, else (stream error condition, text).
+) -> tuple[str, str] | Refusal:
+    """The stanza's (from domain, to domain) when it may be routed, else a ``Refusal``:
+    the domains are computed here once and travel with the stanza to routing.
 
     `inbound_pairs` holds the normalized (remote, local) pairs authenticated on the stream,
     `local_domains` the normalized domains served here. RFC 6120 §4.3.5: nothing before
@@ -142,23 +151,24 @@ def check_stanza(
     validated on the stream, 'from' authenticated for that very (from, to) pair.
     """
     if not inbound_pairs:
-        return "not-authorized", "stanza received before the stream was authenticated"
+        return Refusal("not-authorized", "stanza received before the stream was authenticated")
     if not to_jid:
-        return "improper-addressing", "stanza has no 'to' address"
+        return Refusal("improper-addressing", "stanza has no 'to' address")
     if not from_jid:
-        return "improper-addressing", "stanza has no 'from' address"
+        return Refusal("improper-addressing", "stanza has no 'from' address")
     try:
         to_domain = domain_of(to_jid)
     except ValueError as exc:
-        return "improper-addressing", f"invalid 'to' address: {exc}"
+        return Refusal("improper-addressing", f"invalid 'to' address: {exc}")
     try:
         from_domain = domain_of(from_jid)
     except ValueError as exc:
-        return "improper-addressing", f"invalid 'from' address: {exc}"
+        return Refusal("improper-addressing", f"invalid 'from' address: {exc}")
     if to_domain not in local_domains:
-        return "host-unknown", f"{to_domain} is not served here"
-    if (from_domain, to_domain) in inbound_pairs:
-        return None
+        return Refusal("host-unknown", f"{to_domain} is not served here")
+    pair = (from_domain, to_domain)
+    if pair in inbound_pairs:
+        return pair
     if not any(local == to_domain for _, local in inbound_pairs):
-        return "host-unknown", f"{to_domain} was not authenticated as a target on this stream"
-    return "invalid-from", f"{from_domain} is not authenticated for {to_domain} on this stream"
+        return Refusal("host-unknown", f"{to_domain} was not authenticated as a target on this stream")
+    return Refusal("invalid-from", f"{from_domain} is not authenticated for {to_domain} on this stream")

@@ -3,7 +3,8 @@ over an ``XmlStream``.
 
 ``S2SStream`` turns the session's events into I/O: STARTTLS, authenticated
 pairs for the route table, dialback verification requests, closes. Stanzas the
-session authorized go to ``StreamHost.route_stanza`` as byte ranges.
+session authorized go to ``StreamHost.route`` as byte ranges, with the
+domains the session computed when it authorized them.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import asyncio
 import logging
 from typing import Any
 
-from router import tls
+from router.trust import tls
 from router.negotiation import events as ev
-from router.stream import StreamHost, XmlStream
+from router.net.stream import StreamHost, XmlStream
 
-log = logging.getLogger("router.s2s")
+log = logging.getLogger("router.net.s2s")
 
 # Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
 EARLY_BUFFER_SIZE = 16384
@@ -109,7 +110,7 @@ class S2SStream(XmlStream):
         batches: dict[XmlStream, list[Any]] = {}
         for event in self.session.events():
             if isinstance(event, ev.Stanza):
-                self.relay.route_stanza(self, event.element, view, batches)
+                self.relay.route(self, event.element, event.from_domain, event.to_domain, view, batches)
                 continue
             if batches:
                 self.forward(batches)

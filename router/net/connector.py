@@ -16,12 +16,12 @@ import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Hashable
 
-from router import resolver
-from router.routes import Pair
-from router.s2s import S2SStream
-from router.stream import StreamHost
+from router.net import resolver
+from router.routing.routes import Pair
+from router.net.s2s import S2SStream
+from router.net.stream import StreamHost
 
-log = logging.getLogger("router.connector")
+log = logging.getLogger("router.net.connector")
 
 
 class ConnectFailed(Exception):

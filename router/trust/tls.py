@@ -2,7 +2,7 @@
 
 Both directions accept any peer certificate at the handshake: an untrusted, self-signed or
 serverAuth-only certificate still gives an encrypted stream on which dialback works
-(RFC 7590 §3.4).  Trust and identity are decided afterwards by `router.certs` on the
+(RFC 7590 §3.4).  Trust and identity are decided afterwards by `router.trust.certs` on the
 chain returned by `peer_chain`.
 
 The server side must *request* a client certificate without letting OpenSSL reject it.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import _ssl
 
-from router.jid import normalize_domain
+from router.wire.jid import normalize_domain
 
 ALPN_XMPP_SERVER = "xmpp-server"  # XEP-0368 §3
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
@@ -30,7 +30,7 @@ _VERIFY_CALLBACK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_vo
 
 @_VERIFY_CALLBACK_TYPE
 def _accept_any(preverify_ok: int, x509_store_ctx: int) -> int:
-    """OpenSSL verify callback: the chain is judged later by router.certs."""
+    """OpenSSL verify callback: the chain is judged later by router.trust.certs."""
     return 1
 
 

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Iterable
 
 from lxml import etree
 
-from router.jid import domain_of
+from router.wire.jid import domain_of
 
 if TYPE_CHECKING:
     from router.config import Config
     from router.metrics import RelayMetrics
 
-from router.namespaces import DISCO_INFO_NS, PING_NS, SERVER_NS, STANZAS_NS
+from router.wire.namespaces import DISCO_INFO_NS, PING_NS, SERVER_NS, STANZAS_NS
 
 # XEP-0030 identities: the relay's own domains present themselves as an IM
 # server (the category/type Prosody and ejabberd use); the test services as

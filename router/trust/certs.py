@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from router.jid import normalize_domain
+from router.wire.jid import normalize_domain
 
 ID_ON_XMPPADDR = ObjectIdentifier("1.3.6.1.5.5.7.8.5")
 ID_ON_DNSSRV = ObjectIdentifier("1.3.6.1.5.5.7.8.7")

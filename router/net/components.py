@@ -16,14 +16,14 @@ import secrets
 from typing import Any
 
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
-from router.handshake import handshake_digest
-from router.namespaces import COMPONENT_NS, STREAM_NS
-from router.errors import STANZA_KINDS, stream_error
-from router.jid import domain_of
-from router.stream import StreamHost, XmlStream
-from router.xml import attr
+from router.wire.handshake import handshake_digest
+from router.wire.namespaces import COMPONENT_NS, STREAM_NS
+from router.wire.errors import STANZA_KINDS, stream_error
+from router.wire.jid import domain_of
+from router.net.stream import StreamHost, XmlStream
+from router.wire.xml import attr
 
-log = logging.getLogger("router.components")
+log = logging.getLogger("router.net.components")
 
 
 class ComponentStream(XmlStream):

@@ -2,7 +2,7 @@
 forwards stanzas as byte ranges of that tokenizer's buffer.
 
 ``XmlStream`` is the part every stream shares (S2S in both directions,
-``router.s2s``, and XEP-0114 components, ``router.components``): zero-copy read
+``router.net.s2s``, and XEP-0114 components, ``router.net.components``): zero-copy read
 and forward, gathered writes, buffer pinning, flow control, activity clocks and
 closing. ``StreamHost`` is what streams need of the relay that owns them.
 
@@ -38,11 +38,11 @@ from typing import Any, Protocol
 from router._fastparse import Element
 from router.config import Config
 from router.metrics import RelayMetrics
-from router.rescope import rescope
-from router.routes import RouteTable
-from router.namespaces import SERVER_NS
+from router.wire.rescope import rescope
+from router.routing.routes import RouteTable
+from router.wire.namespaces import SERVER_NS
 
-log = logging.getLogger("router.stream")
+log = logging.getLogger("router.net.stream")
 raw_log = logging.getLogger("router.raw")
 
 WHITESPACE_KEEPALIVE = b" "
@@ -63,9 +63,9 @@ class StreamHost(Protocol):
     metrics: RelayMetrics
     table: RouteTable
     streams: set[XmlStream]
-    resolver: Any  # router.resolver.Resolver
-    delivery: Any  # router.delivery.Delivery
-    connector: Any  # router.connector.Connector
+    resolver: Any  # router.net.resolver.Resolver
+    delivery: Any  # router.routing.delivery.Delivery
+    connector: Any  # router.net.connector.Connector
 
     def spawn(self, coro) -> asyncio.Task: ...
     def stream_opened(self, stream: XmlStream) -> None: ...
@@ -74,7 +74,6 @@ class StreamHost(Protocol):
     def flush_soon(self, stream: XmlStream) -> None: ...
     def route(self, source: XmlStream, element: Element, from_domain: str, to_domain: str,
               view: memoryview, batches: dict) -> None: ...
-    def route_stanza(self, source: XmlStream, element: Element, view: memoryview, batches: dict) -> None: ...
     def authenticated(self, stream: XmlStream, event: Any) -> None: ...
     def auth_failed(self, stream: XmlStream, event: Any) -> None: ...
     def routes_changed(self, stream: XmlStream) -> None: ...

@@ -16,17 +16,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from router import errors
-from router.jid import domain_of
-from router.limits import Limit
-from router.routes import Pair, Queued, RouteTable
-from router.services import Services
-from router.s2s import S2SStream
-from router.stream import StreamHost, XmlStream
-from router.namespaces import SERVER_NS
-from router.xml import parse_element
+from router.wire import errors
+from router.wire.jid import domain_of
+from router.routing.limits import Limit
+from router.routing.routes import Pair, Queued, RouteTable
+from router.routing.services import Services
+from router.net.s2s import S2SStream
+from router.net.stream import StreamHost, XmlStream
+from router.wire.namespaces import SERVER_NS
+from router.wire.xml import parse_element
 
-log = logging.getLogger("router.delivery")
+log = logging.getLogger("router.routing.delivery")
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,6 @@ class Delivery:
         self.s2s_output = OutputProfile(SERVER_NS, default_lang)
 
     # ------------------------------------------------------------------ hot path
-    def route_stanza(self, source: S2SStream, element, view: memoryview, batches: dict) -> None:
-        """A stanza the session authorized on an S2S stream."""
-        self.route(source, element, domain_of(element.from_), domain_of(element.to), view, batches)
-
     def route(self, source: XmlStream, element, from_domain: str, to_domain: str,
               view: memoryview, batches: dict) -> None:
         """Send ``element`` towards ``to_domain``: into ``batches`` for a stream,

@@ -14,9 +14,9 @@ from collections import deque
 from lxml import etree
 
 from router._fastparse import Element, ParseError, StreamHeader, Tokenizer
-from router.handshake import handshake_digest
-from router.namespaces import COMPONENT_NS, STREAM_NS, STREAMS_NS
-from router.xml import first_condition, parse_element, text_in
+from router.wire.handshake import handshake_digest
+from router.wire.namespaces import COMPONENT_NS, STREAM_NS, STREAMS_NS
+from router.wire.xml import first_condition, parse_element, text_in
 
 
 DEFAULT_TIMEOUT = 5.0

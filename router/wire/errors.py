@@ -10,9 +10,9 @@ the hot path.
 
 from __future__ import annotations
 
-from router.xml import attr, text_node
+from router.wire.xml import attr, text_node
 
-from router.namespaces import STANZAS_NS, STREAMS_NS
+from router.wire.namespaces import STANZAS_NS, STREAMS_NS
 
 # RFC 6120 §4.9.3, the complete list of defined stream error conditions.
 STREAM_CONDITIONS = frozenset(

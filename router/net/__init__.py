@@ -1,0 +1,1 @@
+"""The network: stream protocols, listeners' admission, outbound connections, dialback verification, SRV resolution."""

@@ -1,0 +1,1 @@
+"""The wire: XML namespaces, lxml helpers, stream and stanza errors, JIDs, the bytes a forwarded stanza needs."""
