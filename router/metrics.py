@@ -189,6 +189,11 @@ class RelayMetrics:
             "descriptor (open_files); max_verify_connections_per_target counts verifications that waited.",
             ("limit",),
         )
+        self.outbound_connections = r.counter(
+            p + "outbound_connections_total",
+            "Outbound TCP connections opened, by purpose stream|verify (a verify-only dialback connection).",
+            ("purpose",),
+        )
         self.pre_auth_streams = r.gauge(p + "pre_auth_streams", "Inbound S2S streams not yet authenticated.")
         self.pending_verifications = r.gauge(
             p + "pending_verifications", "Dialback keys received and not yet verified by the authoritative server."

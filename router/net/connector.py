@@ -74,7 +74,6 @@ class Connector:
 
     def __init__(self, host: StreamHost) -> None:
         self.host = host
-        self.connections_opened = 0  # outbound TCP connections made
         self._locks = KeyedSemaphores()  # one connection attempt at a time per peer address
         self._pair_waiters: dict[tuple[S2SStream, Pair], asyncio.Future] = {}
         # pairs that failed before anyone waited for them (a peer may refuse before connect() returns)
@@ -173,7 +172,7 @@ class Connector:
                     host.metrics.limits_hit.inc("open_files")
                     log.warning("cannot connect to %s for %s: out of file descriptors (%s)", address, remote, exc)
                 continue
-            self.connections_opened += 1
+            host.metrics.outbound_connections.inc("verify" if verify_only else "stream")
             stream.verify_only = verify_only
             stream.target = (address, target.port)
             return stream
