@@ -113,6 +113,11 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"invalid domain {args.domain!r}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    existing = [path for path in (args.out / f"{domain}.crt", args.out / f"{domain}.key") if path.exists()]
+    if existing and not args.force:
+        print(f"{', '.join(map(str, existing))} already exist(s): not overwriting a key without --force",
+              file=sys.stderr)
+        return EXIT_INVALID
     cert, key = make_leaf(None, domain, srv_ids=[domain]).write(args.out, domain)
     print(f"self-signed certificate for {domain}:")
     print(f"  cert = {cert}")
@@ -121,8 +126,19 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when run from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("router")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xmpp-router", description="XMPP server-to-server federation relay")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the relay (embedded default config without --config)")
@@ -142,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("gen-cert", help="write a self-signed certificate and key for a domain")
     gen.add_argument("domain", metavar="DOMAIN")
     gen.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default .)")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing certificate and key")
     gen.set_defaults(handler=cmd_gen_cert)
     return parser
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from typing import Any
 
 from router.net import resolver
@@ -67,39 +68,35 @@ class Relay:
 
     # ------------------------------------------------------------------ configuration
     def _apply(self, config: Config) -> None:
-        """Precompute what the hot path looks up (called at start and on reload)."""
+        """Precompute what the hot path looks up (at start and on reload). Every
+        part that can fail (certificates, keys, trust anchors) is built first and
+        swapped in after, so a failed reload changes nothing."""
+        server_contexts, client_contexts, default_files = _tls_contexts(config)
+        session_config = self._session_config(config)
+        if self._direct_tls_context is not None and default_files is not None:
+            # the listening socket keeps its context object: give it the new certificates
+            self._direct_tls_context.load_cert_chain(*default_files)
+            self._direct_tls_context.sni_callback = server_contexts.default.sni_callback
         self.config = config
+        self.server_contexts, self.client_contexts = server_contexts, client_contexts
+        self.session_config = session_config
         self.admission.configure(config.limits)
         self.verifier.configure(config.limits)
         self.component_secrets = {c.domain: c.secret for c in config.components}
         self.resolver = resolver.Resolver(config.routes)
-        self._load_tls(config)
-        self.session_config = self._session_config(config)
-        self.delivery.configure(config, self.session_config.default_lang)
-
-    def _load_tls(self, config: Config) -> None:
-        """Server contexts per local domain (chosen by the header 'to' or SNI)
-        and client contexts presenting each local domain's certificate."""
-        files = {domain: (str(f.cert), str(f.key)) for domain, f in config.tls.certificates.items()}
-        self.server_contexts = None
-        self.client_contexts: dict[tuple[str | None, bool], Any] = {
-            (None, False): tls.client_context(), (None, True): tls.client_context(direct_tls=True)}
-        if not files:
-            return
-        default = next((d for d in config.server.domains if d in files), next(iter(files)))
-        self.server_contexts = tls.server_context(files, default)
-        for domain, (cert, key) in files.items():
-            self.client_contexts[(domain, False)] = tls.client_context(cert, key)
-            self.client_contexts[(domain, True)] = tls.client_context(cert, key, direct_tls=True)
-        if self._direct_tls_context is not None:
-            # the listening socket keeps its context object: give it the new certificates
-            self._direct_tls_context.load_cert_chain(*files[default])
-            self._direct_tls_context.sni_callback = self.server_contexts.default.sni_callback
+        self.delivery.configure(config, session_config.default_lang)
 
     def reload(self, config: Config) -> None:
-        """SIGHUP: new policy lists and certificates for new streams and new
-        negotiations; open streams stay up."""
+        """SIGHUP: new policy lists, limits and certificates for new streams and new
+        negotiations; open streams stay up. Raises (and changes nothing) when a
+        certificate, key or trust anchor cannot be loaded. Listeners are bound at
+        start: a change to them is reported, and needs a restart."""
+        old = self.config
         self._apply(config)
+        if config.listen != old.listen:
+            log.warning("the [listen] section changed: listeners are bound at start, restart the relay to apply it")
+        if config.log.level != old.log.level:
+            logging.getLogger().setLevel(config.log.level)
         log.info("configuration reloaded from %s", config.source)
 
     def component_secret(self, domain: str) -> str | None:
@@ -324,14 +321,33 @@ class Relay:
                        direct_tls=direct_tls)
 
 
+def _tls_contexts(config: Config) -> tuple[Any, dict, tuple[str, str] | None]:
+    """Server contexts per local domain (chosen by the header 'to' or SNI), client
+    contexts presenting each local domain's certificate, and the default
+    domain's files (for the direct-TLS listener); raises when one cannot be loaded."""
+    files = {domain: (str(f.cert), str(f.key)) for domain, f in config.tls.certificates.items()}
+    client_contexts: dict[tuple[str | None, bool], Any] = {
+        (None, False): tls.client_context(), (None, True): tls.client_context(direct_tls=True)}
+    if not files:
+        return None, client_contexts, None
+    for domain, (cert, key) in files.items():
+        try:
+            client_contexts[(domain, False)] = tls.client_context(cert, key)
+        except (ssl.SSLError, OSError) as exc:  # OpenSSL's own text ("PEM lib") names no file
+            raise ValueError(f"cannot load the certificate of {domain} ({cert}) with its key ({key}): {exc}") from None
+        client_contexts[(domain, True)] = tls.client_context(cert, key, direct_tls=True)
+    default = next((d for d in config.server.domains if d in files), next(iter(files)))
+    return tls.server_context(files, default), client_contexts, files[default]
+
+
 def _install_signals(loop: asyncio.AbstractEventLoop, relay: Relay, stop: asyncio.Event) -> None:
     def reload() -> None:
-        if relay.config.source.startswith("<"):
-            relay.reload(relay.config)  # the embedded default: re-read certificates only
-            return
         try:
-            relay.reload(load_config(relay.config.source))
-        except Exception as exc:  # a bad file keeps the running configuration
+            if relay.config.source.startswith("<"):
+                relay.reload(relay.config)  # the embedded default: re-read certificates only
+            else:
+                relay.reload(load_config(relay.config.source))
+        except Exception as exc:  # a bad file keeps the running configuration (reload is atomic)
             log.error("reload failed, keeping the running configuration: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, reload)

@@ -3,10 +3,12 @@
 # Prosody 0.12 + lua-unbound and ejabberd 23.01 from Debian packages.
 #
 # Quick and idempotent: does nothing when they are present. As root with apt it
-# installs them without letting their system services start (policy-rc.d), then
-# makes sure no system prosody/ejabberd holds the S2S ports. Without root or apt
-# it says how to enable the interop tests and exits 0 (the tests then skip,
-# except under CI=true where a missing peer fails).
+# installs them without letting their system services start (policy-rc.d). It
+# never stops, starts or disables a service the machine runs: the interop tests
+# run the peers as their own subprocesses on free ports of 127.0.0.x, with no
+# epmd and no node name, so a system prosody or ejabberd does not disturb them.
+# Without root or apt it says how to enable the interop tests and exits 0 (the
+# tests then skip, except under CI=true where a missing peer fails).
 set -euo pipefail
 
 PACKAGES=(prosody ejabberd lua-unbound)
@@ -19,28 +21,8 @@ for package in "${PACKAGES[@]}"; do
     fi
 done
 
-stop_system_services() {
-    # A system prosody/ejabberd listening on *:5269 makes the peers' bind fail.
-    # Detect them by their service users, never with `service ejabberd status`:
-    # that runs ejabberdctl, which leaves an epmd daemon behind.
-    if [ -d /run/systemd/system ]; then
-        systemctl disable --now prosody ejabberd >/dev/null 2>&1 || true
-    fi
-    if pgrep -u prosody >/dev/null 2>&1; then
-        echo "install-peers: stopping the system prosody service"
-        service prosody stop >/dev/null 2>&1 || true
-    fi
-    if pgrep -u ejabberd -x beam.smp >/dev/null 2>&1; then
-        echo "install-peers: stopping the system ejabberd service"
-        service ejabberd stop >/dev/null 2>&1 || true
-    fi
-}
-
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-peers: ${PACKAGES[*]} already installed"
-    if [ "$(id -u)" -eq 0 ]; then
-        stop_system_services
-    fi
     exit 0
 fi
 
@@ -67,5 +49,4 @@ echo "install-peers: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq "${PACKAGES[@]}" >/dev/null
-stop_system_services
 echo "install-peers: installed $(dpkg-query -W -f='${Package} ${Version}  ' "${PACKAGES[@]}")"

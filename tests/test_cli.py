@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import re
 import signal
 import socket
@@ -70,6 +72,26 @@ def test_gen_cert_writes_a_self_signed_pair(tmp_path):
     assert "relay.example" in str(cred.cert.subject)
     assert main(["gen-cert", "bad..domain", "--out", str(tmp_path / "out2")]) == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_gen_cert_never_overwrites_a_key_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["gen-cert", "relay.example", "--out", str(out)]) == 0
+    key = (out / "relay.example.key").read_bytes()
+    assert main(["gen-cert", "relay.example", "--out", str(out)]) == 1
+    assert "not overwriting a key without --force" in capsys.readouterr().err
+    assert (out / "relay.example.key").read_bytes() == key
+    assert main(["gen-cert", "relay.example", "--out", str(out), "--force"]) == 0
+    assert (out / "relay.example.key").read_bytes() != key
+
+
+def test_version_is_the_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"xmpp-router {version('router')}"
 
 
 def test_describe_tells_how_to_connect_a_component(tmp_path, monkeypatch):
