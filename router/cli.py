@@ -94,12 +94,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    """Parse, then check that the relay can work with it; every problem in one
+    report, and nothing written (no secret, no certificate)."""
+    from router.config.check import check  # loads cryptography: not needed by the other commands
+
     try:
-        config = load_config(args.file)
+        config = load_config(args.file, create_state=False)
     except ConfigError as error:
         print_problems(error, args.file, sys.stdout)
         return EXIT_INVALID
+    problems, notes = check(config)
+    if problems:
+        print_problems(ConfigError(problems), args.file, sys.stdout)
+        return EXIT_INVALID
     print("ok")
+    for note in notes:
+        print(f"  {note}")
     print(describe(config))
     return EXIT_OK
 

@@ -38,6 +38,7 @@ BAD_PATHS = ("server.domains[1]", "s2s.bidi", "policy.max_stanza_bytes")
 def test_check_config_ok_prints_summary(tmp_path):
     (tmp_path / "relay.toml").write_text(
         '[server]\ndomains = ["relay.example"]\ndialback_secret = "0123456789abcdef"\n'
+        '[policy]\nrequire_encryption = false\n'
         '[[component]]\ndomain = "bot.relay.example"\nsecret = "s"\n'
     )
     result = run_cli("check-config", "relay.toml", cwd=tmp_path)
@@ -155,3 +156,56 @@ def test_serve_runs_listens_and_stops_on_sigterm(tmp_path):
             process.wait(timeout=PROCESS_TIMEOUT)
         process.stdout.close()
         process.stderr.close()
+
+
+def write_tls_config(tmp_path, cert, key, domain="relay.example", extra=""):
+    (tmp_path / "relay.toml").write_text(
+        f'[server]\ndomains = ["{domain}"]\nstate_dir = "state"\n'
+        f'[tls.certificates."{domain}"]\ncert = "{cert}"\nkey = "{key}"\n{extra}')
+
+
+def test_check_config_loads_every_certificate_and_writes_nothing(tmp_path):
+    """Broken PEM, a key of another certificate, an expired certificate and one
+    that names another domain are each reported, in one pass; the state
+    directory (dialback secret, self-signed certificates) is not created."""
+    import datetime
+
+    from router.trust.pki import make_leaf
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    good = make_leaf(None, "relay.example", srv_ids=["relay.example"]).write(tmp_path, "good")
+    other = make_leaf(None, "relay.example", srv_ids=["relay.example"]).write(tmp_path, "other")
+    expired = make_leaf(None, "relay.example", srv_ids=["relay.example"], not_before=now - datetime.timedelta(days=30),
+                        not_after=now - datetime.timedelta(days=1)).write(tmp_path, "expired")
+    wrong = make_leaf(None, "elsewhere.example", srv_ids=["elsewhere.example"]).write(tmp_path, "wrong")
+    (tmp_path / "broken.crt").write_text("not a certificate\n")
+    cases = {
+        "is not a PEM certificate": (tmp_path / "broken.crt", good[1]),
+        "is not the key of the certificate": (good[0], other[1]),
+        "expired on": expired,
+        "does not name relay.example": wrong,
+    }
+    for expected, (cert, key) in cases.items():
+        write_tls_config(tmp_path, cert, key)
+        result = run_cli("check-config", "relay.toml", cwd=tmp_path)
+        assert result.returncode == 1 and expected in result.stdout, (expected, result.stdout)
+    write_tls_config(tmp_path, *good, extra='[tls]\nself_signed = true\n[services]\necho = ["echo.relay.example"]\n')
+    result = run_cli("check-config", "relay.toml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert "relay.example: certificate valid for" in result.stdout
+    assert "dialback secret: created in" in result.stdout
+    assert "echo.relay.example: a self-signed certificate is created in" in result.stdout
+    assert not (tmp_path / "state").exists()
+
+
+def test_check_config_refuses_a_policy_that_cannot_work(tmp_path):
+    (tmp_path / "relay.toml").write_text('[server]\ndomains = ["relay.example"]\n'
+                                         '[tls]\nsystem_trust = false\n[policy]\nrequire_encryption = false\n'
+                                         'secure_auth = true\n')
+    result = run_cli("check-config", "relay.toml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "policy.secure_auth: some domains must authenticate with a trusted certificate" in result.stdout
+    (tmp_path / "relay.toml").write_text('[server]\ndomains = ["relay.example"]\n')
+    result = run_cli("check-config", "relay.toml", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "policy.require_encryption: is true but no local domain has a certificate" in result.stdout

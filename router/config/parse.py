@@ -57,17 +57,20 @@ from router.config.model import (
 )
 from router.config.reader import Reader
 from router.config.sections import check_ownership, parse_components, parse_policy, parse_routes, parse_tls
-from router.config.state import ensure_dialback_secret, with_self_signed
+from router.config.state import ensure_dialback_secret, read_dialback_secret, with_self_signed
 
 
 _SECTIONS = {"server", "listen", "tls", "s2s", "limits", "policy", "component", "services", "routes", "log"}
 
 
-def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: str = "<string>") -> Config:
+def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: str = "<string>",
+                 create_state: bool = True) -> Config:
     """Parse and validate TOML text; relative paths are relative to ``base_dir``.
 
     Side effect (only with ``tls.self_signed`` or without a configured
     dialback secret): key material is created once in ``server.state_dir``.
+    With ``create_state`` false nothing is written (``check-config``): missing
+    self-signed certificates stay missing and a missing secret is "".
     """
     base = Path(base_dir).resolve()
     try:
@@ -186,8 +189,8 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
 
     local = service_and_components
     if tls.self_signed:
-        missing = sorted(local - set(tls.certificates))
-        tls = with_self_signed(tls, state_dir, missing)
+        if create_state:
+            tls = with_self_signed(tls, state_dir, sorted(local - set(tls.certificates)))
     elif tls.required:
         missing = sorted(local - set(tls.certificates))
         if missing:
@@ -195,7 +198,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
                 [Problem("tls.certificates", f"tls.required is true but no certificate for {', '.join(missing)}")]
             )
     if secret is None:
-        secret = ensure_dialback_secret(state_dir)
+        secret = ensure_dialback_secret(state_dir) if create_state else read_dialback_secret(state_dir)
 
     return Config(
         server=ServerConfig(domains=domains, state_dir=state_dir, dialback_secret=secret),
@@ -213,7 +216,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
 
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], *, create_state: bool = True) -> Config:
     """Read a TOML file; relative paths in it are relative to the file's directory."""
     file = Path(path)
     try:
@@ -222,7 +225,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError([Problem("", f"cannot read {file}: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem("", f"{file} is not UTF-8: {exc}")]) from None
-    return parse_config(text, file.resolve().parent, source=str(file))
+    return parse_config(text, file.resolve().parent, source=str(file), create_state=create_state)
 
 
 def default_config_text(state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR) -> str:

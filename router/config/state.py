@@ -19,15 +19,20 @@ from router.config.model import (
 )
 
 
+def read_dialback_secret(state_dir: Path) -> str:
+    """The state directory's dialback secret, or "" when there is none yet."""
+    try:
+        return (state_dir / DIALBACK_SECRET_FILENAME).read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def ensure_dialback_secret(state_dir: Path) -> str:
     """Read the state directory's dialback secret, creating it (mode 0600) once."""
-    path = state_dir / DIALBACK_SECRET_FILENAME
-    try:
-        existing = path.read_text().strip()
-    except FileNotFoundError:
-        existing = ""
+    existing = read_dialback_secret(state_dir)
     if existing:
         return existing
+    path = state_dir / DIALBACK_SECRET_FILENAME
     state_dir.mkdir(parents=True, exist_ok=True)
     secret = secrets.token_hex(DIALBACK_SECRET_BYTES)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
