@@ -18,6 +18,7 @@ import pytest
 from router.trust import certs, pki
 from router.negotiation import events as ev
 from router.negotiation.dialback import dialback_key
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session, SessionConfig
 from router.trust.policy import Policy
 
@@ -52,7 +53,7 @@ def record_rate(benchmark) -> None:
 
 def test_dialback_handshakes_per_second(benchmark):
     initiator, receiver = benchmark(negotiate)
-    assert ("b.example", "a.example") in receiver.inbound_pairs or ("a.example", "b.example") in receiver.inbound_pairs
+    assert Pair("b.example", "a.example") in receiver.inbound_pairs  # a.example may send to b.example
     record_rate(benchmark)
 
 
@@ -88,6 +89,6 @@ def negotiate_external(initiator_config, receiver_config, chains) -> tuple[Sessi
 
 def test_sasl_external_handshakes_per_second(benchmark, external_configs):
     initiator, receiver = benchmark(negotiate_external, *external_configs)
-    assert ("b.example", "a.example") in receiver.inbound_pairs or ("a.example", "b.example") in receiver.inbound_pairs
+    assert Pair("b.example", "a.example") in receiver.inbound_pairs  # a.example may send to b.example
     assert initiator.encrypted and receiver.encrypted
     record_rate(benchmark)

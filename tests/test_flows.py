@@ -33,6 +33,7 @@ import pytest
 
 from router.trust import pki
 from router.negotiation import events as ev
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session
 from test_negotiation_support import Player, Wire, canonical, config, pki_world, script  # noqa: F401
 
@@ -211,8 +212,7 @@ def test_external_bidi_receiver_literal(pki_world):
     player.run()
     player.assert_wrote_expected()
     assert [e.direction for e in player.of(ev.Authenticated)] == ["inbound", "outbound"]
-    assert set(session.inbound_pairs) == {("capulet.lit", "montague.lit")}
-    assert set(session.outbound_pairs) == {("montague.lit", "capulet.lit")}
+    assert set(session.inbound_pairs) == set(session.outbound_pairs) == {Pair("montague.lit", "capulet.lit")}
     stanzas = player.of(ev.Stanza)
     assert [s.element.name for s in stanzas] == ["iq", "message"]
     assert player.of(ev.PeerClosed) == [ev.PeerClosed(None, None)]
@@ -227,8 +227,7 @@ def test_external_bidi_initiator_literal(pki_world):
                     actions={close_index: lambda p: p.session.close()})
     player.run()
     player.assert_wrote_expected()
-    assert set(session.outbound_pairs) == {("capulet.lit", "montague.lit")}
-    assert set(session.inbound_pairs) == {("montague.lit", "capulet.lit")}
+    assert set(session.outbound_pairs) == set(session.inbound_pairs) == {Pair("capulet.lit", "montague.lit")}
     assert [s.element.name for s in player.of(ev.Stanza)] == ["iq", "message"]
 
 
@@ -285,7 +284,7 @@ def canonical_tail(data: bytes, before: bytes = b"") -> list:
 def test_external_bidi_variants_after_authentication(pki_world, label, condition):
     """Spoofed 'from' (RFC 6120 §8.1.2.2), no 'to' and a 'to' not served here (§8.1.1.2), a comment (§11.1)."""
     player = _external_bidi_receiver_until(pki_world, b"<iq ")
-    assert set(player.session.inbound_pairs) == {("capulet.lit", "montague.lit")}
+    assert set(player.session.inbound_pairs) == {Pair("montague.lit", "capulet.lit")}
     sent, answer = _variant(label)
     before = bytes(player.actual)
     player.feed(sent)
@@ -349,14 +348,14 @@ def test_dialback_bidi_receiver_literal(pki_world, self_signed_capulet):
         player.session.key_verified(key.token, "valid")
 
     def reverse_dialback(player):
-        assert player.session.request_pair("conference.montague.lit", "capulet.lit")
+        assert player.session.request_pair(Pair("conference.montague.lit", "capulet.lit"))
 
     player = Player(session, script(DIALBACK_BIDI, 1), "S", peer_chain=[self_signed_capulet.cert_der()],
                     actions={5: verified, 7: reverse_dialback})
     player.run()
     player.assert_wrote_expected()
-    assert set(session.inbound_pairs) == {("capulet.lit", "montague.lit"), ("capulet.lit", "conference.montague.lit")}
-    assert set(session.outbound_pairs) == {("montague.lit", "capulet.lit"), ("conference.montague.lit", "capulet.lit")}
+    assert set(session.inbound_pairs) == set(session.outbound_pairs) == {
+        Pair("montague.lit", "capulet.lit"), Pair("conference.montague.lit", "capulet.lit")}
     assert [s.element.name for s in player.of(ev.Stanza)] == ["iq", "presence"]
     assert not player.of(ev.Closed) and player.of(ev.PeerClosed)
 
@@ -377,8 +376,8 @@ def test_dialback_bidi_initiator_literal(pki_world, self_signed_capulet):
                     actions={6: verified, 8: lambda p: p.session.close()})
     player.run()
     player.assert_wrote_expected()  # includes our db:result with the exact key 3388d61d...
-    assert set(session.outbound_pairs) == {("capulet.lit", "montague.lit"), ("capulet.lit", "conference.montague.lit")}
-    assert set(session.inbound_pairs) == {("montague.lit", "capulet.lit"), ("conference.montague.lit", "capulet.lit")}
+    assert set(session.outbound_pairs) == set(session.inbound_pairs) == {
+        Pair("capulet.lit", "montague.lit"), Pair("capulet.lit", "conference.montague.lit")}
     assert [s.element.name for s in player.of(ev.Stanza)] == ["iq", "message"]
 
 
@@ -483,7 +482,8 @@ def test_classic_dialback_receiver_literal():
 
     player = Player(session, script(CLASSIC_DIALBACK, 1), "R", actions={2: verified, 3: verified}).run()
     player.assert_wrote_expected()  # includes answering O's db:verify for 417GAF25 as valid
-    assert set(session.inbound_pairs) == {("capulet.example", "montague.example"), ("rooms.capulet.example", "montague.example")}
+    assert set(session.inbound_pairs) == {Pair("montague.example", "capulet.example"),
+                                          Pair("montague.example", "rooms.capulet.example")}
     assert not session.outbound_pairs  # no bidi: R must open its own connection (TCP#3)
     assert [s.element.name for s in player.of(ev.Stanza)] == ["message", "presence", "message"]
 
@@ -493,7 +493,7 @@ def test_classic_dialback_initiator_literal():
     player = Player(
         session, script(CLASSIC_DIALBACK, 1), "O",
         actions={
-            3: lambda p: p.session.request_pair("rooms.capulet.example", "montague.example"),
+            3: lambda p: p.session.request_pair(Pair("rooms.capulet.example", "montague.example")),
             6: lambda p: p.session.request_verify("tcp3", "capulet.example", "montague.example", "417GAF25",
                                                   KEY_CLASSIC_REVERSE),
         },
@@ -533,7 +533,7 @@ def test_classic_dialback_reverse_connection_literal():
     receiver = Player(Session("receiver", capulet_example(), new_id=ids("417GAF25")), writes, "A",
                       actions={2: verified}).run()
     receiver.assert_wrote_expected()
-    assert set(receiver.session.inbound_pairs) == {("montague.example", "capulet.example")}
+    assert set(receiver.session.inbound_pairs) == {Pair("capulet.example", "montague.example")}
 
 
 def test_classic_dialback_unknown_target_gets_item_not_found():
@@ -587,8 +587,9 @@ def test_external_bidi_wired_ends_with_the_same_pairs(pki_world):
     wire = Wire(initiator, receiver, _chain(leaves["capulet.lit"]), _chain(leaves["montague.lit"]))
     wire.pump()
     assert initiator.encrypted and receiver.encrypted and initiator.bidi and receiver.bidi
-    assert set(receiver.inbound_pairs) == set(initiator.outbound_pairs) == {("capulet.lit", "montague.lit")}
-    assert set(receiver.outbound_pairs) == set(initiator.inbound_pairs) == {("montague.lit", "capulet.lit")}
+    # each side names a pair (its own domain, the peer's); with bidi it carries it both ways
+    assert set(initiator.outbound_pairs) == set(initiator.inbound_pairs) == {Pair("capulet.lit", "montague.lit")}
+    assert set(receiver.inbound_pairs) == set(receiver.outbound_pairs) == {Pair("montague.lit", "capulet.lit")}
     assert {e.mechanism for e in wire.of("i", ev.Authenticated) + wire.of("r", ev.Authenticated)} == {"EXTERNAL"}
     receiver.receive_data(b"<message from='juliet@capulet.lit/balcony' to='romeo@montague.lit'><body>a</body></message>")
     initiator.receive_data(b"<message from='romeo@montague.lit/orchard' to='juliet@capulet.lit'><body>b</body></message>")
@@ -608,12 +609,12 @@ def test_dialback_bidi_wired_with_reverse_dialback(pki_world, self_signed_capule
     assert not initiator.outbound_pairs  # waiting for the authoritative server
     verify_wires = wire.verify("r", montague, capulet)
     assert b"<db:verify" in bytes(verify_wires[0].i_bytes) and not verify_wires[0].initiator.encrypted
-    assert receiver.request_pair("conference.montague.lit", "capulet.lit")
+    assert receiver.request_pair(Pair("conference.montague.lit", "capulet.lit"))
     wire.pump()
     wire.verify("i", capulet, montague)
-    pairs = {("capulet.lit", "montague.lit"), ("capulet.lit", "conference.montague.lit")}
-    assert set(initiator.outbound_pairs) == set(receiver.inbound_pairs) == pairs
-    assert set(receiver.outbound_pairs) == set(initiator.inbound_pairs) == {(b, a) for a, b in pairs}
+    pairs = {Pair("capulet.lit", "montague.lit"), Pair("capulet.lit", "conference.montague.lit")}
+    assert set(initiator.outbound_pairs) == set(initiator.inbound_pairs) == pairs
+    assert set(receiver.inbound_pairs) == set(receiver.outbound_pairs) == {Pair(p.remote, p.local) for p in pairs}
     assert all(e.mechanism == "dialback" for e in wire.of("r", ev.Authenticated))
 
 
@@ -623,18 +624,19 @@ def test_classic_dialback_wired_with_piggybacking():
     outgoing = Wire(Session("initiator", capulet, "capulet.example", "montague.example"), Session("receiver", montague))
     outgoing.pump()
     outgoing.verify("r", montague, capulet)
-    assert outgoing.initiator.request_pair("rooms.capulet.example", "montague.example")
+    assert outgoing.initiator.request_pair(Pair("rooms.capulet.example", "montague.example"))
     outgoing.pump()
     outgoing.verify("r", montague, capulet)
-    pairs = {("capulet.example", "montague.example"), ("rooms.capulet.example", "montague.example")}
-    assert set(outgoing.initiator.outbound_pairs) == set(outgoing.receiver.inbound_pairs) == pairs
+    pairs = {Pair("capulet.example", "montague.example"), Pair("rooms.capulet.example", "montague.example")}
+    assert set(outgoing.initiator.outbound_pairs) == pairs
+    assert set(outgoing.receiver.inbound_pairs) == {Pair(p.remote, p.local) for p in pairs}
     assert not outgoing.initiator.inbound_pairs and not outgoing.receiver.outbound_pairs
 
     reverse = Wire(Session("initiator", montague, "montague.example", "capulet.example"), Session("receiver", capulet))
     reverse.pump()
     reverse.verify("r", capulet, montague)
     assert set(reverse.initiator.outbound_pairs) == {("montague.example", "capulet.example")}
-    assert set(reverse.receiver.inbound_pairs) == {("montague.example", "capulet.example")}
+    assert set(reverse.receiver.inbound_pairs) == {Pair("capulet.example", "montague.example")}
     # a stanza for a pair not validated on the stream is fatal (RFC 6120 §8.1.2.2)
     outgoing.receiver.receive_data(b"<message from='tybalt@tybalt.example' to='romeo@montague.example'/>")
     outgoing.pump()
@@ -650,5 +652,5 @@ def test_dialback_bidi_wired_invalid_key_bounces_and_closes(pki_world, self_sign
                 _chain(self_signed_capulet), _chain(leaves["montague.lit"]))
     wire.pump()
     wire.verify("r", montague, config(["capulet.lit"], CAPULET_SECRET))
-    assert wire.of("i", ev.AuthFailed) == [ev.AuthFailed("montague.lit", "capulet.lit", "invalid", "internal-server-error")]
+    assert wire.of("i", ev.AuthFailed) == [ev.AuthFailed(Pair("capulet.lit", "montague.lit"), "invalid", "internal-server-error")]
     assert not wire.receiver.inbound_pairs and wire.receiver.closed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from router.trust import pki
 from router.negotiation import events as ev
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session
 from router.trust.policy import Policy
 from test_negotiation_support import Wire, config, pki_world  # noqa: F401
@@ -69,9 +70,9 @@ def test_request_pipelined_with_dialback_then_inverse_pairs_only(pki_world):
     assert isinstance(events[0], ev.BidiEnabled) and isinstance(events[1], ev.VerifyKey)
     assert not session.outbound_pairs  # XEP-0288 §2.2: nothing may be sent before the peer is verified
     session.key_verified(events[1].token, "valid")
-    assert set(session.outbound_pairs) == {("b.example", "a.example")}  # XEP-0288 §2.2: the inverse, not c.example
-    directions = [(e.direction, e.remote, e.local) for e in session.events() if isinstance(e, ev.Authenticated)]
-    assert directions == [("inbound", "a.example", "b.example"), ("outbound", "a.example", "b.example")]
+    assert set(session.outbound_pairs) == {Pair("b.example", "a.example")}  # XEP-0288 §2.2: the inverse, not c.example
+    directions = [(e.direction, e.pair) for e in session.events() if isinstance(e, ev.Authenticated)]
+    assert directions == [("inbound", Pair("b.example", "a.example")), ("outbound", Pair("b.example", "a.example"))]
 
 
 def test_bidi_request_after_authentication_is_ignored(pki_world):
@@ -102,8 +103,8 @@ def test_sasl_bidi_pairs_are_header_to_from_inverse(pki_world):
     b = Session("receiver", config(["b.example", "c.example"], trust=[ca]))
     wire = Wire(a, b, (pki.make_leaf(ca, "a.example").cert_der(),), (pki.make_leaf(ca, "b.example").cert_der(),))
     wire.pump()
-    assert set(b.outbound_pairs) == {("b.example", "a.example")}
-    assert set(a.inbound_pairs) == {("b.example", "a.example")}
+    assert set(b.outbound_pairs) == {Pair("b.example", "a.example")}
+    assert set(a.inbound_pairs) == {Pair("a.example", "b.example")}  # b.example may send to a.example
 
 
 def _bidi_initiator(ca):
@@ -149,16 +150,16 @@ def test_no_reverse_dialback_over_bidi_by_default(pki_world):
     token = [e for e in session.events() if isinstance(e, ev.VerifyKey)][0].token
     session.key_verified(token, "valid")
     session.data_to_send()
-    assert not session.request_pair("c.example", "a.example")
+    assert not session.request_pair(Pair("c.example", "a.example"))
     assert session.data_to_send() == b""
     enabled = secured(ca, leaf_name="x.example", bidi_reverse_dialback=True)
     enabled.receive_data(BIDI_REQUEST + b"<db:result from='a.example' to='b.example'>k</db:result>")
     token = [e for e in enabled.events() if isinstance(e, ev.VerifyKey)][0].token
     enabled.key_verified(token, "valid")
     enabled.data_to_send()
-    assert enabled.request_pair("c.example", "a.example")
+    assert enabled.request_pair(Pair("c.example", "a.example"))
     assert enabled.data_to_send().startswith(b"<db:result from='c.example' to='a.example'>")
-    assert not enabled.request_pair("c.example", "never-seen.example")  # only domains the peer proved
+    assert not enabled.request_pair(Pair("c.example", "never-seen.example"))  # only domains the peer proved
 
 
 def test_secure_domain_is_sent_to_and_heard_from_only_with_a_proving_certificate(pki_world):
@@ -177,13 +178,13 @@ def test_secure_domain_is_sent_to_and_heard_from_only_with_a_proving_certificate
         wire.verify("r", config(["b.example"], "s3cr3t"), config(["a.example"], "s3cr3t"))
         assert a.bidi
         assert (set(a.outbound_pairs) == {("a.example", "b.example")}) == proven
-        assert (("b.example", "a.example") in a.inbound_pairs) == proven
+        assert (Pair("a.example", "b.example") in a.inbound_pairs) == proven
         failures = wire.of("i", ev.AuthFailed)
         if proven:
             assert not failures and not a.closed
         else:
             [failure] = failures
-            assert (failure.remote, failure.local, failure.bounce) == ("b.example", "a.example", "remote-server-timeout")
+            assert (failure.pair, failure.bounce) == (Pair("a.example", "b.example"), "remote-server-timeout")
             assert "certificate" in failure.text
             assert closed_with(wire.i_events) == ["policy-violation"]
 
@@ -200,4 +201,4 @@ def test_bidi_wired_with_mandatory_tls_and_required_flags(pki_world):
     assert first_features == b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
     assert b"<dialback xmlns='urn:xmpp:features:dialback'><errors/><required/></dialback>" in wire.r_bytes
     wire.verify("r", config(["b.example"], "s3cr3t", policy=strict), config(["a.example"], "s3cr3t", policy=strict))
-    assert set(b.inbound_pairs) == {("a.example", "b.example")} and set(b.outbound_pairs) == {("b.example", "a.example")}
+    assert set(b.inbound_pairs) == set(b.outbound_pairs) == {Pair("b.example", "a.example")}

@@ -7,6 +7,7 @@ import pytest
 from router.trust import pki
 from router.negotiation import events as ev
 from router.negotiation.dialback import dialback_key
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session
 from router.trust.policy import Policy
 from test_negotiation_support import canonical, config, pki_world  # noqa: F401
@@ -89,7 +90,7 @@ def test_invalid_with_other_pairs_is_forbidden_and_keeps_the_stream():
     token = [e for e in events if isinstance(e, ev.VerifyKey)][0].token
     session.key_verified(token, "invalid")
     assert dialback_error_condition(session.data_to_send()) == "forbidden"
-    assert not session.closed and set(session.inbound_pairs) == {("a.example", "b.example")}
+    assert not session.closed and set(session.inbound_pairs) == {Pair("b.example", "a.example")}
 
 
 def test_late_or_unknown_key_verified_answers_are_ignored():
@@ -172,7 +173,7 @@ def test_certificate_that_proves_the_sender_skips_the_authoritative_server(pki_w
     session.data_to_send(), session.events()
     out, events = ask(session, result(from_="rooms.a.example"))
     assert out == b"<db:result from='b.example' to='rooms.a.example' type='valid'/>"
-    assert events == [ev.Authenticated("rooms.a.example", "b.example", "dialback+pkix", "inbound")]
+    assert events == [ev.Authenticated(Pair("b.example", "rooms.a.example"), "dialback+pkix", "inbound")]
     _, events = ask(session, result(from_="other.example"))
     assert [type(e) for e in events] == [ev.VerifyKey]  # no certificate for that one
 
@@ -206,16 +207,16 @@ def test_request_pair_deduplicates_and_piggybacks():
     """XEP-0220 §2.1.1: no second key while the pair is pending; §2.6.1: a new Sender Domain on the same stream."""
     session = initiator()
     session.data_to_send()
-    assert session.request_pair("rooms.a.example", "b.example")
-    assert session.request_pair("rooms.a.example", "b.example")
+    assert session.request_pair(Pair("rooms.a.example", "b.example"))
+    assert session.request_pair(Pair("rooms.a.example", "b.example"))
     assert session.data_to_send().count(b"<db:result") == 1
 
 
 def test_target_multiplexing_needs_dialback_errors():
     """XEP-0220 §2.6.2: target multiplexing only if the receiver advertised dialback <errors/>."""
-    assert initiator(errors=True).request_pair("a.example", "other.example")
-    assert not initiator(errors=False).request_pair("a.example", "other.example")
-    assert not initiator().request_pair("not-ours.example", "b.example")
+    assert initiator(errors=True).request_pair(Pair("a.example", "other.example"))
+    assert not initiator(errors=False).request_pair(Pair("a.example", "other.example"))
+    assert not initiator().request_pair(Pair("not-ours.example", "b.example"))
 
 
 @pytest.mark.parametrize(
@@ -233,8 +234,8 @@ def test_failed_pair_tells_how_to_bounce(answer, condition, bounce):
     session.events()
     session.receive_data(answer.encode())
     [event] = session.events()
-    assert (type(event), event.remote, event.local, event.condition, event.bounce) == (
-        ev.AuthFailed, "b.example", "a.example", condition, bounce)
+    assert (type(event), event.pair, event.condition, event.bounce) == (
+        ev.AuthFailed, Pair("a.example", "b.example"), condition, bounce)
     assert "b.example" in event.text and condition in event.text  # the bounces say why
     assert not session.outbound_pairs and not session.closed
 
@@ -254,7 +255,7 @@ def test_closing_with_pending_requests_fails_them():
     session.receive_data(b"</stream:stream>")
     events = session.events()
     assert events[0] == ev.PeerClosed(None, None)
-    assert ev.AuthFailed("b.example", "a.example", "remote-server-timeout", "remote-server-timeout") in events
+    assert ev.AuthFailed(Pair("a.example", "b.example"), "remote-server-timeout", "remote-server-timeout") in events
     assert ev.VerifyResult("v", "remote-server-timeout") in events
 
 

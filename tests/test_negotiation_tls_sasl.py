@@ -9,6 +9,7 @@ import pytest
 
 from router.trust import certs, pki
 from router.negotiation import events as ev
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session
 from test_negotiation_support import Wire, config, pki_world  # noqa: F401
 from test_negotiation_stream import closed_with, features_of, header
@@ -151,7 +152,7 @@ def test_external_success_with_or_without_authzid_then_restart(pki_world, payloa
     before_id = session.stream_id
     session.receive_data(auth(payload))
     assert session.data_to_send() == f"<success xmlns='{SASL}'/>".encode()
-    assert session.events() == [ev.Authenticated("a.example", "b.example", "EXTERNAL", "inbound")]
+    assert session.events() == [ev.Authenticated(Pair("b.example", "a.example"), "EXTERNAL", "inbound")]
     session.receive_data(header())
     out = session.data_to_send()
     assert session.stream_id != before_id and features_of(out) == [b'<stream:features xmlns:stream="http://etherx.jabber.org/streams"></stream:features>']

@@ -5,6 +5,7 @@ test_flows.py."""
 
 import pytest
 
+from router.negotiation.pairs import Pair
 from router.trust.policy import (
     ALLOW,
     MECHANISM_DIALBACK,
@@ -17,18 +18,19 @@ from router.trust.policy import (
 )
 
 LOCAL = frozenset({"montague.lit", "conference.montague.lit"})
-PAIRS = {("capulet.lit", "montague.lit")}
+PAIRS = {Pair("montague.lit", "capulet.lit")}  # (local, remote): capulet.lit may send to montague.lit
 
 
 # --- check_stanza on a stream authenticated as capulet.lit -> montague.lit (RFC 6120 §8.1.1.2, §8.1.2.2)
 
 
 def test_authorized_stanza_passes():
-    assert check_stanza("juliet@capulet.lit/balcony", "romeo@montague.lit", PAIRS, LOCAL) == ("capulet.lit", "montague.lit")
+    # the stanza's pair, (local, remote) = (to domain, from domain)
+    assert check_stanza("juliet@capulet.lit/balcony", "romeo@montague.lit", PAIRS, LOCAL) == Pair("montague.lit", "capulet.lit")
 
 
 def test_comparison_is_on_normalized_domains():
-    assert check_stanza("juliet@Capulet.LIT./balcony", "romeo@MONTAGUE.lit", PAIRS, LOCAL) == ("capulet.lit", "montague.lit")
+    assert check_stanza("juliet@Capulet.LIT./balcony", "romeo@MONTAGUE.lit", PAIRS, LOCAL) == Pair("montague.lit", "capulet.lit")
 
 
 def test_stanza_before_authentication_is_not_authorized():
@@ -91,14 +93,14 @@ def test_local_domain_not_validated_on_this_stream_is_host_unknown():
 def test_check_is_per_pair_not_per_domain():
     """RFC 6120 §8.1.2.2, XEP-0220 §2.2.1: dialback authorizes (from, to) pairs; both domains are
     validated on the stream, but not as this pair."""
-    pairs = {("capulet.lit", "montague.lit"), ("verona.lit", "conference.montague.lit")}
-    assert check_stanza("a@verona.lit", "room@conference.montague.lit", pairs, LOCAL) == ("verona.lit", "conference.montague.lit")
+    pairs = {Pair("montague.lit", "capulet.lit"), Pair("conference.montague.lit", "verona.lit")}
+    assert check_stanza("a@verona.lit", "room@conference.montague.lit", pairs, LOCAL) == Pair("conference.montague.lit", "verona.lit")
     condition, _ = check_stanza("a@verona.lit", "romeo@montague.lit", pairs, LOCAL)
     assert condition == "invalid-from"
 
 
 def test_pair_for_a_domain_no_longer_served_is_host_unknown():
-    pairs = {("capulet.lit", "gone.montague.lit")}
+    pairs = {Pair("gone.montague.lit", "capulet.lit")}
     assert check_stanza("juliet@capulet.lit", "x@gone.montague.lit", pairs, LOCAL)[0] == "host-unknown"
 
 

@@ -1,5 +1,6 @@
 """The route table, pending queues and backoff (sans-IO, no sockets)."""
 
+from router.negotiation.pairs import Pair
 from router.routing.routes import Backoff, PendingQueue, Queued, RouteTable
 
 
@@ -42,16 +43,16 @@ def test_backoff_entries_are_forgotten_on_success_and_after_a_quiet_cap():
 def test_first_stream_keeps_a_pair_and_closing_it_frees_every_pair():
     table = RouteTable()
     first, second = object(), object()
-    assert table.add_remote(("a.test", "b.test"), first)
-    assert table.add_remote(("a2.test", "b.test"), first)
-    assert not table.add_remote(("a.test", "b.test"), second)  # one output stream per pair (RFC 6120 §10.1)
-    assert table.remote[("a.test", "b.test")] is first
+    assert table.add_remote(Pair("a.test", "b.test"), first)
+    assert table.add_remote(Pair("a2.test", "b.test"), first)
+    assert not table.add_remote(Pair("a.test", "b.test"), second)  # one output stream per pair (RFC 6120 §10.1)
+    assert table.remote[Pair("a.test", "b.test")] is first
     assert list(table.links_to("b.test")) == [first]
-    assert table.remove_link(first) == {("a.test", "b.test"), ("a2.test", "b.test")}
+    assert table.remove_link(first) == {Pair("a.test", "b.test"), Pair("a2.test", "b.test")}
     assert not table.remote
     assert list(table.links_to("b.test")) == []
-    assert table.add_remote(("a.test", "b.test"), second)
-    assert table.add_remote(("a.test", "c.test"), first)
+    assert table.add_remote(Pair("a.test", "b.test"), second)
+    assert table.add_remote(Pair("a.test", "c.test"), first)
     assert list(table.links_to("b.test")) == [second] and list(table.links_to("c.test")) == [first]
 
 
@@ -66,9 +67,9 @@ def test_local_targets_are_removed_only_by_their_owner():
 
 def test_queue_for_reports_creation_once():
     table = RouteTable()
-    queue, created = table.queue_for(("a.test", "b.test"), 10, 1.0)
-    again, created_again = table.queue_for(("a.test", "b.test"), 10, 1.0)
+    queue, created = table.queue_for(Pair("a.test", "b.test"), 10, 1.0)
+    again, created_again = table.queue_for(Pair("a.test", "b.test"), 10, 1.0)
     assert created and not created_again and again is queue
     queue.push(queued(0, 0.0))
-    assert [q.id for q in table.take_queue(("a.test", "b.test"))] == ["0"]
-    assert table.take_queue(("a.test", "b.test")) == []
+    assert [q.id for q in table.take_queue(Pair("a.test", "b.test"))] == ["0"]
+    assert table.take_queue(Pair("a.test", "b.test")) == []

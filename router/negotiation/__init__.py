@@ -2,8 +2,9 @@
 
 Modules, each importing only those listed before it:
 
-* `events`, `pairs`, `features`, `config`: what a session reports, its pair
-  containers, the ``<stream:features/>`` element, `SessionConfig`;
+* `pairs`, `events`, `features`, `config`: `Pair(local, remote)` and the
+  containers a session keeps pairs in, what a session reports, the
+  ``<stream:features/>`` element, `SessionConfig`;
 * `state`: the stages of a stream, their transition table, and `Negotiator`,
   the session as feature modules see it;
 * `headers`: checking the peer's stream header and writing ours;

@@ -42,10 +42,11 @@ class Authorizations:
     def _init_authorizations(self, wanted: Pair | None) -> None:
         """Nothing authorized or pending; an initiator asks for its `wanted` pair at once."""
         # tuples (see pairs.py): a stream nearly always carries one pair each way
-        self.inbound_pairs: tuple[Pair, ...] = ()  # (remote, local) the peer may send
-        self.outbound_pairs: tuple[Pair, ...] = ()  # (local, remote) we may send
-        self.results_out: frozenset[Pair] = NO_PAIRS  # db:result requests we sent: (local, remote)
-        self.results_in: Mapping[Pair, object] = NO_REQUESTS  # requests we verify: (remote, local) -> token
+        # every pair is Pair(local, remote), whichever way it lets stanzas flow
+        self.inbound_pairs: tuple[Pair, ...] = ()  # the peer may send remote -> local
+        self.outbound_pairs: tuple[Pair, ...] = ()  # we may send local -> remote
+        self.results_out: frozenset[Pair] = NO_PAIRS  # db:result requests we sent
+        self.results_in: Mapping[Pair, object] = NO_REQUESTS  # the peer's db:result requests we verify -> token
         self.verifies_out: Mapping[tuple[str, str, str], list] = NO_REQUESTS  # (receiving, originating, id) -> tokens
         self._requested: frozenset[Pair] = NO_PAIRS  # outbound pairs asked for, not yet decided
         # tuples, like the pair sets: empty on an idle stream, so shared
@@ -57,25 +58,24 @@ class Authorizations:
 
     # ------------------------------------------------------------------ public API (Session)
 
-    def request_pair(self, local: str, remote: str) -> bool:
-        """Ask to send ``local -> remote`` on this stream; False when this stream cannot carry it."""
+    def request_pair(self, pair: Pair) -> bool:
+        """Ask to send ``pair.local -> pair.remote`` on this stream; False when this stream cannot carry it."""
         try:
-            local, remote = normalize_domain(local), normalize_domain(remote)
+            pair = Pair(normalize_domain(pair[0]), normalize_domain(pair[1]))
         except ValueError:
             return False
         if (
             self.stage is CLOSED or self.stage is SASL_ONLY or self._close_sent or self.verify_only
-            or local not in self.config.local_domains
+            or pair.local not in self.config.local_domains
         ):
             return False
-        pair = (local, remote)
         if pair in self.outbound_pairs or pair in self._requested:
             return True
-        if not self._may_carry(local, remote):
+        if not self._may_carry(pair):
             return False
         self._requested |= {pair}
         if self._dialback_ready():
-            self._guarded(self._send_result_request, local, remote)
+            self._guarded(self._send_result_request, pair)
         else:
             self._wanted += (pair,)
         return True
@@ -93,75 +93,75 @@ class Authorizations:
 
     # ------------------------------------------------------------------ pairs decided (state.Negotiator)
 
-    def accept_inbound(self, remote: str, local: str, mechanism: str) -> None:
-        """The peer may now send ``remote -> local``; with bidi we may send the inverse."""
-        self.inbound_pairs = with_pair(self.inbound_pairs, (remote, local))
+    def accept_inbound(self, pair: Pair, mechanism: str) -> None:
+        """The peer may now send ``pair.remote -> pair.local``; with bidi we may send the inverse."""
+        self.inbound_pairs = with_pair(self.inbound_pairs, pair)
         self._raise_stanza_limit()
-        self.emit(Authenticated(remote, local, mechanism, "inbound"))
-        if self.bidi and (local, remote) not in self.outbound_pairs:
-            self.outbound_pairs = with_pair(self.outbound_pairs, (local, remote))
-            self._requested = without(self._requested, (local, remote))
-            self.emit(Authenticated(remote, local, mechanism, "outbound"))
+        self.emit(Authenticated(pair, mechanism, "inbound"))
+        if self.bidi and pair not in self.outbound_pairs:
+            self.outbound_pairs = with_pair(self.outbound_pairs, pair)
+            self._requested = without(self._requested, pair)
+            self.emit(Authenticated(pair, mechanism, "outbound"))
 
-    def accept_outbound(self, local: str, remote: str, mechanism: str) -> None:
-        """We may now send ``local -> remote``; with bidi the peer may send the inverse.
+    def accept_outbound(self, pair: Pair, mechanism: str) -> None:
+        """We may now send ``pair.local -> pair.remote``; with bidi the peer may send the inverse.
 
         Our own authentication proves nothing about the peer: a remote domain that
         must authenticate with a certificate gets no stanza unless the TLS peer
         proved it too (RFC 6120 §13.7.2: the initiator validates the receiver's
         certificate); without any other pair the stream then ends."""
+        remote = pair.remote
         if self.config.policy.auth_mode(remote) == pol.AUTH_SECURE and not self.peer_certificate_ok(remote):
             text = (f"{remote} must prove its identity with a trusted certificate (secure authentication), "
                     f"and the certificate it presented does not")
-            self.outbound_failed(local, remote, "not-authorized", "remote-server-timeout", text)
+            self.outbound_failed(pair, "not-authorized", "remote-server-timeout", text)
             if not self.outbound_pairs and not self.inbound_pairs:
                 self.close("policy-violation", text)
             return
-        self._requested = without(self._requested, (local, remote))
-        self.outbound_pairs = with_pair(self.outbound_pairs, (local, remote))
+        self._requested = without(self._requested, pair)
+        self.outbound_pairs = with_pair(self.outbound_pairs, pair)
         self._raise_stanza_limit()
-        self.emit(Authenticated(remote, local, mechanism, "outbound"))
-        if self.bidi and (remote, local) not in self.inbound_pairs:
-            self.inbound_pairs = with_pair(self.inbound_pairs, (remote, local))
-            self.emit(Authenticated(remote, local, mechanism, "inbound"))
+        self.emit(Authenticated(pair, mechanism, "outbound"))
+        if self.bidi and pair not in self.inbound_pairs:
+            self.inbound_pairs = with_pair(self.inbound_pairs, pair)
+            self.emit(Authenticated(pair, mechanism, "inbound"))
 
-    def outbound_failed(self, local: str, remote: str, condition: str, bounce: str, text: str | None = None) -> None:
-        """Our request for ``local -> remote`` failed; queued stanzas bounce with `bounce`."""
-        self._requested = without(self._requested, (local, remote))
-        self.results_out = without(self.results_out, (local, remote))
-        self.emit(AuthFailed(remote, local, condition, bounce, text))
+    def outbound_failed(self, pair: Pair, condition: str, bounce: str, text: str | None = None) -> None:
+        """Our request for ``pair.local -> pair.remote`` failed; queued stanzas bounce with `bounce`."""
+        self._requested = without(self._requested, pair)
+        self.results_out = without(self.results_out, pair)
+        self.emit(AuthFailed(pair, condition, bounce, text))
 
     def fail_outbound(self, condition: str, text: str) -> None:
         """Every outbound pair still pending on this stream failed."""
         log.info("outbound negotiation failed (%s): %s", condition, text)
-        for local, remote in sorted(self._requested):
-            self.emit(AuthFailed(remote, local, condition, "remote-server-timeout", text))
+        for pair in sorted(self._requested):
+            self.emit(AuthFailed(pair, condition, "remote-server-timeout", text))
         self._requested = self.results_out = NO_PAIRS
         self._wanted = ()
 
     # -- SASL EXTERNAL authorizes the header pair (RFC 6120 §6.4.6; with bidi, XEP-0288 §2.2)
 
-    def _sasl_inbound(self, remote: str, local: str) -> None:
-        """Receiver: SASL EXTERNAL proved the peer as `remote`; it may send to `local`."""
-        self.inbound_pairs = with_pair(self.inbound_pairs, (remote, local))
-        self.emit(Authenticated(remote, local, EXTERNAL, "inbound"))
+    def _sasl_inbound(self, pair: Pair) -> None:
+        """Receiver: SASL EXTERNAL proved the peer as `pair.remote`; it may send to `pair.local`."""
+        self.inbound_pairs = with_pair(self.inbound_pairs, pair)
+        self.emit(Authenticated(pair, EXTERNAL, "inbound"))
 
-    def _sasl_bidi_outbound(self, local: str, remote: str) -> None:
+    def _sasl_bidi_outbound(self, pair: Pair) -> None:
         """Receiver, bidi after SASL: with the restarted stream's features sent, we may send the inverse."""
-        self.outbound_pairs = with_pair(self.outbound_pairs, (local, remote))
-        self.emit(Authenticated(remote, local, EXTERNAL, "outbound"))
+        self.outbound_pairs = with_pair(self.outbound_pairs, pair)
+        self.emit(Authenticated(pair, EXTERNAL, "outbound"))
 
-    def _sasl_outbound(self, local: str, remote: str) -> None:
-        """Initiator: SASL EXTERNAL proved us as `local` to `remote`, so that pair needs no dialback."""
-        pair = (local, remote)
+    def _sasl_outbound(self, pair: Pair) -> None:
+        """Initiator: SASL EXTERNAL proved us as `pair.local` to `pair.remote`, so that pair needs no dialback."""
         if pair in self._requested:
-            self.accept_outbound(local, remote, EXTERNAL)
+            self.accept_outbound(pair, EXTERNAL)
             self._wanted = tuple(p for p in self._wanted if p != pair)
 
     # ------------------------------------------------------------------ answers matched to requests (state.Negotiator)
 
     def await_verification(self, pair: Pair, token) -> None:
-        """A `VerifyKey` for the peer's request ``pair`` = (remote, local) went to the runtime."""
+        """A `VerifyKey` for the peer's request to send ``pair.remote -> pair.local`` went to the runtime."""
         if not self.results_in:
             self.results_in = {}
         self.results_in[pair] = token
@@ -175,11 +175,11 @@ class Authorizations:
                 self.results_in = NO_REQUESTS
         return pair
 
-    def result_answered(self, local: str, remote: str) -> bool:
-        """A typed ``<db:result/>`` answers our request for ``local -> remote``; False if we sent none."""
-        if (local, remote) not in self.results_out:
+    def result_answered(self, pair: Pair) -> bool:
+        """A typed ``<db:result/>`` answers our request for ``pair.local -> pair.remote``; False if we sent none."""
+        if pair not in self.results_out:
             return False
-        self.results_out = without(self.results_out, (local, remote))
+        self.results_out = without(self.results_out, pair)
         return True
 
     def verify_answered(self, receiving: str, originating: str, stream_id: str | None):
@@ -202,35 +202,36 @@ class Authorizations:
         if self.config.dialback and dialback.available(self):
             self._advance(DIALBACK)
             wanted, self._wanted = self._wanted, ()
-            for local, remote in wanted:
-                self._send_result_request(local, remote)
+            for pair in wanted:
+                self._send_result_request(pair)
             self._flush_verifies()
             return
         self._advance(SASL_ONLY)
-        for local, remote in self._wanted:
-            self.outbound_failed(local, remote, "unsupported-feature", "remote-server-timeout",
+        for pair in self._wanted:
+            self.outbound_failed(pair, "unsupported-feature", "remote-server-timeout",
                                  f"{self.remote_domain} offers no authentication we can use (no dialback)")
         self._wanted = ()
         for token, *_ in self._verify_queue:
             self.emit(VerifyResult(token, "remote-server-timeout"))
         self._verify_queue = ()
 
-    def _may_carry(self, local: str, remote: str) -> bool:
+    def _may_carry(self, pair: Pair) -> bool:
         """Can a new pair go over this stream (XEP-0220 §2.6, XEP-0288 §2.2)?"""
+        remote = pair.remote
         if self.role == "receiver":
             return (
                 self.bidi and self.config.bidi_reverse_dialback
-                and any(r == remote for r, _ in self.inbound_pairs)
+                and any(p.remote == remote for p in self.inbound_pairs)
             )
         if remote == self.remote_domain:
             return True  # sender multiplexing (§2.6.1)
         return (self.advertised is not None and self.advertised.dialback_errors) or (
-            self.bidi and any(r == remote for r, _ in self.inbound_pairs)
+            self.bidi and any(p.remote == remote for p in self.inbound_pairs)
         )
 
-    def _send_result_request(self, local: str, remote: str) -> None:
-        self.results_out |= {(local, remote)}
-        self.send(dialback.result_request(self.config.dialback_secret, local, remote, self.stream_id))
+    def _send_result_request(self, pair: Pair) -> None:
+        self.results_out |= {pair}
+        self.send(dialback.result_request(self.config.dialback_secret, pair.local, pair.remote, self.stream_id))
 
     def _send_verify_request(self, token, receiving: str, originating: str, stream_id: str, key: str) -> None:
         if not self.verifies_out:

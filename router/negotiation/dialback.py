@@ -11,7 +11,7 @@
   answered from the shared secret; a typed one must match a request we sent.
 
 Typed answers are accepted only when they match an outstanding request on
-this stream in this direction, keyed by (from, to) or (from, to, id): the
+this stream in this direction, keyed by the `Pair` or (from, to, id): the
 2012 unsolicited-dialback attack (XEP-0220 §3.1, XSF security notice of
 2012-08-21) is a typed answer nobody asked for. Anything unmatched closes the
 stream with ``<not-authorized/>``.
@@ -36,6 +36,7 @@ from router.wire.jid import normalize_domain
 from router.wire.namespaces import DIALBACK_FEATURE_NS, DIALBACK_NS, STANZAS_NS
 from router.negotiation.events import VerifyKey, VerifyResult
 from router.negotiation.features import Offer
+from router.negotiation.pairs import Pair
 from router.negotiation.state import NO_MATCH, Negotiator
 from router.wire.xml import attr, first_condition, text_in, text_node
 
@@ -140,7 +141,7 @@ def _result_request(s: Negotiator, remote: str, local: str, key: str) -> None:
     if local not in s.config.local_domains:
         send_error(s, "result", local, remote, "item-not-found", f"{local} is not served here")
         return
-    pair = (remote, local)
+    pair = Pair(local, remote)
     if pair in s.inbound_pairs:
         # already valid: answer at once and never downgrade an existing authorization
         # (XEP-0220 §2.1.1 leaves re-verification open)
@@ -154,7 +155,7 @@ def _result_request(s: Negotiator, remote: str, local: str, key: str) -> None:
         return
     if s.encrypted and s.peer_certificate_ok(remote):
         _send_valid(s, remote, local)
-        s.accept_inbound(remote, local, "dialback+pkix")  # XEP-0344 §2.4: the certificate proves `remote`
+        s.accept_inbound(pair, "dialback+pkix")  # XEP-0344 §2.4: the certificate proves `remote`
         return
     decision = pol.auth_mechanism_allowed(s.config.policy, remote, pol.MECHANISM_DIALBACK, s.encrypted)
     if not decision:
@@ -170,10 +171,10 @@ def key_verified(s: Negotiator, token, result: str, text: str | None = None) -> 
     pair = s.verification_answered(token)
     if pair is None:
         return  # the stream dropped that request (closed or re-keyed); nothing is waiting for it
-    remote, local = pair
+    local, remote = pair
     if result == "valid":
         _send_valid(s, remote, local)
-        s.accept_inbound(remote, local, "dialback")
+        s.accept_inbound(pair, "dialback")
     elif result == "invalid":
         if s.inbound_pairs:
             send_error(s, "result", local, remote, "forbidden", f"the dialback key for {remote} is not valid")
@@ -191,17 +192,18 @@ def _send_valid(s: Negotiator, remote: str, local: str) -> None:
 
 def _result_answer(s: Negotiator, remote: str, local: str, element) -> None:
     """Step 4 received: the answer to one of our requests, and only that."""
-    if not s.result_answered(local, remote):
+    pair = Pair(local, remote)
+    if not s.result_answered(pair):
         s.close("not-authorized", f"unsolicited dialback result for {local} -> {remote} on this stream")
         return
     if element.type == "valid":
-        s.accept_outbound(local, remote, "dialback")
+        s.accept_outbound(pair, "dialback")
     elif element.type == "invalid":
-        s.outbound_failed(local, remote, "invalid", "internal-server-error",
+        s.outbound_failed(pair, "invalid", "internal-server-error",
                           f"{remote} answered our dialback key for {local} with type='invalid'")
     elif element.type == "error":
         condition, text = _error_of(s, element)
-        s.outbound_failed(local, remote, condition, "remote-server-timeout",
+        s.outbound_failed(pair, condition, "remote-server-timeout",
                           f"{remote} refused dialback for {local}: {condition}" + (f" ({text})" if text else ""))
     else:
         s.close("bad-format", f"dialback result type {element.type!r} is not valid, invalid or error")

@@ -1,14 +1,17 @@
 """Events a `Session` reports to the runtime (drained with `Session.events()`).
 
-Directions: ``"inbound"`` = the peer may now send stanzas ``remote -> local`` on
-this stream; ``"outbound"`` = we may now send ``local -> remote`` on it (our
-own outgoing stream, or an inbound one with bidi).
+Pairs are `pairs.Pair` (local, remote): our domain, then the peer's, in either
+direction. Directions: ``"inbound"`` = the peer may now send stanzas
+``remote -> local`` on this stream; ``"outbound"`` = we may now send
+``local -> remote`` on it (our own outgoing stream, or an inbound one with bidi).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from router.negotiation.pairs import Pair
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,20 +23,18 @@ class StartTLS:
 
 @dataclass(frozen=True, slots=True)
 class Authenticated:
-    """A domain pair became usable on this stream."""
+    """A domain pair became usable on this stream, in `direction`."""
 
-    remote: str
-    local: str
+    pair: Pair  # (local, remote)
     mechanism: str  # "EXTERNAL", "dialback", or "dialback+pkix" (XEP-0344: the certificate sufficed)
     direction: str  # "inbound" | "outbound"
 
 
 @dataclass(frozen=True, slots=True)
 class AuthFailed:
-    """Our request to send ``local -> remote`` failed; bounce the stanzas queued for it with `bounce`."""
+    """Our request to send ``pair.local -> pair.remote`` failed; bounce the stanzas queued for it with `bounce`."""
 
-    remote: str
-    local: str
+    pair: Pair  # (local, remote)
     condition: str  # "invalid", or the dialback / SASL / stream condition that ended it
     bounce: str  # stanza error condition for queued stanzas (XEP-0220 §2.1.1)
     text: str | None = field(default=None, compare=False)  # why, for the bounces' <text/>; not part of equality

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from router.negotiation import features, headers, negotiate
 from router.negotiation.headers import OUR_VERSION
+from router.negotiation.pairs import Pair
 from router.negotiation.state import CLOSED, DIALBACK, FEATURES, HEADER, OPEN, SASL
 
 # The few distinct feature sets a receiver offers, shared between streams.
@@ -100,7 +101,7 @@ class Opening:
                        f"no authentication method acceptable for {self.remote_domain} is available on this stream")
             return
         if self.sasl_done and self.bidi:
-            self._sasl_bidi_outbound(self.local_domain, self.remote_domain)
+            self._sasl_bidi_outbound(Pair(self.local_domain, self.remote_domain))
 
     # ------------------------------------------------------------------ initiator
 
@@ -138,7 +139,7 @@ class Opening:
             self.close(step.condition, step.text)
         elif step.stage is DIALBACK:
             if self.sasl_done:
-                self._sasl_outbound(self.local_domain, self.remote_domain)
+                self._sasl_outbound(Pair(self.local_domain, self.remote_domain))
                 if self.stage is CLOSED:
                     return  # the peer's certificate did not prove it and nothing else is authorized
             self._start_dialback()

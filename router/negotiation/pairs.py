@@ -1,4 +1,10 @@
-"""Domain pairs ``(from_domain, to_domain)`` and the containers a session keeps them in.
+"""`Pair(local, remote)`, the one domain pair of the relay, and the containers a session keeps pairs in.
+
+A pair is always (our domain, the peer's domain), whichever way stanzas flow:
+an inbound pair lets the peer send ``remote -> local``, an outbound pair lets
+us send ``local -> remote``. Events, the route table, logs and metrics use the
+same order. `Pair` is a NamedTuple, so it has a tuple's size, hash and
+equality: a plain ``(local, remote)`` tuple finds it in a set or a dict.
 
 The sets and maps a session changes only while negotiating are replaced on
 change (frozensets) or start as a shared empty mapping, so that the thousands
@@ -10,8 +16,16 @@ carries one pair each way, and a one-pair tuple is a quarter of a set's size
 from __future__ import annotations
 
 from types import MappingProxyType
+from typing import NamedTuple
 
-Pair = tuple[str, str]
+
+class Pair(NamedTuple):
+    """A domain pair: ``local`` is our domain, ``remote`` the peer's."""
+
+    local: str
+    remote: str
+
+
 NO_PAIRS: frozenset[Pair] = frozenset()
 NO_REQUESTS = MappingProxyType({})  # read-only: replace it with a dict before the first entry
 

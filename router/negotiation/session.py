@@ -31,6 +31,7 @@ from router.negotiation.config import SessionConfig
 from router.negotiation.events import BidiEnabled, Closed, PeerClosed, Stanza, StartTLS
 from router.negotiation.headers import OUR_VERSION, new_stream_id, parse_version
 from router.negotiation.opening import Opening
+from router.negotiation.pairs import Pair
 from router.negotiation.state import CLOSED, FEATURES, HEADER, TLS, Stage, advance, first_stage
 from router.wire.xml import STREAM_CLOSE, first_condition, parse_element, text_in
 
@@ -89,7 +90,7 @@ class Session(Opening, Authorizations):
         self.remote_domain = normalize_domain(remote_domain) if remote_domain else None
         self._new_id = new_id
         self.stage = first_stage(direct_tls)
-        wanted = (self.local_domain, self.remote_domain) if role == "initiator" and not verify_only else None
+        wanted = Pair(self.local_domain, self.remote_domain) if role == "initiator" and not verify_only else None
         self._init_authorizations(wanted)
         self.encrypted = False
         self.peer_chain: tuple[bytes, ...] = ()
@@ -244,7 +245,7 @@ class Session(Opening, Authorizations):
         self.sasl_done = True
         self._raise_stanza_limit()
         if self.role == "receiver":
-            self._sasl_inbound(self.remote_domain, self.local_domain)
+            self._sasl_inbound(Pair(self.local_domain, self.remote_domain))
             self._reset_stream_state()
             self._advance(HEADER)
         else:
@@ -334,7 +335,7 @@ class Session(Opening, Authorizations):
             if isinstance(verdict, pol.Refusal):
                 self.close(*verdict, cause="stanza")
             else:
-                self.emit(Stanza(element, *verdict))
+                self.emit(Stanza(element, verdict[1], verdict[0]))  # verdict: (local, remote) = (to, from)
             return
         handler = _HANDLERS.get((ns, element.name))
         if handler is not None:

@@ -1,4 +1,4 @@
-"""Outbound streams: give a (local, remote) pair an authenticated stream.
+"""Outbound streams: give a `Pair(local, remote)` an authenticated stream.
 
 ``Connector.establish`` runs once per pair that has stanzas waiting: it
 piggybacks on a stream that already reaches the peer (XEP-0220 §2.6 multiplexing,
@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Hashable
 
 from router.net import resolver
-from router.routing.routes import Pair
+from router.negotiation.pairs import Pair
 from router.net.s2s import S2SStream
 from router.net.stream import StreamHost
 
@@ -93,9 +93,9 @@ class Connector:
             # one attempt at a time per peer address, so pairs that start together share a stream
             async with self._locks.hold(address_key(targets[0]), 1):
                 link = next((candidate for candidate in self._carriers(remote, targets)
-                             if candidate.session.request_pair(local, remote)), None)
+                             if candidate.session.request_pair(pair)), None)
                 if link is None:
-                    link = await self.connect(local, remote, targets)
+                    link = await self.connect(pair, targets)
                 else:
                     link.pump()
                     self.routes_changed(link)  # the pair may be authorized on it already
@@ -113,7 +113,7 @@ class Connector:
                 host.table.backoff_succeeded(remote)
             else:
                 backoff.failed(host.loop.time())
-                log.info("pair %s -> %s failed (%s): %s", local, remote, outcome, reason)
+                log.info("pair failed remote=%s local=%s condition=%s: %s", remote, local, outcome, reason)
                 for item in host.table.take_queue(pair):
                     host.delivery.bounce(item, outcome, f"cannot reach {remote}: {reason}")
                 host.metrics.negotiations_failed.inc("out", outcome)
@@ -150,9 +150,10 @@ class Connector:
         finally:
             self._pair_waiters.pop((stream, pair), None)
 
-    async def connect(self, local: str, remote: str, targets, *, verify_only: bool = False) -> S2SStream:
-        """Open an outbound stream to ``remote``, trying its targets in order."""
+    async def connect(self, pair: Pair, targets, *, verify_only: bool = False) -> S2SStream:
+        """Open an outbound stream from ``pair.local`` to ``pair.remote``, trying its targets in order."""
         host = self.host
+        local, remote = pair
         failures = []
         for target, address in ((t, a) for t in targets for a in (t.addresses or (t.host,))):
             session = host.outbound_session(local, remote, direct_tls=target.direct_tls, verify_only=verify_only)
@@ -203,7 +204,7 @@ class Connector:
                 future.set_result(None)
 
     def auth_failed(self, stream: S2SStream, event) -> None:
-        pair = (event.local, event.remote)
+        pair = event.pair
         result = (event.bounce, event.text or event.condition)
         future = self._pair_waiters.get((stream, pair))
         if future is None:

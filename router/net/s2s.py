@@ -138,14 +138,14 @@ class S2SStream(XmlStream):
                 self.authenticated = True
                 self.relay.stream_authenticated(self)
             self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
-            self.remote_domain = self.remote_domain or event.remote
+            self.remote_domain = self.remote_domain or event.pair.remote
             log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",
-                     "outbound" if self.outbound else "inbound", event.remote, event.local,
+                     "outbound" if self.outbound else "inbound", event.pair.remote, event.pair.local,
                      event.mechanism, event.direction, self.peer)
             self.relay.authenticated(self, event)
         elif isinstance(event, ev.AuthFailed):
             log.info("s2s authentication failed remote=%s local=%s condition=%s peer=%s",
-                     event.remote, event.local, event.condition, self.peer)
+                     event.pair.remote, event.pair.local, event.condition, self.peer)
             self.relay.auth_failed(self, event)
         elif isinstance(event, ev.BidiEnabled):
             self.bidi = True

@@ -18,6 +18,7 @@ from typing import Any
 
 from router.net import resolver
 from router.net.connector import ConnectFailed, KeyedSemaphores, address_key
+from router.negotiation.pairs import Pair
 from router.routing.limits import OVERALL, Limit, admit, release
 from router.net.s2s import S2SStream
 from router.net.stream import StreamHost
@@ -71,7 +72,7 @@ class DialbackVerifier:
                 async with self._connections.hold(
                         address_key(targets[0]), host.config.limits.max_verify_connections_per_target,
                         lambda: host.metrics.limits_hit.inc("max_verify_connections_per_target")):
-                    link = await host.connector.connect(event.receiving, event.originating, targets,
+                    link = await host.connector.connect(Pair(event.receiving, event.originating), targets,
                                                         verify_only=True)
                     try:
                         result = await self._ask(link, event)

@@ -1,8 +1,9 @@
 """Where a stanza goes, and what happens when it cannot get there.
 
 ``route`` is the hot path: at most two dict lookups (the ``to`` domain among
-local targets, else the ``(from, to)`` pair among remote streams) and the
-stanza's byte range joins its destination's batch. The rest is the slow path:
+local targets, else the pair ``(from, to)``, a `Pair(local, remote)`, among
+remote streams) and the stanza's byte range joins its destination's batch. The
+rest is the slow path:
 a built-in service answers (parsed with lxml), a pair without a stream queues
 while the connector sets one up, and what cannot be delivered bounces to its
 sender (RFC 6120 §8.3). Stanzas the relay makes itself (bounces, service
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from router.wire import errors
 from router.wire.jid import domain_of
 from router.routing.limits import Limit
-from router.routing.routes import Pair, Queued, RouteTable
+from router.negotiation.pairs import Pair
+from router.routing.routes import Queued, RouteTable
 from router.routing.services import Services
 from router.net.s2s import S2SStream
 from router.net.stream import StreamHost, XmlStream
@@ -78,7 +80,7 @@ class Delivery:
         to a built-in service, into a pending queue, or back as a bounce."""
         target = self.table.local.get(to_domain)
         if target is None:
-            link = self.table.remote.get((from_domain, to_domain))
+            link = self.table.remote.get((from_domain, to_domain))  # Pair(local, remote): a tuple finds it
             if link is not None and not link.closing:
                 if link.paused and link.queue_full(element.end - element.start):
                     self._bounce_element(source, element, "resource-constraint",
@@ -127,7 +129,7 @@ class Delivery:
         if to_domain in self.local_domains:
             log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
             return None
-        self._push(Queued(data, name, type_, from_, to, id_, self.host.loop.time()), (from_domain, to_domain))
+        self._push(Queued(data, name, type_, from_, to, id_, self.host.loop.time()), Pair(from_domain, to_domain))
         return None
 
     def _serve(self, source: XmlStream, element, view: memoryview, service: Service) -> None:
@@ -155,7 +157,7 @@ class Delivery:
         data = source.chunk_for(self.s2s_output, element, view)
         item = Queued(bytes(data), element.name, element.type, element.from_, element.to, element.id,
                       self.host.loop.time())
-        self._push(item, (from_domain, to_domain), source)
+        self._push(item, Pair(from_domain, to_domain), source)
 
     def _push(self, item: Queued, pair: Pair, source: XmlStream | None = None) -> None:
         s2s = self.host.config.s2s

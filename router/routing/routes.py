@@ -2,8 +2,8 @@
 
 The routing decision for a stanza is at most two dict lookups on structures
 kept up to date by the runtime: its ``to`` domain in ``local`` (XEP-0114
-components, built-in services), else its ``(from, to)`` domain pair in
-``remote`` (the one stream authenticated to carry that pair, RFC 6120 §10.1:
+components, built-in services), else its ``Pair(local, remote)`` = ``(from, to)``
+in ``remote`` (the one stream authenticated to carry that pair, RFC 6120 §10.1:
 one output stream per remote pair, so delivery stays in order). A remote pair
 without a stream gets a bounded ``PendingQueue`` while the runtime connects;
 when that fails every queued stanza bounces to its sender.
@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
-Pair = tuple[str, str]  # (local domain, remote domain) for outbound routes
+from router.negotiation.pairs import Pair  # (local domain, remote domain); a plain tuple finds it
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +130,9 @@ class RouteTable:
         pairs = self._pairs_of.get(link, ())
         if pair not in pairs:
             self._pairs_of[link] = (*pairs, pair)
-            links = self._links_to.get(pair[1], ())
+            links = self._links_to.get(pair.remote, ())
             if link not in links:
-                self._links_to[pair[1]] = (*links, link)
+                self._links_to[pair.remote] = (*links, link)
         return True
 
     def remove_link(self, link: Any) -> set[Pair]:
@@ -141,11 +141,11 @@ class RouteTable:
         for pair in pairs:
             if self.remote.get(pair) is link:
                 del self.remote[pair]
-            links = tuple(other for other in self._links_to.get(pair[1], ()) if other is not link)
+            links = tuple(other for other in self._links_to.get(pair.remote, ()) if other is not link)
             if links:
-                self._links_to[pair[1]] = links
+                self._links_to[pair.remote] = links
             else:
-                self._links_to.pop(pair[1], None)
+                self._links_to.pop(pair.remote, None)
         return set(pairs)
 
     def links_to(self, remote: str) -> Iterator[Any]:

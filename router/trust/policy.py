@@ -142,13 +142,18 @@ def check_stanza(
     inbound_pairs: Collection[tuple[str, str]],
     local_domains: frozenset[str],
 ) -> tuple[str, str] | Refusal:
-    """The stanza's (from domain, to domain) when it may be routed, else a ``Refusal``:
-    the domains are computed here once and travel with the stanza to routing.
+    """The stanza's pair when it may be routed, else a ``Refusal``: the domains are
+    computed here once and travel with the stanza to routing.
 
-    `inbound_pairs` holds the normalized (remote, local) pairs authenticated on the stream,
-    `local_domains` the normalized domains served here. RFC 6120 §4.3.5: nothing before
-    authentication; §8.1.1.2, §8.1.2.2: 'to' and 'from' present and valid, 'to' a domain of ours
-    validated on the stream, 'from' authenticated for that very (from, to) pair.
+    The pair is in ``Pair(local, remote)`` order, ``(to domain, from domain)``: the plain
+    tuple it looked up in `inbound_pairs`, returned as is so that a stanza costs one tuple
+    and one membership test (a NamedTuple hashes and compares as a plain tuple).
+
+    `inbound_pairs` holds the normalized ``Pair(local, remote)`` pairs authenticated on the
+    stream (the peer may send remote -> local), `local_domains` the normalized domains
+    served here. RFC 6120 §4.3.5: nothing before authentication; §8.1.1.2, §8.1.2.2: 'to'
+    and 'from' present and valid, 'to' a domain of ours validated on the stream, 'from'
+    authenticated for that very pair.
     """
     if not inbound_pairs:
         return Refusal("not-authorized", "stanza received before the stream was authenticated")
@@ -166,9 +171,9 @@ def check_stanza(
         return Refusal("improper-addressing", f"invalid 'from' address: {exc}")
     if to_domain not in local_domains:
         return Refusal("host-unknown", f"{to_domain} is not served here")
-    pair = (from_domain, to_domain)
+    pair = (to_domain, from_domain)  # (local, remote)
     if pair in inbound_pairs:
         return pair
-    if not any(local == to_domain for _, local in inbound_pairs):
+    if not any(local == to_domain for local, _ in inbound_pairs):
         return Refusal("host-unknown", f"{to_domain} was not authenticated as a target on this stream")
     return Refusal("invalid-from", f"{from_domain} is not authenticated for {to_domain} on this stream")

@@ -12,6 +12,7 @@ from collections import deque
 from router.trust import tls
 from router.trust.certs import TrustStore
 from router.negotiation import events as ev
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session, SessionConfig
 from router.trust.policy import Policy
 
@@ -95,7 +96,7 @@ class Peer:
 
     async def authenticated(self) -> None:
         """Until we may send ``local -> remote`` (raises PeerClosed if refused)."""
-        pair = (self.session.local_domain, self.session.remote_domain)
+        pair = Pair(self.session.local_domain, self.session.remote_domain)
         while pair not in self.session.outbound_pairs:
             if self.closed:
                 raise self.closed

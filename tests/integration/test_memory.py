@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS
+from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS, Pair
 from router.net.s2s import S2SStream
 from router.net.stream import NO_STREAMS
 
@@ -41,8 +41,8 @@ def test_idle_authenticated_bidi_stream_keeps_only_its_routing_state(relay_spec,
             assert_idle(stream)
             session = stream.session
             assert not hasattr(session, "__dict__")
-            assert set(session.inbound_pairs) == {("p1.peers.test", "echo.relay.test")}
-            assert set(session.outbound_pairs) == {("echo.relay.test", "p1.peers.test")}
+            # the bidi stream carries one pair both ways, one shared Pair(local, remote) in each tuple
+            assert set(session.inbound_pairs) == set(session.outbound_pairs) == {Pair("echo.relay.test", "p1.peers.test")}
             assert session._tree_cache is None  # the lxml tree of the last negotiation element is gone
             assert session._requested is NO_PAIRS and session.results_out is NO_PAIRS
             assert session.results_in is NO_REQUESTS and session.verifies_out is NO_REQUESTS

@@ -16,6 +16,7 @@ from router.trust.certs import TrustStore
 from router.net.component_client import ComponentClient
 from router.negotiation import events as ev
 from router.negotiation.dialback import key_matches
+from router.negotiation.pairs import Pair
 from router.negotiation.session import Session, SessionConfig
 from router.trust.policy import Policy
 
@@ -25,7 +26,7 @@ from .peer import Peer
 READ_SIZE = 65536
 REMOTE = "p1.peers.test"
 BOT = "bot.relay.test"
-PAIR = (BOT, REMOTE)
+PAIR = Pair(BOT, REMOTE)
 
 
 class _TlsConnection:

@@ -15,6 +15,7 @@ from router.net.component_client import ComponentClient
 from router.wire.namespaces import STANZAS_NS
 from router.metrics import PREFIX
 from router.negotiation import events as ev
+from router.negotiation.pairs import Pair
 from router.trust.pki import make_ca, make_leaf
 
 from .conftest import arun, free_port, running
@@ -475,8 +476,8 @@ def test_unreachable_authoritative_server_is_a_dialback_error_not_a_stream_error
                 await peer.authenticated()
             assert refused.value.condition == "auth-failed"
             [failed] = [e for e in peer.events if isinstance(e, ev.AuthFailed)]
-            assert (failed.remote, failed.local, failed.condition) == (
-                "montague.example", "capulet.example", "remote-connection-failed")
+            assert (failed.pair, failed.condition) == (
+                Pair("capulet.example", "montague.example"), "remote-connection-failed")
             assert peer.closed is None and not peer.session.closed  # not a stream error
             await peer.close()
 
@@ -515,9 +516,9 @@ def test_classic_dialback_return_connection_and_piggybacking(relay_spec, pki):
                 assert opened(relay) >= 2  # a verify-only connection and the return connection
                 assert not peer.stanzas  # nothing was sent back over TCP#1 (no bidi)
                 # piggybacking: a new sender domain on the same stream
-                assert peer.session.request_pair("rooms.capulet.example", "montague.example")
+                assert peer.session.request_pair(Pair("rooms.capulet.example", "montague.example"))
                 await peer._flush()
-                while ("rooms.capulet.example", "montague.example") not in peer.session.outbound_pairs:
+                while Pair("rooms.capulet.example", "montague.example") not in peer.session.outbound_pairs:
                     await peer._read()
                 peer.send("<iq from='nurse@rooms.capulet.example/r' to='montague.example' id='g7' type='get'>"
                           "<ping xmlns='urn:xmpp:ping'/></iq>")
