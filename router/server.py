@@ -129,6 +129,7 @@ class Relay:
             server = await start_metrics_server(self.metrics, listen.metrics.host, listen.metrics.port)
             self.servers.append(server)
             self.listening["metrics"] = server.sockets[0].getsockname()[:2]
+            log.info("listening metrics on http://%s:%d/metrics", *self.listening["metrics"])
         self._sweeper = self.loop.create_task(self._sweep())
 
     def _direct_tls_listener_context(self):
