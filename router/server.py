@@ -210,8 +210,8 @@ class Relay:
         timeout = self.config.s2s.write_stall_timeout
         backlog = stream.transport.get_write_buffer_size()
         log.warning("%s %s domain=%s wrote nothing of %d queued bytes for %g seconds "
-                    "(s2s.write_stall_timeout): closing it", stream.kind, stream.peer,
-                    getattr(stream, "remote_domain", None) or getattr(stream, "domain", None) or "-", backlog, timeout)
+                    "(s2s.write_stall_timeout): closing it", stream.kind, stream.peer, stream.domain_label, backlog,
+                    timeout)
         self.metrics.limits_hit.inc("write_stall_timeout")
         stream.fail("resource-constraint", f"the stream read nothing of {backlog} bytes for {timeout:g} seconds")
         stream.abort_after(self.config.s2s.close_timeout)  # it does not read our close either
@@ -251,7 +251,7 @@ class Relay:
         self.verifier.stream_closed(stream)
         stream.session.connection_lost()
         log.info("s2s %s stream closed peer=%s domain=%s%s", "outbound" if stream.outbound else "inbound",
-                 stream.peer, stream.remote_domain or "-", f" error={exc}" if exc else "")
+                 stream.peer, stream.domain_label, f" error={exc}" if exc else "")
 
     def stream_authenticated(self, stream: S2SStream) -> None:
         self.admission.authenticated(stream)

@@ -44,6 +44,10 @@ class ComponentStream(XmlStream):
         self.authenticated = False
         self.header_sent = False
 
+    @property
+    def domain_label(self) -> str:
+        return self.domain or "-"
+
     # ------------------------------------------------------------------ input
     def _received(self, nbytes: int) -> None:
         try:
@@ -110,7 +114,7 @@ class ComponentStream(XmlStream):
         digest = _text_of(bytes(proof)).strip().lower()
         secret = self.relay.component_secret(self.domain)
         if not hmac.compare_digest(digest.encode(), handshake_digest(self.stream_id, secret).encode()):
-            log.info("component handshake failed domain=%s peer=%s", self.domain, self.peer)
+            log.warning("component handshake failed domain=%s peer=%s", self.domain, self.peer)
             self.fail("not-authorized", "wrong handshake digest")
             return
         if not self.relay.component_online(self):
@@ -146,7 +150,7 @@ class ComponentStream(XmlStream):
     def fail(self, condition: str, text: str) -> None:
         if self.closing:
             return
-        log.info("component stream error domain=%s peer=%s condition=%s text=%s",
+        log.warning("component stream error domain=%s peer=%s condition=%s text=%s",
                  self.domain or "-", self.peer, condition, text)
         if not self.header_sent:
             self._send_header(None)

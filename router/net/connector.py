@@ -102,18 +102,18 @@ class Connector:
             failure = await self._wait_pair(link, pair)
             outcome, reason = failure if failure is not None else (None, "")
         except resolver.ResolutionError as exc:
-            log.info("cannot resolve %s: %s", remote, exc)
+            log.warning("cannot resolve %s: %s", remote, exc)
             # RFC 6120 §10.4.3: no address for the domain vs. a stream that could not be set up
             outcome, reason = "remote-server-not-found", f"cannot resolve: {exc}"
         except ConnectFailed as exc:
-            log.info("cannot connect to %s: %s", remote, exc)
+            log.warning("cannot connect to %s: %s", remote, exc)
             outcome, reason = "remote-server-timeout", f"cannot connect: {exc}"
         finally:
             if outcome is None:
                 host.table.backoff_succeeded(remote)
             else:
                 backoff.failed(host.loop.time())
-                log.info("pair failed remote=%s local=%s condition=%s: %s", remote, local, outcome, reason)
+                log.warning("pair failed remote=%s local=%s condition=%s: %s", remote, local, outcome, reason)
                 for item in host.table.take_queue(pair):
                     host.delivery.bounce(item, outcome, f"cannot reach {remote}: {reason}")
                 host.metrics.negotiations_failed.inc("out", outcome)

@@ -66,6 +66,12 @@ class S2SStream(XmlStream):
         return self.session.stream_lang if not self.outbound else self.session.config.default_lang
 
     @property
+    def domain_label(self) -> str:
+        """The remote domain for log lines: authenticated, else the one the peer's
+        header claims (a failing negotiation is where it matters most), else "-"."""
+        return self.remote_domain or self.session.remote_domain or "-"
+
+    @property
     def direction(self) -> str:
         return "out" if self.outbound else "in"
 
@@ -74,7 +80,7 @@ class S2SStream(XmlStream):
         if self.closing:  # refused by a connection limit
             return
         direction = "outbound" if self.outbound else "inbound"
-        log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.remote_domain or "-",
+        log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.domain_label,
                  " tls=direct" if self.direct_tls else "")
         if self.direct_tls:
             self._tls_done()
@@ -144,12 +150,12 @@ class S2SStream(XmlStream):
                      event.mechanism, event.direction, self.peer)
             self.relay.authenticated(self, event)
         elif isinstance(event, ev.AuthFailed):
-            log.info("s2s authentication failed remote=%s local=%s condition=%s peer=%s",
+            log.warning("s2s authentication failed remote=%s local=%s condition=%s peer=%s",
                      event.pair.remote, event.pair.local, event.condition, self.peer)
             self.relay.auth_failed(self, event)
         elif isinstance(event, ev.BidiEnabled):
             self.bidi = True
-            log.info("s2s bidi enabled peer=%s domain=%s", self.peer, self.remote_domain or "-")
+            log.info("s2s bidi enabled peer=%s domain=%s", self.peer, self.domain_label)
             self.relay.routes_changed(self)
         elif isinstance(event, ev.VerifyKey):
             self.relay.verify_key(self, event)
@@ -165,8 +171,9 @@ class S2SStream(XmlStream):
                 metrics.negotiations_failed.inc(self.direction, event.condition)
             if event.condition:
                 self.failure = f"we closed the stream with <{event.condition}/>: {event.text}"
-            log.info("s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
-                     self.peer, self.remote_domain or "-", event.condition, event.cause, event.text)
+            log.log(logging.WARNING if event.condition else logging.INFO,
+                     "s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
+                     self.peer, self.domain_label, event.condition, event.cause, event.text)
             self.relay.unroute(self)  # its pairs go to another stream at once (RFC 6120 §4.4)
             self._flush_session()
             if event.condition:
@@ -177,8 +184,9 @@ class S2SStream(XmlStream):
         elif isinstance(event, ev.PeerClosed):
             self.failure = "the peer closed the stream" + (f" with <{event.condition}/>" if event.condition else "") \
                 + (f": {event.text}" if event.text else "")
-            log.info("s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
-                     self.peer, self.remote_domain or "-", event.condition, event.text)
+            log.log(logging.WARNING if event.condition else logging.INFO,
+                     "s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
+                     self.peer, self.domain_label, event.condition, event.text)
             self.relay.unroute(self)  # its pairs go to another stream at once, TLS close or not
             self._flush_session()
             self.close_transport()
@@ -199,8 +207,9 @@ class S2SStream(XmlStream):
             )
         except (OSError, asyncio.TimeoutError, ValueError) as exc:
             # RFC 6120 §5.4.3.2: a failed handshake ends TCP without </stream>
-            log.info("s2s TLS handshake failed peer=%s domain=%s: %s", self.peer, self.remote_domain or "-", exc)
-            self.failure = self.failure or f"TLS handshake failed: {exc or type(exc).__name__}"
+            reason = str(exc) or type(exc).__name__  # a timeout has no text of its own
+            log.warning("s2s TLS handshake failed peer=%s domain=%s: %s", self.peer, self.domain_label, reason)
+            self.failure = self.failure or f"TLS handshake failed: {reason}"
             self.relay.metrics.negotiations_failed.inc(self.direction, "tls-handshake")
             if self.transport is not None:
                 self.transport.abort()
@@ -220,7 +229,7 @@ class S2SStream(XmlStream):
     def _tls_done(self) -> None:
         ssl_object = self.transport.get_extra_info("ssl_object")
         chain = tls.peer_chain(ssl_object) if ssl_object is not None else []
-        log.info("s2s stream secured peer=%s domain=%s version=%s", self.peer, self.remote_domain or "-",
+        log.info("s2s stream secured peer=%s domain=%s version=%s", self.peer, self.domain_label,
                  ssl_object.version() if ssl_object is not None else "-")
         self.session.tls_established(chain)
 

@@ -149,6 +149,11 @@ class XmlStream(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=s2s.write_high_water, low=s2s.write_low_water)
 
     @property
+    def domain_label(self) -> str:
+        """The domain this stream serves, for log lines ("-" while unknown)."""
+        return "-"
+
+    @property
     def ip(self) -> str:
         """The remote address, as connection limits count it (not kept: idle memory)."""
         return self.peer.rpartition(":")[0] or self.peer

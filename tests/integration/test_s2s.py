@@ -704,3 +704,22 @@ def test_shutdown_closes_s2s_streams_with_system_shutdown(relay, pki, peers_cert
             assert not r.streams
 
     arun(scenario())
+
+
+def test_a_failing_negotiation_is_logged_at_warning_with_the_claimed_domain(relay, caplog):
+    """The domain the peer's header claims is in every line of an inbound stream
+    before it authenticates, and a stream error we send is a warning."""
+    async def scenario():
+        async with running(relay.config()):
+            reader, writer = await asyncio.open_connection("127.0.0.1", relay.s2s_port)
+            writer.write(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                         b"xmlns:stream='http://etherx.jabber.org/streams' from='claimed.example' "
+                         b"to='relay.test' version='1.0'><message from='a@claimed.example' to='b@relay.test'/>")
+            data = await asyncio.wait_for(reader.read(), 10)
+            assert b"<not-authorized" in data
+            writer.close()
+
+    arun(scenario())
+    closed = [r for r in caplog.records if r.getMessage().startswith("s2s stream closed by us")]
+    assert closed and closed[0].levelname == "WARNING", [(r.levelname, r.getMessage()) for r in closed]
+    assert "domain=claimed.example" in closed[0].getMessage()
