@@ -9,6 +9,7 @@ way ``check-config`` lists them.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -77,8 +78,22 @@ def print_problems(error: ConfigError, source: str, out: TextIO) -> None:
         print(f"  {problem}", file=out)
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per record: time, level, logger, message (and the traceback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+                "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def setup_logging(config: Config) -> None:
-    logging.basicConfig(level=config.log.level, format=LOG_FORMAT, stream=sys.stderr)
+    """Every log line to stderr, as text or JSON lines (``log.format``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if config.log.format == "json" else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=config.log.level, handlers=[handler])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

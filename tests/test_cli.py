@@ -209,3 +209,36 @@ def test_check_config_refuses_a_policy_that_cannot_work(tmp_path):
     result = run_cli("check-config", "relay.toml", cwd=tmp_path)
     assert result.returncode == 1
     assert "policy.require_encryption: is true but no local domain has a certificate" in result.stdout
+
+
+def test_json_log_lines_on_stderr(tmp_path):
+    """log.format = "json": every log line on stderr is one JSON object."""
+    import json
+
+    (tmp_path / "relay.toml").write_text(
+        '[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n[log]\nformat = "json"\n'
+        '[listen]\ns2s = "127.0.0.1:0"\ncomponent = "127.0.0.1:0"\nmetrics = false\n'
+    )
+    process = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", "relay.toml"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        records = []
+        deadline = time.monotonic() + PROCESS_TIMEOUT
+        while time.monotonic() < deadline and not any(r["message"].startswith("listening component") for r in records):
+            line = process.stderr.readline()
+            assert line, "the relay exited"
+            records.append(json.loads(line))
+        assert {"time", "level", "logger", "message"} <= set(records[-1])
+        assert any(r["logger"] == "router.server" and r["message"].startswith("listening s2s on 127.0.0.1:")
+                   for r in records)
+        while not process.stdout.readline().startswith("serving domains:"):  # the banner: signals are handled
+            assert time.monotonic() < deadline
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=PROCESS_TIMEOUT) == 0
+        assert all(json.loads(line) for line in process.stderr.read().splitlines())
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        process.stdout.close()
+        process.stderr.close()

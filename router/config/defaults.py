@@ -130,6 +130,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_LOG_LEVEL = "INFO"
 # Raw XML per stream is a debugging aid that leaks message contents; off.
 DEFAULT_LOG_RAW_XML = False
+# Text lines read well on a terminal and in journald; "json" is one object per
+# line for log shippers (Loki, Elasticsearch, Vector).
+LOG_FORMATS = ("text", "json")
+DEFAULT_LOG_FORMAT = "text"
 
 # Built-in service subdomains of the embedded default.
 DEFAULT_ECHO_DOMAIN = "echo.localhost"

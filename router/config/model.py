@@ -129,6 +129,7 @@ class StaticRoute:
 class LogConfig:
     level: str  # one of LOG_LEVELS
     raw_xml: bool
+    format: str  # one of LOG_FORMATS
 
 
 @dataclass(frozen=True)

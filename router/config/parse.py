@@ -19,6 +19,7 @@ from router.config.defaults import (
     DEFAULT_ECHO_DOMAIN,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL,
     DEFAULT_LOG_RAW_XML,
     DEFAULT_MAX_CONNECTIONS,
@@ -42,6 +43,7 @@ from router.config.defaults import (
     DEFAULT_WRITE_LOW_WATER,
     DEFAULT_WRITE_QUEUE_MAX,
     DEFAULT_WRITE_STALL_TIMEOUT,
+    LOG_FORMATS,
     LOG_LEVELS,
 )
 from router.config.model import (
@@ -166,10 +168,11 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
 
     # [log]
     lg = r.table(data, "log")
-    r.known_keys(lg, "log", {"level", "raw_xml"})
+    r.known_keys(lg, "log", {"level", "raw_xml", "format"})
     log = LogConfig(
         level=r.choice(lg, "log", "level", LOG_LEVELS, DEFAULT_LOG_LEVEL, upper=True),
         raw_xml=r.get(lg, "log", "raw_xml", bool, DEFAULT_LOG_RAW_XML),
+        format=r.choice(lg, "log", "format", LOG_FORMATS, DEFAULT_LOG_FORMAT),
     )
 
     # cross-section checks
