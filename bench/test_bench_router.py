@@ -21,6 +21,7 @@ from router.wire.handshake import handshake_digest
 from router.net.components import ComponentStream
 from router.config import parse_config
 from router.negotiation.dialback import dialback_key
+from router.net.verifier import DialbackVerifier
 from router.server import Relay
 from router.net.s2s import S2SStream
 
@@ -83,8 +84,16 @@ class BenchRelay(Relay):
     """The relay, with a.example's authoritative server answering `db:verify` in-process,
     and writes flushed by `receive` instead of a loop callback (no loop runs here)."""
 
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        self.verifier = InProcessVerifier(self)
+
     def flush_soon(self, stream):
         self._unflushed.append(stream)
+
+
+class InProcessVerifier(DialbackVerifier):
+    """a.example's authoritative server, answering `db:verify` in-process."""
 
     def verify_key(self, origin, event):
         good = event.key == dialback_key(REMOTE_SECRET, event.receiving, event.originating, event.stream_id)

@@ -253,27 +253,6 @@ class Relay:
         log.info("s2s %s stream closed peer=%s domain=%s%s", "outbound" if stream.outbound else "inbound",
                  stream.peer, stream.domain_label, f" error={exc}" if exc else "")
 
-    def stream_authenticated(self, stream: S2SStream) -> None:
-        self.admission.authenticated(stream)
-
-    def authenticated(self, stream: S2SStream, event) -> None:
-        self.connector.authenticated(stream, event)
-
-    def auth_failed(self, stream: S2SStream, event) -> None:
-        self.connector.auth_failed(stream, event)
-
-    def routes_changed(self, stream: S2SStream) -> None:
-        self.connector.routes_changed(stream)
-
-    def unroute(self, stream: S2SStream) -> None:
-        self.connector.unroute(stream)
-
-    def verify_key(self, origin: S2SStream, event) -> None:
-        self.verifier.verify_key(origin, event)
-
-    def verify_result(self, stream: S2SStream, event) -> None:
-        self.verifier.verify_result(stream, event)
-
     def component_online(self, stream: ComponentStream) -> bool:
         """Register an authenticated component; False if its domain is taken."""
         if stream.domain in self.table.local:

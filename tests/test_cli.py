@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import re
+from contextlib import contextmanager
 import signal
 import socket
 import subprocess
@@ -121,16 +122,26 @@ def _scrape(host: str, port: int) -> str:
     return b"".join(chunks).decode()
 
 
-def test_serve_runs_listens_and_stops_on_sigterm(tmp_path):
-    (tmp_path / "relay.toml").write_text(
-        '[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n'
-        '[listen]\ns2s = "127.0.0.1:0"\ncomponent = "127.0.0.1:0"\nmetrics = "127.0.0.1:0"\n'
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "router", "serve", "--config", "relay.toml"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+@contextmanager
+def serving(tmp_path, config: str):
+    """``python -m router serve`` on ``config`` (written to relay.toml); killed if the test did not stop it."""
+    (tmp_path / "relay.toml").write_text(config)
+    process = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", "relay.toml"],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PROCESS_TIMEOUT)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def test_serve_runs_listens_and_stops_on_sigterm(tmp_path):
+    with serving(tmp_path, '[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n'
+                           '[listen]\ns2s = "127.0.0.1:0"\ncomponent = "127.0.0.1:0"\nmetrics = "127.0.0.1:0"\n'
+                 ) as process:
         listening = {}
         deadline = time.monotonic() + PROCESS_TIMEOUT
         for _ in range(50):  # a handful of banner lines
@@ -150,12 +161,6 @@ def test_serve_runs_listens_and_stops_on_sigterm(tmp_path):
         assert (tmp_path / "state" / "dialback_secret").is_file()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=PROCESS_TIMEOUT) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=PROCESS_TIMEOUT)
-        process.stdout.close()
-        process.stderr.close()
 
 
 def write_tls_config(tmp_path, cert, key, domain="relay.example", extra=""):
@@ -215,13 +220,8 @@ def test_json_log_lines_on_stderr(tmp_path):
     """log.format = "json": every log line on stderr is one JSON object."""
     import json
 
-    (tmp_path / "relay.toml").write_text(
-        '[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n[log]\nformat = "json"\n'
-        '[listen]\ns2s = "127.0.0.1:0"\ncomponent = "127.0.0.1:0"\nmetrics = false\n'
-    )
-    process = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", "relay.toml"],
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with serving(tmp_path, '[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n[log]\nformat = "json"\n'
+                           '[listen]\ns2s = "127.0.0.1:0"\ncomponent = "127.0.0.1:0"\nmetrics = false\n') as process:
         records = []
         deadline = time.monotonic() + PROCESS_TIMEOUT
         while time.monotonic() < deadline and not any(r["message"].startswith("listening component") for r in records):
@@ -236,9 +236,3 @@ def test_json_log_lines_on_stderr(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=PROCESS_TIMEOUT) == 0
         assert all(json.loads(line) for line in process.stderr.read().splitlines())
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=PROCESS_TIMEOUT)
-        process.stdout.close()
-        process.stderr.close()

@@ -34,10 +34,10 @@ def test_a_key_whose_count_drops_to_zero_is_forgotten():
 
 
 def test_refusals_are_reported_at_most_once_per_interval_with_their_count():
-    limit = Limit("max_connections_per_ip", 1)
-    assert limit.refused(now=100.0) == 1  # the first one is said at once
-    assert [limit.refused(now=100.0 + i) for i in range(1, 5)] == [0, 0, 0, 0]
-    assert limit.refused(now=100.0 + LOG_INTERVAL) == 5  # the four held back, and this one
+    refusals = Limit("max_connections_per_ip", 1).refusals
+    assert refusals.note(now=100.0) == 1  # the first one is said at once
+    assert [refusals.note(now=100.0 + i) for i in range(1, 5)] == [0, 0, 0, 0]
+    assert refusals.note(now=100.0 + LOG_INTERVAL) == 5  # the four held back, and this one
 
 
 def test_keyed_semaphores_bound_holders_and_forget_idle_keys():

@@ -17,6 +17,7 @@ from router.wire.handshake import handshake_digest
 from router.net.components import ComponentStream
 from router.config import parse_config
 from router.negotiation.dialback import dialback_key
+from router.net.verifier import DialbackVerifier
 from router.server import Relay
 from router.net.s2s import S2SStream
 from router.net.stream import FLUSH_AT
@@ -78,13 +79,21 @@ class RecordingTransport(asyncio.Transport):
         return self.closed
 
 
-class InProcessRelay(Relay):
+class InProcessVerifier(DialbackVerifier):
     """Answers `db:verify` for the remote domains in-process."""
 
     def verify_key(self, origin, event):
         good = event.key == dialback_key(REMOTE_SECRET, event.receiving, event.originating, event.stream_id)
         origin.session.key_verified(event.token, "valid" if good else "invalid")
         origin.pump()
+
+
+class InProcessRelay(Relay):
+    """The relay with the in-process verifier."""
+
+    def __init__(self, config, loop):
+        super().__init__(config, loop)
+        self.verifier = InProcessVerifier(self)
 
 
 def read(stream, data: bytes) -> None:

@@ -50,7 +50,7 @@ class Admission:
             stream.admitted = True
             return
         self.host.metrics.limits_hit.inc(refused.name)
-        count = refused.refused(self.host.loop.time())
+        count = refused.refusals.note(self.host.loop.time())
         if count:
             log.warning("refused %d inbound connection(s) by limits.%s = %d (last from %s)",
                         count, refused.name, refused.maximum, stream.ip)

@@ -142,25 +142,25 @@ class S2SStream(XmlStream):
         elif isinstance(event, ev.Authenticated):
             if not self.authenticated:
                 self.authenticated = True
-                self.relay.stream_authenticated(self)
+                self.relay.admission.authenticated(self)
             self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
             self.remote_domain = self.remote_domain or event.pair.remote
             log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",
                      "outbound" if self.outbound else "inbound", event.pair.remote, event.pair.local,
                      event.mechanism, event.direction, self.peer)
-            self.relay.authenticated(self, event)
+            self.relay.connector.authenticated(self, event)
         elif isinstance(event, ev.AuthFailed):
             log.warning("s2s authentication failed remote=%s local=%s condition=%s peer=%s",
                      event.pair.remote, event.pair.local, event.condition, self.peer)
-            self.relay.auth_failed(self, event)
+            self.relay.connector.auth_failed(self, event)
         elif isinstance(event, ev.BidiEnabled):
             self.bidi = True
             log.info("s2s bidi enabled peer=%s domain=%s", self.peer, self.domain_label)
-            self.relay.routes_changed(self)
+            self.relay.connector.routes_changed(self)
         elif isinstance(event, ev.VerifyKey):
-            self.relay.verify_key(self, event)
+            self.relay.verifier.verify_key(self, event)
         elif isinstance(event, ev.VerifyResult):
-            self.relay.verify_result(self, event)
+            self.relay.verifier.verify_result(self, event)
         elif isinstance(event, ev.Closed):
             metrics = self.relay.metrics
             if event.cause == "parse":
@@ -174,7 +174,7 @@ class S2SStream(XmlStream):
             log.log(logging.WARNING if event.condition else logging.INFO,
                      "s2s stream closed by us peer=%s domain=%s condition=%s cause=%s text=%s",
                      self.peer, self.domain_label, event.condition, event.cause, event.text)
-            self.relay.unroute(self)  # its pairs go to another stream at once (RFC 6120 §4.4)
+            self.relay.connector.unroute(self)  # its pairs go to another stream at once (RFC 6120 §4.4)
             self._flush_session()
             if event.condition:
                 self.close_transport()
@@ -187,7 +187,7 @@ class S2SStream(XmlStream):
             log.log(logging.WARNING if event.condition else logging.INFO,
                      "s2s stream closed by peer peer=%s domain=%s condition=%s text=%s",
                      self.peer, self.domain_label, event.condition, event.text)
-            self.relay.unroute(self)  # its pairs go to another stream at once, TLS close or not
+            self.relay.connector.unroute(self)  # its pairs go to another stream at once, TLS close or not
             self._flush_session()
             self.close_transport()
 

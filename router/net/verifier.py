@@ -50,7 +50,7 @@ class DialbackVerifier:
             self.host.spawn(self._verify(origin, event, slots))
             return
         self.host.metrics.limits_hit.inc(refused.name)
-        count = refused.refused(self.host.loop.time())
+        count = refused.refusals.note(self.host.loop.time())
         if count:
             log.warning("refused %d dialback verification(s) by limits.%s = %d (last: %s for %s from %s)",
                         count, refused.name, refused.maximum, event.originating, event.receiving, origin.peer)

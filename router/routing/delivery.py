@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 from router.wire import errors
 from router.wire.jid import domain_of
-from router.routing.limits import Limit
+from router.routing.limits import Refusals
 from router.negotiation.pairs import Pair
 from router.routing.routes import Queued, RouteTable
 from router.routing.services import Services
-from router.net.s2s import S2SStream
 from router.net.stream import StreamHost, XmlStream
 from router.wire.namespaces import SERVER_NS
 from router.wire.xml import parse_element
@@ -58,7 +57,7 @@ class Delivery:
         self.local_domains: frozenset[str] = frozenset()
         self.services: Services | None = None
         self.s2s_output = OutputProfile(SERVER_NS, None)
-        self._outbound_queues_full = Limit("max_outbound_queues", 0)  # counts its refusals for the log
+        self._outbound_queues_refusals = Refusals()
 
     def configure(self, config, default_lang: str | None) -> None:
         """Local domains and services of ``config`` (at start and on reload)."""
@@ -80,31 +79,27 @@ class Delivery:
         to a built-in service, into a pending queue, or back as a bounce."""
         target = self.table.local.get(to_domain)
         if target is None:
-            link = self.table.remote.get((from_domain, to_domain))  # Pair(local, remote): a tuple finds it
-            if link is not None and not link.closing:
-                if link.paused and link.queue_full(element.end - element.start):
-                    self._bounce_element(source, element, "resource-constraint",
-                                         f"{to_domain} is not reading what is sent to it")
-                    return
-                batches.setdefault(link, []).append(source.chunk_for(link, element, view))
-                self.metrics.stanzas_routed.inc("remote")
+            target = self.table.remote.get((from_domain, to_domain))  # Pair(local, remote): a tuple finds it
+            if target is None or target.closing:
+                if to_domain in self.local_domains:
+                    self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
+                else:
+                    self._enqueue(source, element, from_domain, to_domain, view)
                 return
-            if to_domain in self.local_domains:
-                self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
-                return
-            self._enqueue(source, element, from_domain, to_domain, view)
-            return
-        if isinstance(target, Service):
+            kind = "remote"
+        elif isinstance(target, Service):
             self._serve(source, element, view, target)
             return
-        if target.closing:
+        elif target.closing:
             self._bounce_element(source, element, "service-unavailable", f"{to_domain} is disconnecting")
             return
+        else:
+            kind = "component"
         if target.paused and target.queue_full(element.end - element.start):
-            self._bounce_element(source, element, "resource-constraint", f"{to_domain} is not keeping up")
+            self._bounce_element(source, element, "resource-constraint", f"{to_domain} is not reading what is sent to it")
             return
         batches.setdefault(target, []).append(source.chunk_for(target, element, view))
-        self.metrics.stanzas_routed.inc("component")
+        self.metrics.stanzas_routed.inc(kind)
 
     # ------------------------------------------------------------------ relay-made stanzas
     def deliver(self, data: bytes, name: str, type_: str | None, from_: str | None, to: str | None,
@@ -163,7 +158,7 @@ class Delivery:
         s2s = self.host.config.s2s
         if pair not in self.table.pending and len(self.table.pending) >= s2s.max_outbound_queues:
             self.metrics.limits_hit.inc("max_outbound_queues")
-            count = self._outbound_queues_full.refused(self.host.loop.time())
+            count = self._outbound_queues_refusals.note(self.host.loop.time())
             if count:
                 log.warning("bounced %d stanza(s) for new remote domains: %d are already waiting for a stream "
                             "(s2s.max_outbound_queues)", count, s2s.max_outbound_queues)

@@ -19,17 +19,35 @@ OVERALL = None  # the key of a limit that counts everything
 LOG_INTERVAL = 10.0
 
 
+class Refusals:
+    """Refusals by one limit, to be said in a log line at most every ``LOG_INTERVAL``."""
+
+    __slots__ = ("_count", "_logged_at")
+
+    def __init__(self) -> None:
+        self._count = 0  # since the last log line
+        self._logged_at: float | None = None
+
+    def note(self, now: float) -> int:
+        """Count a refusal; return how many to report in a log line now, or 0
+        while the last line is less than ``LOG_INTERVAL`` old."""
+        self._count += 1
+        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
+            return 0
+        count, self._count, self._logged_at = self._count, 0, now
+        return count
+
+
 class Limit:
     """In-flight work per key, at most ``maximum`` for each key."""
 
-    __slots__ = ("name", "maximum", "counts", "_refusals", "_logged_at")
+    __slots__ = ("name", "maximum", "counts", "refusals")
 
     def __init__(self, name: str, maximum: int) -> None:
         self.name = name  # the config option that sets it, as logs and metrics say it
         self.maximum = maximum
         self.counts: dict[Hashable, int] = {}
-        self._refusals = 0  # since the last log line
-        self._logged_at: float | None = None
+        self.refusals = Refusals()
 
     def full(self, key: Hashable) -> bool:
         return self.counts.get(key, 0) >= self.maximum
@@ -46,15 +64,6 @@ class Limit:
 
     def total(self) -> int:
         return sum(self.counts.values())
-
-    def refused(self, now: float) -> int:
-        """Count a refusal; return how many to report in a log line now, or 0
-        while the last line is less than ``LOG_INTERVAL`` old."""
-        self._refusals += 1
-        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL:
-            return 0
-        count, self._refusals, self._logged_at = self._refusals, 0, now
-        return count
 
 
 def admit(*slots: tuple[Limit, Hashable]) -> Limit | None:
