@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-EXT    := router/_fastparse$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+EXT    := router/_fastparse$(SUFFIX) router/_fastroute$(SUFFIX)
 
 .PHONY: run test bench bench-compare peers build clean
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
 	touch $@
 
-$(EXT): $(VENV)/.installed router/_fastparse.pyx $(wildcard router/_fastparse.pxd)
+$(EXT) &: $(VENV)/.installed $(wildcard router/_fast*.pyx router/_fast*.pxd)
 	$(PY) setup.py --quiet build_ext --inplace
 
 build: $(EXT)
@@ -39,4 +40,4 @@ bench-compare: build peers
 	$(PY) -m bench.compare
 
 clean:
-	rm -rf build $(VENV) router/*.so router/_fastparse.c
+	rm -rf build $(VENV) router/*.so router/_fast*.c

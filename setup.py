@@ -1,4 +1,4 @@
-"""Build the Cython tokenizer extension ``router._fastparse``."""
+"""Build the Cython extensions: the tokenizer ``router._fastparse`` and the stanza router ``router._fastroute``."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -6,6 +6,11 @@ extensions = [
     Extension(
         "router._fastparse",
         ["router/_fastparse.pyx"],
+        extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "router._fastroute",
+        ["router/_fastroute.pyx"],
         extra_compile_args=["-O3"],
     ),
 ]

@@ -1,8 +1,7 @@
 # Declarations of the tokenizer: the structs, event classes and Tokenizer fields and cdef
 # methods that _fastparse.pyx implements (Cython reads this file when compiling the .pyx:
-# the .pxd declares, the .pyx implements). No module cimports it today; it is ready for a
-# future compiled router module to `cimport router._fastparse` and read event fields or
-# call the Tokenizer's cdef methods without going through Python.
+# the .pxd declares, the .pyx implements). The compiled router, router/_fastroute.pyx,
+# cimports it to read event fields and the receive buffer without going through Python.
 
 cimport cython
 

@@ -43,14 +43,32 @@ class Metric:
 
 
 class Counter(Metric):
-    """Only goes up; the name ends in ``_total`` by convention."""
+    """Only goes up; the name ends in ``_total`` by convention. ``collect``, when set,
+    returns counts kept elsewhere (the compiled router's C counters), added to the
+    ones ``inc`` kept."""
 
     kind = "counter"
-    __slots__ = ()
+    __slots__ = ("collect",)
+
+    def __init__(self, name, help, labelnames=(), collect: Callable[[], Mapping[LabelValues, float]] | None = None):
+        super().__init__(name, help, labelnames)
+        self.collect = collect
 
     def inc(self, *labels: str, by: float = 1) -> None:
         values = self.values
         values[labels] = values.get(labels, 0) + by
+
+    def get(self, *labels: str) -> float:
+        return dict(self.samples()).get(labels, 0)
+
+    def samples(self) -> Iterable[tuple[LabelValues, float]]:
+        if self.collect is None:
+            return self.values.items()
+        merged = dict(self.values)
+        for labels, value in self.collect().items():
+            if value:
+                merged[labels] = merged.get(labels, 0) + value
+        return merged.items()
 
 
 class Gauge(Metric):

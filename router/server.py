@@ -18,6 +18,7 @@ import signal
 import ssl
 from typing import Any
 
+from router._fastroute import Router
 from router.net import resolver
 
 from router.trust import tls
@@ -26,13 +27,15 @@ from router.trust.certs import TrustStore
 from router.net.components import ComponentStream
 from router.config import Config, load_config
 from router.net.connector import Connector
-from router.routing.delivery import Delivery
+from router.routing.delivery import Delivery, Service
 from router.metrics import RelayMetrics, start_metrics_server
 from router.negotiation.session import Session, SessionConfig
+from router.negotiation.state import CLOSED, TLS
 from router.routing.routes import RouteTable
 from router.net.s2s import S2SStream
 from router.net.stream import XmlStream
 from router.net.verifier import DialbackVerifier
+from router.wire import jid
 
 log = logging.getLogger("router.server")
 
@@ -62,6 +65,11 @@ class Relay:
         self.admission = Admission(self)
         # the per-stanza calls of streams go straight to the part (no extra call)
         self.route = self.delivery.route
+        self.router = Router(self.table.local, self.table.remote, self.delivery.route, jid.domain_of,
+                             jid.recent_domains, Service, (TLS, CLOSED))
+        self.metrics.stanzas_routed.collect = self.router.stanzas_routed
+        self.metrics.bytes_received.collect = self.router.bytes_received
+        self.metrics.bytes_sent.collect = self.router.bytes_sent
         self.metrics.pre_auth_streams.collect = lambda: {(): self.admission.pre_auth.total()}
         self.metrics.pending_verifications.collect = lambda: {(): self.verifier.pending.total()}
         self._apply(config)
@@ -85,6 +93,7 @@ class Relay:
         self.component_secrets = {c.domain: c.secret for c in config.components}
         self.resolver = resolver.Resolver(config.routes)
         self.delivery.configure(config, session_config.default_lang)
+        self.router.local_domains = config.local_domains
 
     def reload(self, config: Config) -> None:
         """SIGHUP: new policy lists, limits and certificates for new streams and new

@@ -66,15 +66,15 @@ def test_caches_stay_bounded_whatever_jids_a_peer_sends():
     remembered, short ones at most RECENT_JIDS at a time; the domain's
     normalization is cached once per spelling of the domain."""
     normalize_domain.cache_clear()
-    jid._recent.clear()
+    jid.recent_domains.clear()
     count = 3000
     for i in range(count):
         assert domain_of(f"user{i}@Capulet.lit/{i:04d}" + "r" * 1000) == "capulet.lit"
-    assert not jid._recent  # 1 KB JIDs: none kept
+    assert not jid.recent_domains  # 1 KB JIDs: none kept
     for i in range(2 * jid.RECENT_JIDS + 10):
         assert domain_of(f"juliet{i}@capulet.lit/r") == "capulet.lit"
-        assert len(jid._recent) <= jid.RECENT_JIDS
-    assert domain_of("juliet@capulet.lit/r") == "capulet.lit" and "juliet@capulet.lit/r" in jid._recent
+        assert len(jid.recent_domains) <= jid.RECENT_JIDS
+    assert domain_of("juliet@capulet.lit/r") == "capulet.lit" and "juliet@capulet.lit/r" in jid.recent_domains
     assert normalize_domain.cache_info().currsize == 2  # "Capulet.lit", "capulet.lit"
     assert normalize_domain.cache_info().maxsize is not None
 

@@ -18,6 +18,7 @@ for negotiation elements.
 from __future__ import annotations
 
 import logging
+from itertools import islice
 
 from router.trust import certs
 from router.trust import policy as pol
@@ -116,7 +117,6 @@ class Session(Opening, Authorizations):
         if self._input_refused():
             return
         self._run(self.tokenizer.feed, data)
-        self._tree_cache = None  # the parsed negotiation element is not needed past its input call
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         return self.tokenizer.get_buffer(sizehint)
@@ -125,7 +125,6 @@ class Session(Opening, Authorizations):
         if self._input_refused():
             return
         self._run(self.tokenizer.buffer_updated, nbytes)
-        self._tree_cache = None  # the parsed negotiation element is not needed past its input call
 
     def tls_established(self, peer_chain_der) -> None:
         """The TLS handshake after `StartTLS` (or a direct-TLS connection's) finished."""
@@ -294,17 +293,26 @@ class Session(Opening, Authorizations):
             events, error = call(arg), None
         except ParseError as exc:
             events, error = exc.events, exc
-        for event in events:
+        self.take(events, 0, error)
+
+    def take(self, events: list, start: int, error: ParseError | None) -> None:
+        """Act on tokenizer events from ``events[start]`` on, then on the read's parse
+        error. The compiled router (``router._fastroute``) reads authenticated streams
+        itself: it routes the stanzas authorized here and gives the rest of a read to
+        this method, in order."""
+        for event in islice(events, start, None):
             if self.stage is CLOSED:
-                return
+                break
             self._guarded(self._on_event, event)
             if self._restarted is not None:
                 tail, self._restarted = self._restarted, None
                 if tail and self.stage is not CLOSED:
                     self._run(self.tokenizer.feed, tail)
-                return  # later events and errors belong to the discarded tail
+                error = None  # later events and errors belong to the discarded tail
+                break
         if error is not None and self.stage is not CLOSED:
             self.close(error.condition, error.text, cause="parse")
+        self._tree_cache = None  # the parsed negotiation element is not needed past its input call
 
     def _guarded(self, handler, *args) -> None:
         """Run a handler; a bug in it closes this stream instead of escaping to the runtime."""

@@ -5,7 +5,9 @@ serves, proves the shared secret with ``<handshake>`` = hex SHA-1 of the
 stream id followed by the secret, and then exchanges stanzas. One component
 per domain; a component may only send from its own domain; stanzas are
 forwarded as byte ranges like on S2S streams (the inherited default namespace
-re-scopes them between ``jabber:server`` and ``jabber:component:accept``).
+re-scopes them between ``jabber:server`` and ``jabber:component:accept``); once
+the handshake is done the compiled router (``router._fastroute``) reads the
+stream and hands what is not a stanza it may route to ``take_events``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import secrets
 from typing import Any
 
+from router import _fastroute
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
 from router.wire.handshake import handshake_digest
 from router.wire.namespaces import COMPONENT_NS, STREAM_NS
@@ -49,16 +52,15 @@ class ComponentStream(XmlStream):
         return self.domain or "-"
 
     # ------------------------------------------------------------------ input
-    def _received(self, nbytes: int) -> None:
-        try:
-            events = self.tokenizer.buffer_updated(nbytes)
-        except ParseError as exc:
-            self._handle_events(exc.events)
-            self.relay.metrics.parse_errors.inc(exc.condition)
-            self.fail(exc.condition, exc.text)
-            return
-        self._handle_events(events)
-        self.tokenizer.release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
+    _received = _fastroute.component_received  # stanzas routed; anything else comes to take_events
+
+    def take_events(self, events: list[Any], start: int, error: ParseError | None) -> None:
+        """What the compiled router leaves to this stream: ``events[start:]``, then the
+        read's parse error."""
+        self._handle_events(events[start:] if start else events)
+        if error is not None:
+            self.relay.metrics.parse_errors.inc(error.condition)
+            self.fail(error.condition, error.text)
 
     def _handle_events(self, events: list[Any]) -> None:
         view = memoryview(self.tokenizer.buffer)

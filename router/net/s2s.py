@@ -4,7 +4,9 @@ over an ``XmlStream``.
 ``S2SStream`` turns the session's events into I/O: STARTTLS, authenticated
 pairs for the route table, dialback verification requests, closes. Stanzas the
 session authorized go to ``StreamHost.route`` as byte ranges, with the
-domains the session computed when it authorized them.
+domains the session computed when it authorized them. Once a stream is authenticated, the
+compiled router (``router._fastroute``) reads it: it routes the stanzas the
+session authorized and hands everything else back through ``take_events``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 from typing import Any
 
+from router import _fastroute
 from router.trust import tls
 from router.negotiation import events as ev
 from router.net.stream import StreamHost, XmlStream
@@ -35,7 +38,7 @@ class S2SStream(XmlStream):
     remote = True
     __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
                  "local_domain", "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early",
-                 "_early_buffer")
+                 "tokenizer")
 
     def __init__(self, relay: StreamHost, session: Any, *, outbound: bool, direct_tls: bool = False,
                  local: str | None = None, remote: str | None = None) -> None:
@@ -54,11 +57,7 @@ class S2SStream(XmlStream):
         self.failure: str | None = None  # why the stream ended, for the bounces of pairs waiting on it
         self._tls_starting = False  # between StartTLS and the end of the handshake
         self._early: list[bytes] | None = None  # decrypted bytes that arrived in that window
-        self._early_buffer: bytearray | None = None
-
-    @property
-    def tokenizer(self):
-        return self.session.tokenizer
+        self.tokenizer = session.tokenizer  # the session's, for the compiled router
 
     @property
     def out_lang(self) -> str | None:
@@ -91,21 +90,20 @@ class S2SStream(XmlStream):
             self.failure = f"TLS handshake failed: {exc or 'the connection closed'}"
         super().connection_lost(exc)
 
-    def _buffer_for(self, sizehint: int) -> memoryview:
-        if self._tls_starting:
-            return memoryview(self._early_buffer)
-        return self.session.get_buffer(sizehint)
+    _received = _fastroute.s2s_received  # stanzas routed; anything else comes to take_events
 
-    def _received(self, nbytes: int) -> None:
-        if self._tls_starting:
-            # uvloop delivers the first decrypted bytes before start_tls() returns
-            if self._early is None:
-                self._early = []
-            self._early.append(bytes(self._early_buffer[:nbytes]))
-            return
-        self.session.buffer_updated(nbytes)
+    def side_received(self, nbytes: int) -> None:
+        """uvloop delivers the first decrypted bytes before start_tls() returns: they
+        wait in ``side_buffer`` for the session, which sees them after the handshake."""
+        if self._early is None:
+            self._early = []
+        self._early.append(bytes(self.side_buffer[:nbytes]))
+
+    def take_events(self, events: list, start: int, error: Exception | None) -> None:
+        """What the compiled router leaves to the session: ``events[start:]`` and the
+        read's parse error, in order, then acted on."""
+        self.session.take(events, start, error)
         self.pump()
-        self.tokenizer.release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
 
     # ------------------------------------------------------------------ session -> I/O
     def pump(self) -> None:
@@ -137,7 +135,7 @@ class S2SStream(XmlStream):
             self.flush()  # <proceed/> (or <starttls/>) leaves before the handshake starts
             self.transport.pause_reading()  # the ClientHello must reach TLS, not us; start_tls resumes
             self._tls_starting = True
-            self._early_buffer = bytearray(EARLY_BUFFER_SIZE)
+            self.side_buffer = bytearray(EARLY_BUFFER_SIZE)
             self.relay.spawn(self._start_tls(event))
         elif isinstance(event, ev.Authenticated):
             if not self.authenticated:
@@ -218,7 +216,7 @@ class S2SStream(XmlStream):
             return
         self.use_transport(transport)
         self._tls_starting = False
-        self._early_buffer = None
+        self.side_buffer = None
         self._tls_done()
         early, self._early = self._early or [], None
         for data in early:

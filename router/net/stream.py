@@ -5,6 +5,8 @@ forwards stanzas as byte ranges of that tokenizer's buffer.
 ``router.net.s2s``, and XEP-0114 components, ``router.net.components``): zero-copy read
 and forward, gathered writes, buffer pinning, flow control, activity clocks and
 closing. ``StreamHost`` is what streams need of the relay that owns them.
+Its per-read methods (``buffer_updated``, ``forward``, ``write_chunks``,
+``flush``) are compiled, in ``router._fastroute``, with the stanza router.
 
 Writes are gathered per event-loop iteration: ``write_chunks`` queues on the
 stream and the relay hands every stream's queue to its transport once, after
@@ -35,6 +37,7 @@ import asyncio
 import logging
 from typing import Any, Protocol
 
+from router import _fastroute
 from router._fastparse import Element
 from router.config import Config
 from router.metrics import RelayMetrics
@@ -49,9 +52,6 @@ WHITESPACE_KEEPALIVE = b" "
 # Flow-control sets are empty on nearly every stream: they share this one and are
 # replaced (not mutated) when a stream waits or is waited for.
 NO_STREAMS: frozenset[XmlStream] = frozenset()
-# A write queue this large gains nothing from waiting for the end of the loop
-# iteration: it goes out at once, so flow control sees it as before.
-FLUSH_AT = 65536
 
 
 class StreamHost(Protocol):
@@ -65,6 +65,7 @@ class StreamHost(Protocol):
     streams: set[XmlStream]
     resolver: Any  # router.net.resolver.Resolver
     delivery: Any  # router.routing.delivery.Delivery
+    router: Any  # router._fastroute.Router: the compiled per-read path and its counters
     connector: Any  # router.net.connector.Connector: pairs, outbound streams
     verifier: Any  # router.net.verifier.DialbackVerifier
     admission: Any  # router.net.admission.Admission
@@ -89,7 +90,8 @@ class XmlStream(asyncio.BufferedProtocol):
 
     Subclasses provide ``tokenizer``, ``content_ns`` (the default namespace of
     the stream we write), ``out_lang`` (the ``xml:lang`` of our header) and
-    ``_received()`` (handle what the last read produced).
+    ``_received()`` (handle what the last read produced; the compiled router's
+    ``s2s_received`` or ``component_received``).
     """
 
     content_ns = SERVER_NS
@@ -102,7 +104,7 @@ class XmlStream(asyncio.BufferedProtocol):
     # one per connection: no instance dict; timers are the relay's shared sweep
     __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
                  "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
-                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall")
+                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer")
 
     def __init__(self, relay: StreamHost) -> None:
         self.relay = relay
@@ -127,6 +129,7 @@ class XmlStream(asyncio.BufferedProtocol):
         self.handed = 0  # bytes given to the transport so far; minus its buffer, bytes written
         self.full_since: float | None = None  # when queue_full last refused a stanza while paused
         self.stall: tuple[int, float] | None = None  # while paused: (bytes written, since when)
+        self.side_buffer: bytearray | None = None  # where reads go instead of the tokenizer, while set
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,27 +156,19 @@ class XmlStream(asyncio.BufferedProtocol):
         """The remote address, as connection limits count it (not kept: idle memory)."""
         return self.peer.rpartition(":")[0] or self.peer
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        view = self._buffer_for(sizehint)
-        if self.raw_xml:
-            self._rx_at = (view.obj, len(view.obj) - len(view))  # views end where their buffer ends
-        return view
+    get_buffer = _fastroute.get_buffer  # (sizehint) the tokenizer's free space, or side_buffer
+    buffer_updated = _fastroute.buffer_updated  # (nbytes) count, then _received or side_received
 
-    def _buffer_for(self, sizehint: int) -> memoryview:
-        return self.tokenizer.get_buffer(sizehint)
+    def side_received(self, nbytes: int) -> None:
+        """``nbytes`` arrived in ``side_buffer`` (subclasses that set one handle them)."""
+        raise NotImplementedError
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self.last_rx = self.loop.time()
-        if self.raw_xml and self._rx_at is not None:
+    def log_received(self, nbytes: int) -> None:
+        """``log.raw_xml``: the bytes of the last read."""
+        if self._rx_at is not None:
             buffer, start = self._rx_at
             self._rx_at = None
             raw_log.info("%s %s RECV %r", self.kind, self.peer, bytes(buffer[start : start + nbytes]))
-        self.relay.metrics.bytes_received.inc(self.kind, by=nbytes)
-        try:
-            self._received(nbytes)
-        except Exception:  # a bug must not leave the stream half-alive
-            log.exception("%s %s: internal error", self.kind, self.peer)
-            self.fail("internal-server-error", "internal error while processing the stream")
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -204,18 +199,7 @@ class XmlStream(asyncio.BufferedProtocol):
         self.relay.stream_closed(self, exc)
 
     # ------------------------------------------------------------------ forwarding
-    def forward(self, batches: dict[XmlStream, list[Any]]) -> None:
-        """Queue each destination's gathered ranges; pin our buffer, whose views they
-        are, and stop reading from a paused destination."""
-        for dest, chunks in batches.items():
-            if dest.closing:  # closed by an event of this very read; routing checked before
-                log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
-                continue
-            dest.write_chunks(chunks)
-            if dest.paused and self.may_wait_for(dest):
-                self.block_on(dest)
-        if batches:
-            self.tokenizer.pin()
+    forward = _fastroute.forward  # (batches: {dest: [chunk, ...]}) queue each, pin our buffer, wait for a paused one
 
     def may_wait_for(self, dest: XmlStream) -> bool:
         """Whether pausing our reads until ``dest`` drains hurts only the peers
@@ -277,38 +261,8 @@ class XmlStream(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ writing
-    def write_chunks(self, chunks: list[Any]) -> None:
-        """Queue ``chunks`` (bytes or views of a source's buffer) for the end of this
-        event-loop iteration, in order after everything queued before."""
-        if self.transport is None or self.closing:
-            return
-        size = sum(map(len, chunks))
-        if self._unsent is None:
-            self._unsent = list(chunks)
-            self._unsent_bytes = size
-            self.relay.flush_soon(self)
-        else:
-            self._unsent.extend(chunks)
-            self._unsent_bytes += size
-        if self._unsent_bytes >= FLUSH_AT:
-            self.flush()
-
-    def flush(self) -> None:
-        """Hand the queued chunks to the transport in one call."""
-        chunks, size = self._unsent, self._unsent_bytes
-        self._unsent, self._unsent_bytes = None, 0
-        if not chunks or self.transport is None:
-            return
-        if self.transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
-            log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
-            return
-        self.transport.writelines(chunks)
-        self.handed += size
-        self.last_tx = self.loop.time()
-        self.relay.metrics.bytes_sent.inc(self.kind, by=size)
-        if self.raw_xml:
-            for chunk in chunks:
-                raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
+    write_chunks = _fastroute.write_chunks  # (chunks) queued for the end of this event-loop iteration
+    flush = _fastroute.flush  # hand the queued chunks to the transport in one call
 
     def write(self, data: bytes) -> None:
         if data:

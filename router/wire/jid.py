@@ -26,7 +26,7 @@ _SHORT_PART = MAX_PART_BYTES // 4
 # 7 MiB whatever peers send (32,768 entries of at most 96 characters).
 RECENT_JIDS = 32768
 RECENT_JID_LENGTH = 96
-_recent: dict[str, str] = {}  # JID -> domain (see domain_of)
+recent_domains: dict[str, str] = {}  # JID -> domain (see domain_of)
 
 
 @lru_cache(maxsize=CACHE_SIZE)
@@ -71,18 +71,18 @@ def domain_of(jid: str) -> str:
     """The normalized domainpart of `jid`; ValueError if the JID is not valid.
 
     The hot path calls this twice per stanza: recently seen short JIDs are answered
-    from ``_recent`` (one dict lookup instead of about a microsecond of checks). That
+    from ``recent_domains`` (one dict lookup instead of about a microsecond of checks). That
     table holds only JIDs of at most ``RECENT_JID_LENGTH`` characters, at most
     ``RECENT_JIDS`` of them, and is emptied when full, so a peer sending unique JIDs
     pins at most about 7 MiB (a cache of whole JIDs of any length pinned 136 MiB).
     """
-    domain = _recent.get(jid)
+    domain = recent_domains.get(jid)
     if domain is None:
         domain = _parse_domain(jid)
         if len(jid) <= RECENT_JID_LENGTH:
-            if len(_recent) >= RECENT_JIDS:
-                _recent.clear()
-            _recent[jid] = domain
+            if len(recent_domains) >= RECENT_JIDS:
+                recent_domains.clear()
+            recent_domains[jid] = domain
     return domain
 
 

@@ -1,0 +1,28 @@
+# Declarations of the compiled stanza router that _fastroute.pyx implements (the .pxd
+# declares, the .pyx implements). It cimports the tokenizer to read event fields and the
+# receive buffer without going through Python.
+
+from router._fastparse cimport Element, Tokenizer
+
+
+cdef class Router:
+    cdef dict local  # RouteTable.local: domain -> component stream or built-in service
+    cdef dict remote  # RouteTable.remote: Pair(local, remote) -> S2S stream
+    cdef dict recent  # router.wire.jid's JID -> domain cache
+    cdef object domain_of  # router.wire.jid.domain_of, for JIDs the cache does not hold
+    cdef object slow_route  # Delivery.route: services, queues, bounces, paused or closing targets
+    cdef object service_type  # targets of that type are built-in services (slow path)
+    cdef tuple closed_stages  # session stages in which input goes to the session alone
+    cdef public frozenset local_domains
+
+    # counters, read at scrape time (index 0: S2S links, 1: component links)
+    cdef unsigned long long routed[2]  # stanzas forwarded on the compiled path, by destination kind
+    cdef unsigned long long received[2]  # bytes read
+    cdef unsigned long long sent[2]  # bytes handed to transports
+
+    cdef int s2s_read(self, object stream, Py_ssize_t nbytes) except -1
+    cdef int component_read(self, object stream, Py_ssize_t nbytes) except -1
+    cdef int _read(self, object stream, Py_ssize_t nbytes, object pairs, object domain) except -1
+    cdef object _domain(self, object jid)
+    cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
+                    dict batches, object src_lang) except -1

@@ -1,0 +1,278 @@
+# cython: language_level=3
+"""The stanza router's hot path, compiled: one read of an authenticated stream,
+from the tokenizer's events to per-destination batches of byte ranges, and the
+gathered writes those batches become.
+
+Per stanza the compiled path calls no Python: the pair check (the ``from`` and
+``to`` domains, from ``router.wire.jid``'s JID cache, against the pairs the
+session authorized), the route lookup (``RouteTable.local`` by ``to`` domain,
+else ``RouteTable.remote`` by ``(from, to)``), and a view of the tokenizer's
+buffer appended to the destination's batch. Python is called for the rest, in
+stream order: the first event of a read that is not such a stanza, and every
+event after it in that read, goes to the stream's own handlers (negotiation,
+refusals with their stream errors, closes); a stanza whose route is not an open,
+unpaused stream goes to ``Delivery.route`` (built-in services, queues while
+connecting, bounces, full write queues). Authorization policy stays in Python:
+it decides once per pair, at authentication, and the session's tuple of
+authorized pairs is what the compiled check reads.
+
+The stream objects stay Python (``router.net.stream.XmlStream``): the
+functions after ``Router`` are its per-read methods (``get_buffer``,
+``buffer_updated``, the S2S and component ``_received``, ``forward``,
+``write_chunks``, ``flush``), so each has one implementation.
+Counters are C integers that the metrics collector reads when scraped.
+"""
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+
+from router._fastparse cimport Element, Tokenizer
+
+import logging
+
+from router._fastparse import ParseError
+
+log = logging.getLogger("router.net.stream")
+raw_log = logging.getLogger("router.raw")
+
+cdef str SERVER_NS = "jabber:server"
+cdef str COMPONENT_NS = "jabber:component:accept"
+# A write queue this large gains nothing from waiting for the end of the loop
+# iteration: it goes out at once, so flow control sees it as before.
+FLUSH_AT = 65536
+cdef Py_ssize_t C_FLUSH_AT = FLUSH_AT
+cdef tuple LINKS = ("s2s", "component")  # counter index -> metrics label
+cdef tuple DESTINATIONS = ("remote", "component")
+
+
+cdef inline bint is_stanza(str name) noexcept:
+    return name == "message" or name == "presence" or name == "iq"
+
+
+cdef inline int link_of(object stream) except -1:
+    """Counter index of a stream: 0 for S2S, 1 for a component."""
+    return 0 if stream.remote else 1
+
+
+cdef class Router:
+    """The compiled half of one relay's routing (``router.routing.delivery`` is the other)."""
+
+    def __init__(self, dict local, dict remote, slow_route, domain_of, dict recent, service_type,
+                 tuple closed_stages):
+        self.local = local
+        self.remote = remote
+        self.slow_route = slow_route
+        self.domain_of = domain_of
+        self.recent = recent
+        self.service_type = service_type
+        self.closed_stages = closed_stages
+        self.local_domains = frozenset()
+
+    # ------------------------------------------------------------------ reads
+
+    cdef int s2s_read(self, object stream, Py_ssize_t nbytes) except -1:
+        """Scan ``nbytes`` new bytes of an S2S stream and route its stanzas."""
+        session = stream.session
+        if session.stage in self.closed_stages:  # the session refuses or ignores input
+            session.buffer_updated(nbytes)
+            stream.pump()
+            return 0
+        return self._read(stream, nbytes, session.inbound_pairs, None)
+
+    cdef int component_read(self, object stream, Py_ssize_t nbytes) except -1:
+        """Scan ``nbytes`` new bytes of a component stream and route its stanzas."""
+        authenticated = stream.authenticated and not stream.closing
+        return self._read(stream, nbytes, None, stream.domain if authenticated else None)
+
+    cdef int _read(self, object stream, Py_ssize_t nbytes, object pairs, object domain) except -1:
+        """The loop of one read: an S2S stream's stanzas may carry the ``pairs`` its
+        session authorized; a component's (``pairs`` None) come from its ``domain``,
+        which is None until its handshake succeeded (XEP-0114)."""
+        cdef Tokenizer tok = stream.tokenizer
+        error = None
+        try:
+            events = tok.buffer_updated(nbytes)
+        except ParseError as exc:
+            events, error = exc.events, exc
+        cdef Py_ssize_t i = 0, n = len(events)
+        cdef Element el
+        cdef dict batches = None
+        cdef str content_ns = SERVER_NS if pairs is not None else COMPONENT_NS
+        view = src_lang = None
+        while i < n:
+            event = events[i]
+            if type(event) is not Element:
+                break
+            el = <Element>event
+            if el.ns != content_ns or el.prefix is not None or not is_stanza(el.name) \
+                    or el.to is None or el.from_ is None:
+                break
+            to_dom = self._domain(el.to)
+            from_dom = self._domain(el.from_)
+            if to_dom is None or from_dom is None:
+                break  # the stream refuses it with the error it calls for
+            if pairs is not None:
+                # RFC 6120 §8.1.1.2, §8.1.2.2: 'to' ours, 'from' authenticated for that very pair
+                if to_dom not in self.local_domains or (to_dom, from_dom) not in pairs:
+                    break
+            elif from_dom != domain:  # XEP-0114: a component sends from its own domain
+                break
+            if batches is None:
+                batches = {}
+                view = memoryview(tok.buf)
+                header = tok.header_ev
+                src_lang = header.lang if header is not None else None
+            self._route(stream, el, from_dom, to_dom, view, batches, src_lang)
+            i += 1
+        if batches:
+            stream.forward(batches)
+        if i < n or error is not None:
+            stream.take_events(events, i, error)
+        return 0
+
+    cdef object _domain(self, object jid):
+        """The domain of ``jid``, or None when it is not a valid JID."""
+        cdef PyObject* hit = PyDict_GetItem(self.recent, jid)
+        if hit is not NULL:
+            return <object>hit
+        try:
+            return self.domain_of(jid)
+        except ValueError:
+            return None
+
+    cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
+                    dict batches, object src_lang) except -1:
+        cdef int kind = 1
+        cdef PyObject* found = PyDict_GetItem(self.local, to_dom)
+        if found is NULL:
+            found = PyDict_GetItem(self.remote, (from_dom, to_dom))  # Pair(local, remote): a tuple finds it
+            kind = 0
+        if found is NULL or type(<object>found) is self.service_type:
+            self.slow_route(source, el, from_dom, to_dom, view, batches)
+            return 0
+        target = <object>found
+        if target.closing or target.paused:
+            self.slow_route(source, el, from_dom, to_dom, view, batches)
+            return 0
+        # RFC 6120 §4.7.4, §4.8.3, §4.8.5: a borrowed prefix, a missing xml:lang or its own
+        # content namespace needs a fixed-up copy; everything else is forwarded as a view
+        if el.header_prefix or (el.own_xmlns and el.ns != target.content_ns) \
+                or (el.lang is None and src_lang is not None and src_lang != target.out_lang):
+            chunk = source.chunk_for(target, el, view)
+        else:
+            chunk = view[el.start:el.end]
+        found = PyDict_GetItem(batches, target)
+        if found is NULL:
+            batches[target] = [chunk]
+        else:
+            (<list>found).append(chunk)
+        self.routed[kind] += 1
+        return 0
+
+    # ------------------------------------------------------------------ counters
+
+    def stanzas_routed(self):
+        """Stanzas forwarded on the compiled path, by destination kind (metrics labels)."""
+        return {(DESTINATIONS[k],): self.routed[k] for k in range(2)}
+
+    def bytes_received(self):
+        return {(LINKS[k],): self.received[k] for k in range(2)}
+
+    def bytes_sent(self):
+        return {(LINKS[k],): self.sent[k] for k in range(2)}
+
+
+# ---------------------------------------------------------------------- XmlStream methods
+
+def get_buffer(self, Py_ssize_t sizehint):
+    """Where the next read goes (asyncio.BufferedProtocol): the tokenizer's free
+    space, or the stream's ``side_buffer`` while it has one."""
+    side = self.side_buffer
+    if side is not None:
+        return memoryview(side)
+    view = (<Tokenizer>self.tokenizer).get_buffer(sizehint)
+    if self.raw_xml:
+        self._rx_at = (view.obj, len(view.obj) - len(view))  # views end where their buffer ends
+    return view
+
+
+def buffer_updated(self, Py_ssize_t nbytes):
+    """``nbytes`` arrived in the last ``get_buffer()`` view (asyncio.BufferedProtocol)."""
+    self.last_rx = self.loop.time()
+    if self.raw_xml:
+        self.log_received(nbytes)
+    (<Router>self.relay.router).received[link_of(self)] += nbytes
+    try:
+        if self.side_buffer is not None:
+            self.side_received(nbytes)
+        else:
+            self._received(nbytes)
+    except Exception:  # a bug must not leave the stream half-alive
+        log.exception("%s %s: internal error", self.kind, self.peer)
+        self.fail("internal-server-error", "internal error while processing the stream")
+
+
+def s2s_received(self, Py_ssize_t nbytes):
+    """An S2S stream's read: stanzas routed here, the rest to its ``take_events``."""
+    (<Router>self.relay.router).s2s_read(self, nbytes)
+    (<Tokenizer>self.tokenizer).release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
+
+
+def component_received(self, Py_ssize_t nbytes):
+    """A component stream's read: stanzas routed here, the rest to its ``take_events``."""
+    (<Router>self.relay.router).component_read(self, nbytes)
+    (<Tokenizer>self.tokenizer).release()
+
+
+def forward(self, dict batches):
+    """Queue each destination's gathered ranges; pin our buffer, whose views they
+    are, and stop reading from a paused destination."""
+    for dest, chunks in batches.items():
+        if dest.closing:  # closed by an event of this very read; routing checked before
+            log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
+            continue
+        write_chunks(dest, chunks)
+        if dest.paused and self.may_wait_for(dest):
+            self.block_on(dest)
+    if batches:
+        self.tokenizer.pin()
+
+
+def write_chunks(self, list chunks):
+    """Queue ``chunks`` (bytes or views of a source's buffer; the list is taken, not
+    copied) for the end of this event-loop iteration, after everything queued before."""
+    if self.transport is None or self.closing:
+        return
+    cdef Py_ssize_t size = 0
+    for chunk in chunks:
+        size += len(chunk)
+    unsent = self._unsent
+    if unsent is None:
+        self._unsent = chunks
+        self._unsent_bytes = size
+        self.relay.flush_soon(self)
+    else:
+        (<list>unsent).extend(chunks)
+        size += <Py_ssize_t>self._unsent_bytes
+        self._unsent_bytes = size
+    if size >= C_FLUSH_AT:
+        flush(self)
+
+
+def flush(self):
+    """Hand the queued chunks to the transport in one call."""
+    chunks, size = self._unsent, self._unsent_bytes
+    self._unsent, self._unsent_bytes = None, 0
+    transport = self.transport
+    if not chunks or transport is None:
+        return
+    if transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
+        log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
+        return
+    transport.writelines(chunks)
+    self.handed += size
+    self.last_tx = self.loop.time()
+    (<Router>self.relay.router).sent[link_of(self)] += <Py_ssize_t>size
+    if self.raw_xml:
+        for chunk in chunks:
+            raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))

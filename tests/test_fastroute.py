@@ -1,0 +1,111 @@
+"""The compiled stanza router (router/_fastroute.pyx): what it routes itself, what it
+leaves to the Python handlers, and that a read mixing both keeps stream order.
+
+The relay objects are `relay_objects.make_world`'s: S2S streams from a.test and
+b.test authenticated by dialback, and the component serving svc.test."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay_objects import DOMAIN, REMOTE_SECRET, make_world, message, read
+from router.negotiation.dialback import dialback_key
+from router.negotiation.pairs import Pair
+from router.negotiation.session import Session
+
+
+@pytest.fixture
+def world():
+    yield from make_world()
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """The (first event's name, start) of every call that gave events to a session."""
+    calls = []
+    original = Session.take
+
+    def take(self, events, start, error):
+        calls.append((getattr(events[start], "name", type(events[start]).__name__) if start < len(events) else None,
+                      start))
+        original(self, events, start, error)
+
+    monkeypatch.setattr(Session, "take", take)
+    return calls
+
+
+def sent(relay, transport) -> bytes:
+    relay.flush_writes()
+    return b"".join(transport.calls)
+
+
+def test_authorized_stanzas_are_routed_without_the_session(world, taken):
+    relay, to_component, (a, _) = world
+    stanzas = [message("a.test", n) for n in range(3)]
+    read(a, b"".join(stanzas))
+    assert sent(relay, to_component) == b"".join(stanzas)
+    assert taken == []
+    assert relay.metrics.stanzas_routed.get("component") == 3  # the C counters, as scraped
+    assert b'xmpp_router_stanzas_routed_total{destination="component"} 3' in relay.metrics.render()
+
+
+def test_a_dialback_request_mid_read_keeps_stream_order(world, taken):
+    """stanza, <db:result/> for a new pair, stanza: the session gets the read from the
+    <db:result/> on, and order holds; the new pair's stanzas then take the compiled path."""
+    relay, to_component, (a, _) = world
+    key = dialback_key(REMOTE_SECRET, DOMAIN, "c.test", a.session.stream_id)
+    first, last = message("a.test", 1), message("a.test", 2)
+    read(a, first + f"<db:result from='c.test' to='{DOMAIN}'>{key}</db:result>".encode() + last)
+    assert sent(relay, to_component) == first + last
+    assert taken == [("result", 1)]
+    assert b"<db:result from='svc.test' to='c.test' type='valid'/>" in b"".join(a.transport.calls)
+    taken.clear()
+    read(a, message("c.test", 3) + message("a.test", 4))
+    assert taken == [] and sent(relay, to_component).endswith(message("c.test", 3) + message("a.test", 4))
+
+
+def test_a_stanza_from_an_unauthenticated_domain_closes_the_stream_after_the_ones_before(world, taken):
+    relay, to_component, (a, _) = world
+    first = message("a.test", 1)
+    read(a, first + message("d.test", 2) + message("a.test", 3))
+    assert sent(relay, to_component) == first
+    assert taken == [("message", 1)]
+    assert a.closing and b"<invalid-from" in b"".join(a.transport.calls)
+
+
+def test_a_parse_error_mid_read_delivers_what_came_before(world):
+    relay, to_component, (a, _) = world
+    first = message("a.test", 1)
+    read(a, first + b"<message from='u@a.test' to='bot@svc.test'><body></message>")
+    assert sent(relay, to_component) == first
+    assert a.closing and b"<not-well-formed" in b"".join(a.transport.calls)
+
+
+def test_a_component_reply_is_routed_to_the_remote_stream(world, taken):
+    relay, to_component, (a, _) = world
+    component = relay.table.local[DOMAIN]
+    relay.table.add_remote(Pair("svc.test", "a.test"), a)  # as an outbound stream for the pair would be
+    reply = f"<message from='bot@{DOMAIN}' to='u@a.test' id='r1'><body>hi</body></message>".encode()
+    before = len(a.transport.calls)
+    read(component, reply)
+    relay.flush_writes()
+    out = b"".join(a.transport.calls[before:])
+    assert out == reply  # the component's namespace is the default one: the bytes need no fix-up
+    assert taken == [] and relay.metrics.stanzas_routed.get("remote") == 1
+
+
+def test_a_component_stanza_from_another_domain_closes_it(world):
+    relay, to_component, _ = world
+    component = relay.table.local[DOMAIN]
+    read(component, b"<message from='x@other.test' to='u@a.test'/>")
+    assert component.closing and b"<invalid-from" in b"".join(to_component.calls)
+
+
+def test_bytes_read_and_written_are_counted(world):
+    relay, to_component, (a, _) = world
+    received = relay.metrics.bytes_received.get("s2s")
+    written = relay.metrics.bytes_sent.get("component")
+    read(a, message("a.test", 1))
+    relay.flush_writes()
+    assert relay.metrics.bytes_received.get("s2s") - received == len(message("a.test", 1))
+    assert relay.metrics.bytes_sent.get("component") - written == len(message("a.test", 1))
