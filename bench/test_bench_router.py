@@ -87,9 +87,7 @@ class BenchRelay(Relay):
     def __init__(self, config, loop):
         super().__init__(config, loop)
         self.verifier = InProcessVerifier(self)
-
-    def flush_soon(self, stream):
-        self._unflushed.append(stream)
+        self.router.schedule = lambda flush_writes: None  # `receive` ends each iteration itself
 
 
 class InProcessVerifier(DialbackVerifier):
@@ -109,7 +107,7 @@ def receive(stream, data: bytes, read: int) -> None:
         n = min(len(view), read, len(data) - done)
         view[:n] = data[done:done + n]
         stream.buffer_updated(n)
-        stream.relay.flush_writes()  # the end of the event-loop iteration that made this read
+        stream.relay.router.flush_writes()  # the end of the event-loop iteration that made this read
         done += n
 
 

@@ -14,6 +14,8 @@ cdef class Router:
     cdef object service_type  # targets of that type are built-in services (slow path)
     cdef tuple closed_stages  # session stages in which input goes to the session alone
     cdef public frozenset local_domains
+    cdef public object schedule  # loop.call_soon: runs flush_writes at the end of the iteration
+    cdef list unflushed  # streams with writes queued in this event-loop iteration
 
     # counters, read at scrape time (index 0: S2S links, 1: component links)
     cdef unsigned long long routed[2]  # stanzas forwarded on the compiled path, by destination kind
@@ -23,6 +25,7 @@ cdef class Router:
     cdef int s2s_read(self, object stream, Py_ssize_t nbytes) except -1
     cdef int component_read(self, object stream, Py_ssize_t nbytes) except -1
     cdef int _read(self, object stream, Py_ssize_t nbytes, object pairs, object domain) except -1
+    cdef int flush_soon(self, object stream) except -1
     cdef object _domain(self, object jid)
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
                     dict batches, object src_lang) except -1

@@ -58,7 +58,9 @@ cdef class Router:
     """The compiled half of one relay's routing (``router.routing.delivery`` is the other)."""
 
     def __init__(self, dict local, dict remote, slow_route, domain_of, dict recent, service_type,
-                 tuple closed_stages):
+                 tuple closed_stages, schedule):
+        self.schedule = schedule
+        self.unflushed = []
         self.local = local
         self.remote = remote
         self.slow_route = slow_route
@@ -169,6 +171,26 @@ cdef class Router:
         self.routed[kind] += 1
         return 0
 
+    # ------------------------------------------------------------------ writes
+
+    cdef int flush_soon(self, object stream) except -1:
+        """Write ``stream``'s queue after this event-loop iteration's reads (one
+        callback per iteration for every stream that has something to send)."""
+        if not self.unflushed:
+            self.schedule(self.flush_writes)
+        self.unflushed.append(stream)
+        return 0
+
+    def flush_writes(self):
+        """The end of an event-loop iteration: every queued stream's one ``writelines``."""
+        streams, self.unflushed = self.unflushed, []
+        for stream in streams:
+            try:
+                flush(stream)
+            except Exception:  # one broken stream must not keep the others' writes queued
+                log.exception("%s %s: writing failed", stream.kind, stream.peer)
+                stream.close_transport()
+
     # ------------------------------------------------------------------ counters
 
     def stanzas_routed(self):
@@ -250,7 +272,7 @@ def write_chunks(self, list chunks):
     if unsent is None:
         self._unsent = chunks
         self._unsent_bytes = size
-        self.relay.flush_soon(self)
+        (<Router>self.relay.router).flush_soon(self)
     else:
         (<list>unsent).extend(chunks)
         size += <Py_ssize_t>self._unsent_bytes

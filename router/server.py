@@ -58,7 +58,6 @@ class Relay:
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self._direct_tls_context = None  # the XEP-0368 listener's context, once listening
-        self._unflushed: list[XmlStream] = []  # streams with writes queued in this loop iteration
         self.delivery = Delivery(self, self.table)
         self.connector = Connector(self)
         self.verifier = DialbackVerifier(self)
@@ -66,7 +65,7 @@ class Relay:
         # the per-stanza calls of streams go straight to the part (no extra call)
         self.route = self.delivery.route
         self.router = Router(self.table.local, self.table.remote, self.delivery.route, jid.domain_of,
-                             jid.recent_domains, Service, (TLS, CLOSED))
+                             jid.recent_domains, Service, (TLS, CLOSED), self.loop.call_soon)
         self.metrics.stanzas_routed.collect = self.router.stanzas_routed
         self.metrics.bytes_received.collect = self.router.bytes_received
         self.metrics.bytes_sent.collect = self.router.bytes_sent
@@ -226,22 +225,6 @@ class Relay:
         stream.abort_after(self.config.s2s.close_timeout)  # it does not read our close either
 
     # ------------------------------------------------------------------ writes
-    def flush_soon(self, stream: XmlStream) -> None:
-        """Write ``stream``'s queue after this event-loop iteration's reads (one
-        callback per iteration for every stream that has something to send)."""
-        if not self._unflushed:
-            self.loop.call_soon(self.flush_writes)
-        self._unflushed.append(stream)
-
-    def flush_writes(self) -> None:
-        streams, self._unflushed = self._unflushed, []
-        for stream in streams:
-            try:
-                stream.flush()
-            except Exception:  # one broken stream must not keep the others' writes queued
-                log.exception("%s %s: writing failed", stream.kind, stream.peer)
-                stream.close_transport()
-
     # ------------------------------------------------------------------ stream bookkeeping
     def stream_opened(self, stream: XmlStream) -> None:
         self.streams.add(stream)

@@ -124,7 +124,7 @@ def make_world():
         read(s2s, f"<db:result from='{remote}' to='{DOMAIN}'>{key}</db:result>".encode())
         assert s2s.authenticated
         sources.append(s2s)
-    relay.flush_writes()
+    relay.router.flush_writes()
     to_component.calls.clear()
     yield relay, to_component, sources
     asyncio.set_event_loop(None)

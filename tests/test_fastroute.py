@@ -35,7 +35,7 @@ def taken(monkeypatch):
 
 
 def sent(relay, transport) -> bytes:
-    relay.flush_writes()
+    relay.router.flush_writes()
     return b"".join(transport.calls)
 
 
@@ -88,7 +88,7 @@ def test_a_component_reply_is_routed_to_the_remote_stream(world, taken):
     reply = f"<message from='bot@{DOMAIN}' to='u@a.test' id='r1'><body>hi</body></message>".encode()
     before = len(a.transport.calls)
     read(component, reply)
-    relay.flush_writes()
+    relay.router.flush_writes()
     out = b"".join(a.transport.calls[before:])
     assert out == reply  # the component's namespace is the default one: the bytes need no fix-up
     assert taken == [] and relay.metrics.stanzas_routed.get("remote") == 1
@@ -106,6 +106,6 @@ def test_bytes_read_and_written_are_counted(world):
     received = relay.metrics.bytes_received.get("s2s")
     written = relay.metrics.bytes_sent.get("component")
     read(a, message("a.test", 1))
-    relay.flush_writes()
+    relay.router.flush_writes()
     assert relay.metrics.bytes_received.get("s2s") - received == len(message("a.test", 1))
     assert relay.metrics.bytes_sent.get("component") - written == len(message("a.test", 1))

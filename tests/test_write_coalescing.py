@@ -40,7 +40,7 @@ def test_a_source_reading_again_before_the_write_does_not_change_what_is_queued(
     first, second = message("a.test", 1, "x" * 300), message("a.test", 2, "y" * 300)
     read(a, first + second[:150])
     read(a, second[150:])
-    relay.flush_writes()
+    relay.router.flush_writes()
     assert b"".join(to_component.calls) == first + second
 
 
@@ -49,7 +49,7 @@ def test_a_large_queue_is_written_at_once(world):
     big = message("a.test", 1, "z" * FLUSH_AT)
     read(a, big)
     assert to_component.calls == [big]  # without waiting for the end of the iteration
-    relay.flush_writes()
+    relay.router.flush_writes()
     assert to_component.calls == [big]
 
 
@@ -67,7 +67,7 @@ def test_a_stream_aborted_before_the_flush_does_not_hold_up_the_others(world, ca
     a.write_chunks([b"<message/>"])  # queued on a first ...
     read(b, message("b.test", 7))  # ... then b's stanza for the component
     a.transport.close()  # a goes away before the end of the iteration
-    relay.flush_writes()
+    relay.router.flush_writes()
     assert to_component.calls == [message("b.test", 7)]
     assert not any(b"<message/>" in call for call in a.transport.calls)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # dropped knowingly, not by an exception
