@@ -38,7 +38,7 @@ GOALS = {"prosody": 25.0, "ejabberd": 10.0}  # relay saturation / theirs, at lea
 P99_GOAL_MS = 50.0
 FLOOR_GOAL = 0.8  # relay messages per core / the raw-relay floor's
 IDLE_GOAL_BYTES = 4096
-SWEPT = ("relay", "prosody", "ejabberd", "floor")  # the saturation sweeps (plotted); other results are single points
+SWEPT = ("relay", "prosody", "ejabberd", "floor", "relay-hop")  # the saturation sweeps (plotted); other results are single points
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +56,10 @@ def parser() -> argparse.ArgumentParser:
                    help="also run the rate points on these stream counts of the sweep, each against its own "
                         "saturation (e.g. 1000: many streams, one stanza per read)")
     p.add_argument("--idle-streams", type=int, default=10000, help="relay memory point (0 = skip)")
+    p.add_argument("--hop-rate", type=float, default=5000.0,
+                   help="with the relay-hop target: an open-loop point at this rate for relay and relay-hop, "
+                        "for the latency a cluster hop adds (0 = skip)")
+    p.add_argument("--hop-streams", type=int, default=100, help="streams of that point")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the raw-relay floor (bench.floor) on the sweep's stream counts")
     p.add_argument("--profile", choices=("py-spy", "none"), default="py-spy",
@@ -140,6 +144,12 @@ def main(argv=None) -> int:
         report["results"]["floor"] = floor.run(load.stream_counts(opts.streams), window=opts.window,
                                                sizes=opts.sizes, duration=opts.duration,
                                                target_cpu=opts.target_cpu, generator_cpu=opts.generator_cpu)
+    if "relay-hop" in kinds and "relay" in kinds and opts.hop_rate:
+        for kind in ("relay", "relay-hop"):
+            label = f"{kind}@{opts.hop_rate:g}/s"
+            print(f"== {label} on {opts.hop_streams} streams (open loop)", file=sys.stderr)
+            report["results"][label] = run_target(kind, opts, workdir, bundle, tag=label.replace("@", "-").replace("/", "-"),
+                                                  saturate=False, rate=opts.hop_rate, streams=str(opts.hop_streams))
     relay = report["results"].get("relay")
     _, best = saturation(relay) if relay else (0.0, None)
     if best:
@@ -226,6 +236,7 @@ def render(report: dict) -> str:
             lines.append(f"* saturation relay / {kind}: {_fmt(ratio)}x (goal >= {goal:g}x): {verdict}; per core "
                          f"of each target (delivered/s / its CPU): {_fmt(core_ratio)}x")
     lines += floor_lines(report["results"])
+    lines += hop_lines(report["results"])
     for kind, result in report["results"].items():
         if not kind.startswith("relay@") or not result.get("points"):
             continue
@@ -286,6 +297,45 @@ def floor_lines(results: dict) -> list[str]:
                      f"{delivered(p) / delivered(other):.0%}; per core of the target (delivered/s / its CPU) "
                      f"{_fmt(ours)} / {_fmt(theirs)} = {_fmt(share and 100 * share)}% "
                      f"(goal >= {FLOOR_GOAL:.0%}): {verdict}")
+    return lines
+
+
+def cpu_us_per_stanza(point: dict, labels: list[str]) -> float | None:
+    """CPU microseconds of the processes ``labels`` per delivered stanza."""
+    cpu = point.get("cpu_percent") or {}
+    busy = [cpu.get(label) for label in labels]
+    return 1e4 * sum(busy) / delivered(point) if delivered(point) and None not in busy else None
+
+
+def hop_lines(results: dict) -> list[str]:
+    """The cluster hop (relay-hop: two nodes on NATS) against the local path, per stream count."""
+    local = {p["config"]["streams"]: p for p in results.get("relay", {}).get("points", [])}
+    lines = []
+    for p in results.get("relay-hop", {}).get("points", []):
+        base = local.get(p["config"]["streams"])
+        if base is None:
+            continue
+        ours = cpu_us_per_stanza(base, ["relay"])
+        hop = cpu_us_per_stanza(p, ["relay-hop", "relay-hop:n2", "nats"])
+        extra = (hop - ours) / 2 / ours if ours and hop else None  # each stanza hops twice: there and back
+        verdict = "met" if extra is not None and extra <= 0.5 else "MISSED"
+        lines.append(
+            f"* cluster hop at {p['config']['streams']} streams, saturated (every stanza crosses the bus there "
+            f"and back): relay CPU per delivered stanza {_fmt(ours)} µs local, {_fmt(hop)} µs across two nodes "
+            f"(n1 + n2 + nats-server) = {_fmt(extra and 100 * extra)}% of a local delivery per hop (goal <= 50%): "
+            f"{verdict}; delivered/s {delivered(base):,.0f} local, {delivered(p):,.0f} across")
+    rated = [k for k in results if k.startswith("relay@") and k.endswith("/s") and "-hop" not in k]
+    for label in rated:
+        hop_label = label.replace("relay@", "relay-hop@")
+        base, hop = results[label].get("points", []), results.get(hop_label, {}).get("points", [])
+        if base and hop:
+            b, h = base[0].get("latency_ms", {}), hop[0].get("latency_ms", {})
+            added = h.get("p50") - b.get("p50") if h.get("p50") is not None and b.get("p50") is not None else None
+            verdict = "met" if added is not None and added / 2 < 1.0 else "MISSED"
+            lines.append(f"* latency at {label[6:]} on {base[0]['config']['streams']} streams (open loop): p50 "
+                         f"{_fmt(b.get('p50'))} -> {_fmt(h.get('p50'))} ms, p99 {_fmt(b.get('p99'))} -> "
+                         f"{_fmt(h.get('p99'))} ms; added per hop at p50 {_fmt(added and added / 2)} ms "
+                         f"(goal < 1 ms): {verdict}")
     return lines
 
 

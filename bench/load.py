@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     t = p.add_argument_group("target")
-    t.add_argument("--start", choices=("relay", "prosody", "ejabberd"),
+    t.add_argument("--start", choices=("relay", "relay-hop", "prosody", "ejabberd"),
                    help="start this target (with the echo component) instead of using a running one")
     t.add_argument("--target-host", default="127.0.0.1")
     t.add_argument("--target-port", type=int, default=5269)
@@ -138,7 +138,8 @@ def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], wor
         target.start_echo(args.sink, args.generator_cpu, workdir / f"{target.name}-echo-stats.json")
         cfg = base_config(args, target_host=target.s2s[0], target_port=target.s2s[1], target_domain=target.domain,
                           ca_file=pki_files[0], cert_file=pki_files[1], key_file=pki_files[2],
-                          target_pids={target.name: target.pid, "echo": target.echo_process.pid})
+                          target_pids={target.name: target.pid, "echo": target.echo_process.pid,
+                                       **getattr(target, "extra_pids", {})})
         if args.profile == "py-spy" and target.name == "relay":  # py-spy reads CPython stacks only
             prefix = str(getattr(target, "workdir", workdir) / "relay-py-spy")
             cfg = runner.LoadConfig(**(asdict(cfg) | {"profile_pid": target.pid, "profile_prefix": prefix}))

@@ -2,6 +2,9 @@
 
 ``serve`` without ``--config`` runs the embedded default (loopback only,
 domain ``localhost`` with the built-in services, key material in ``./state``).
+With more than one worker (``[cluster] workers`` or ``--workers``) ``serve``
+runs the node's supervisor (router.cluster.supervisor), which starts each
+worker as ``serve --worker I``.
 A configuration with problems is refused with every problem listed, the same
 way ``check-config`` lists them.
 """
@@ -11,17 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
-from router.config import DEFAULT_STATE_DIR, Config, ConfigError, default_config, load_config
+from router.config import DEFAULT_STATE_DIR, Config, ConfigError, Problem, default_config, load_config
+from router.config.defaults import MAX_WORKERS
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # check-config found problems
 EXIT_USAGE = 2  # argparse's code for bad arguments; serve uses it for a refused config too
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s worker={worker} %(name)s: %(message)s"  # one of a node's workers
 
 
 def describe(config: Config) -> str:
@@ -79,33 +86,78 @@ def print_problems(error: ConfigError, source: str, out: TextIO) -> None:
 
 
 class JsonLines(logging.Formatter):
-    """One JSON object per record: time, level, logger, message (and the traceback)."""
+    """One JSON object per record: time, level, logger, message (and the traceback,
+    and which worker of a node wrote it)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if self.worker is not None:
+            line["worker"] = self.worker
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False)
 
 
-def setup_logging(config: Config) -> None:
-    """Every log line to stderr, as text or JSON lines (``log.format``)."""
+def setup_logging(config: Config, worker: int | None = None) -> None:
+    """Every log line to stderr, as text or JSON lines (``log.format``); a worker's
+    lines say which worker they come from (the workers of a node share stderr)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLines() if config.log.format == "json" else logging.Formatter(LOG_FORMAT))
+    if config.log.format == "json":
+        handler.setFormatter(JsonLines(worker))
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT if worker is None else
+                                               WORKER_LOG_FORMAT.format(worker=worker)))
     logging.basicConfig(level=config.log.level, handlers=[handler])
+
+
+def with_workers(config: Config, workers: int | None) -> Config:
+    """``serve --workers N`` in place of ``[cluster] workers``; raises ConfigError
+    when more than one has no bus (stanzas between workers go over NATS)."""
+    if workers is None:
+        return config
+    if workers > 1 and not config.cluster.nats:
+        raise ConfigError([Problem("--workers", f"{workers} workers need cluster.nats: "
+                                                "stanzas between workers go over NATS")])
+    return replace(config, cluster=replace(config.cluster, workers=workers))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else default_config(args.state_dir)
+        config = with_workers(config, args.workers)
     except ConfigError as error:
         print_problems(error, args.config or "embedded default", sys.stderr)
         return EXIT_USAGE
-    setup_logging(config)
+    setup_logging(config, args.worker)
+    if args.worker is not None:
+        return serve_as_worker(config, args)
+    if config.cluster.workers > 1:
+        from router.cluster import supervisor
+
+        return supervisor.run(config)
     from router import server  # imports the whole runtime; not needed by the other commands
 
     return server.run(config)
+
+
+def serve_as_worker(config: Config, args: argparse.Namespace) -> int:
+    """One of the relay processes of a node, started by its supervisor: it listens
+    where the supervisor reserved, and keeps that on SIGHUP."""
+    from router import server
+    from router.cluster.supervisor import LISTEN_ENV, as_worker, reserved_addresses
+
+    if not args.config or LISTEN_ENV not in os.environ:
+        print("--worker is for the processes a node's supervisor starts (serve --workers N --config FILE)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    addresses, workers = reserved_addresses(), config.cluster.workers
+    return server.run(as_worker(config, addresses, workers), worker=args.worker,
+                      reread=lambda: as_worker(load_config(args.config), addresses, workers))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -151,6 +203,12 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be a number from 1 to {MAX_WORKERS}, got {text!r}")
+    return int(text)
+
+
 def _version() -> str:
     """The installed package's version (pyproject.toml), or "unknown" when run from a bare checkout."""
     from importlib.metadata import PackageNotFoundError, version
@@ -174,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help=f"where the embedded default keeps its certificates and dialback secret (default ./{DEFAULT_STATE_DIR})",
     )
+    serve.add_argument("--workers", type=worker_count, metavar="N",
+                       help="relay processes sharing the listening ports (default: [cluster] workers, else 1); "
+                            "more than one needs [cluster] nats")
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor on its workers
     serve.set_defaults(handler=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate a configuration file and print every problem")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Callable, Iterable, Mapping
+from typing import Awaitable, Callable, Iterable, Mapping
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Every family name starts with this, so dashboards find them together.
@@ -216,6 +216,27 @@ class RelayMetrics:
         self.pending_verifications = r.gauge(
             p + "pending_verifications", "Dialback keys received and not yet verified by the authoritative server."
         )
+        self.bus_stanzas = r.counter(
+            p + "bus_stanzas_total",
+            "Stanzas carried by the cluster bus (NATS), by direction sent|received and hop worker (another "
+            "worker of this node) | node (another node); sent counts the ones the other member took.",
+            ("direction", "hop"),
+        )
+        self.bus_batches = r.counter(
+            p + "bus_batches_total",
+            "NATS requests carrying stanzas over the cluster bus (one per member per event-loop iteration), by "
+            "direction sent|received; bus_stanzas_total / bus_batches_total is the batch size.",
+            ("direction",),
+        )
+        self.bus_failures = r.counter(
+            p + "bus_failures_total",
+            "Stanzas sent over the cluster bus that bounced: the member did not answer in cluster.bus_timeout "
+            "(timeout) or could not be reached (unreachable).",
+            ("reason",),
+        )
+        self.cluster_members = r.gauge(p + "cluster_members", "Other relay processes heard on the cluster bus.")
+        self.bus_in_flight = r.gauge(p + "bus_in_flight", "Stanzas sent over the cluster bus and not yet answered.")
+        self.bus_connected = r.gauge(p + "bus_connected", "1 while this process is connected to NATS.")
         self.service_stanzas = r.counter(
             p + "service_stanzas_total", "Stanzas handled by built-in services, by service ping|disco|echo|sink|error|ignored.", ("service",)
         )
@@ -224,7 +245,8 @@ class RelayMetrics:
         return self.registry.render()
 
 
-async def _answer(registry: Registry, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _answer(render: Callable[[], Awaitable[bytes]], reader: asyncio.StreamReader,
+                  writer: asyncio.StreamWriter) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
@@ -239,7 +261,7 @@ async def _answer(registry: Registry, reader: asyncio.StreamReader, writer: asyn
     elif parts[1].split("?", 1)[0] != "/metrics":
         status, content_type, body = "404 Not Found", "text/plain", b"metrics are at /metrics\n"
     else:
-        status, content_type, body = "200 OK", CONTENT_TYPE, registry.render()
+        status, content_type, body = "200 OK", CONTENT_TYPE, await render()
     header = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -252,10 +274,16 @@ async def _answer(registry: Registry, reader: asyncio.StreamReader, writer: asyn
     writer.close()
 
 
-async def start_metrics_server(registry: Registry | RelayMetrics, host: str, port: int) -> asyncio.Server:
-    """Serve ``GET /metrics`` on host:port; the caller closes the returned server."""
-    if isinstance(registry, RelayMetrics):
-        registry = registry.registry
-    return await asyncio.start_server(
-        lambda r, w: _answer(registry, r, w), host, port, limit=MAX_REQUEST_BYTES
-    )
+async def start_metrics_server(source: Registry | RelayMetrics | Callable[[], Awaitable[bytes]], host: str,
+                               port: int) -> asyncio.Server:
+    """Serve ``GET /metrics`` on host:port; the caller closes the returned server.
+    ``source`` is a registry, or a coroutine function making the exposition (a
+    node's supervisor gathers its workers' in it)."""
+    if isinstance(source, (Registry, RelayMetrics)):
+        registry = source.registry if isinstance(source, RelayMetrics) else source
+
+        async def render() -> bytes:
+            return registry.render()
+    else:
+        render = source
+    return await asyncio.start_server(lambda r, w: _answer(render, r, w), host, port, limit=MAX_REQUEST_BYTES)

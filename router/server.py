@@ -16,9 +16,10 @@ import asyncio
 import logging
 import signal
 import ssl
-from typing import Any
+from typing import Any, Callable
 
 from router._fastroute import Router
+from router.cluster.bus import Bus
 from router.net import resolver
 
 from router.trust import tls
@@ -46,8 +47,9 @@ SWEEP_INTERVAL = 1.0
 class Relay:
     """Every stream, the route table and the listeners of one relay process."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None, *, worker: int = 0) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.worker = worker  # index among the node's worker processes ([cluster] workers)
         self.config = config
         self.metrics = RelayMetrics()
         self.metrics.streams_open.collect = self._count_streams
@@ -69,6 +71,12 @@ class Relay:
         self.metrics.stanzas_routed.collect = self.router.stanzas_routed
         self.metrics.bytes_received.collect = self.router.bytes_received
         self.metrics.bytes_sent.collect = self.router.bytes_sent
+        self.bus: Bus | None = None  # the cluster bus, with [cluster] nats
+        if config.cluster.bus:
+            self.bus = self.delivery.cluster = Bus(self, config.cluster, worker)
+            self.table.on_change = self.bus.routes_changed
+            self.metrics.bus_in_flight.collect = lambda: {(): self.bus.in_flight}
+            self.metrics.bus_connected.collect = lambda: {(): int(self.bus.connected)}
         self.metrics.pre_auth_streams.collect = lambda: {(): self.admission.pre_auth.total()}
         self.metrics.pending_verifications.collect = lambda: {(): self.verifier.pending.total()}
         self._apply(config)
@@ -103,6 +111,9 @@ class Relay:
         self._apply(config)
         if config.listen != old.listen:
             log.warning("the [listen] section changed: listeners are bound at start, restart the relay to apply it")
+        if config.cluster != old.cluster:
+            log.warning("the [cluster] section changed: workers and the bus are set up at start, restart the relay "
+                        "to apply it")
         if config.log.level != old.log.level:
             logging.getLogger().setLevel(config.log.level)
         log.info("configuration reloaded from %s", config.source)
@@ -139,6 +150,8 @@ class Relay:
             self.listening["metrics"] = server.sockets[0].getsockname()[:2]
             log.info("listening metrics on http://%s:%d/metrics", *self.listening["metrics"])
         self._sweeper = self.loop.create_task(self._sweep())
+        if self.bus is not None:
+            self.bus.start()  # in the background: NATS being away does not stop local delivery
 
     def _direct_tls_listener_context(self):
         if self.server_contexts is None:
@@ -147,8 +160,9 @@ class Relay:
         return self._direct_tls_context
 
     async def _listen(self, name: str, endpoint, factory, ssl=None) -> None:
-        server = await self.loop.create_server(factory, endpoint.host, endpoint.port, ssl=ssl,
-                                               reuse_address=True, backlog=4096)
+        # the workers of a node share each port: the kernel spreads their connections (SO_REUSEPORT)
+        server = await self.loop.create_server(factory, endpoint.host, endpoint.port, ssl=ssl, backlog=4096,
+                                               reuse_address=True, reuse_port=self.config.cluster.workers > 1)
         self.servers.append(server)
         self.listening[name] = server.sockets[0].getsockname()[:2]
         log.info("listening %s on %s:%d", name, *self.listening[name])
@@ -161,6 +175,8 @@ class Relay:
             server.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.bus is not None:
+            await self.bus.stop()
         for task in list(self._tasks):
             task.cancel()
         streams = list(self.streams)
@@ -327,9 +343,9 @@ def _install_signals(loop: asyncio.AbstractEventLoop, relay: Relay, stop: asynci
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, worker: int | None = None, reread: Callable[[], Config] | None = None) -> int:
     raise_fd_limit()
-    relay = Relay(config)
+    relay = Relay(config, worker=worker or 0)
     try:
         await relay.start()
     except OSError as exc:  # e.g. a port already in use
@@ -337,7 +353,10 @@ async def serve(config: Config) -> int:
         await relay.stop(timeout=0)
         return 1
     stop = asyncio.Event()
-    _install_signals(asyncio.get_running_loop(), relay, stop)
+    loop = asyncio.get_running_loop()
+    _install_signals(loop, relay, stop)
+    if reread is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload_from, relay, reread)
     for name, (host, port) in relay.listening.items():
         print(f"{name}: listening on {host}:{port}", flush=True)
     if config.components and "component" in relay.listening:
@@ -359,8 +378,17 @@ async def serve(config: Config) -> int:
     return 0
 
 
-def run(config: Config) -> int:
-    """Serve ``config`` until SIGTERM/SIGINT (exit status 0)."""
+def _reload_from(relay: Relay, reread: Callable[[], Config]) -> None:
+    try:
+        relay.reload(reread())
+    except Exception as exc:  # a bad file keeps the running configuration (reload is atomic)
+        log.error("reload failed, keeping the running configuration: %s", exc)
+
+
+def run(config: Config, worker: int | None = None, reread: Callable[[], Config] | None = None) -> int:
+    """Serve ``config`` until SIGTERM/SIGINT (exit status 0). A worker of a node
+    (router.cluster.supervisor) has its index, and ``reread``: how SIGHUP reads
+    its configuration again (keeping the listeners the supervisor reserved)."""
     import uvloop
 
-    return uvloop.run(serve(config))
+    return uvloop.run(serve(config, worker, reread))

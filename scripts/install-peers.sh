@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Install the real S2S peers the interop tests federate with (tests/interop/):
-# Prosody 0.12 + lua-unbound and ejabberd 23.01 from Debian packages.
+# Prosody 0.12 + lua-unbound and ejabberd 23.01 from Debian packages, and
+# nats-server, the bus the cluster tests start (tests/integration/natsd.py).
 #
 # Quick and idempotent: does nothing when they are present. As root with apt it
 # installs them without letting their system services start (policy-rc.d). It
 # never stops, starts or disables a service the machine runs: the interop tests
-# run the peers as their own subprocesses on free ports of 127.0.0.x, with no
-# epmd and no node name, so a system prosody or ejabberd does not disturb them.
+# run the peers (and nats-server) as their own subprocesses on free ports of
+# 127.0.0.x, with no epmd and no node name, so a system prosody, ejabberd or
+# nats-server does not disturb them.
 # Without root or apt it says how to enable the interop tests and exits 0 (the
 # tests then skip, except under CI=true where a missing peer fails).
 set -euo pipefail
 
-PACKAGES=(prosody ejabberd lua-unbound)
+PACKAGES=(prosody ejabberd lua-unbound nats-server)
 HINT="interop tests will skip: run 'make peers' as root on Debian/Ubuntu (apt-get install ${PACKAGES[*]})"
 
 missing=()

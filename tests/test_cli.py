@@ -236,3 +236,29 @@ def test_json_log_lines_on_stderr(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=PROCESS_TIMEOUT) == 0
         assert all(json.loads(line) for line in process.stderr.read().splitlines())
+
+
+def test_serve_workers_overrides_the_file_and_more_than_one_needs_the_bus(tmp_path):
+    """``serve --workers N``: N from 1 to MAX_WORKERS, and more than one worker without
+    [cluster] nats is refused like a bad file (exit 2, the problem on stderr)."""
+    (tmp_path / "relay.toml").write_text('[server]\ndomains = ["localhost"]\n[tls]\nself_signed = true\n')
+    result = run_cli("serve", "--config", "relay.toml", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--workers: 2 workers need cluster.nats" in result.stderr
+    result = run_cli("serve", "--config", "relay.toml", "--workers", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "must be a number from 1 to 256" in result.stderr
+    result = run_cli("serve", "--config", "relay.toml", "--worker", "0", cwd=tmp_path)  # not from a supervisor
+    assert result.returncode == 2 and "--worker is for the processes a node's supervisor starts" in result.stderr
+
+
+def test_a_workers_log_lines_say_which_worker():
+    import json
+    import logging
+
+    from router.cli import WORKER_LOG_FORMAT, JsonLines
+
+    record = logging.LogRecord("router.server", logging.INFO, __file__, 1, "configuration reloaded", None, None)
+    assert json.loads(JsonLines(3).format(record))["worker"] == 3
+    assert "worker" not in json.loads(JsonLines().format(record))
+    text = logging.Formatter(WORKER_LOG_FORMAT.format(worker=3)).format(record)
+    assert text.endswith(" INFO worker=3 router.server: configuration reloaded")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from router.trust import pki
@@ -260,9 +262,79 @@ level = "WARNING"
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
+class HopTarget(RelayTarget):
+    """Two relay nodes on one nats-server: the generator's streams reach n1 and the
+    echo component is connected to n2, so every stanza crosses the cluster bus
+    twice (to the component, and its echo back to n1's bidi stream). Its CPU is
+    n1's (the target's row), plus n2's and nats-server's (``extra_pids``)."""
+
+    name = "relay-hop"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra_pids: dict[str, int] = {}
+        self.others: list[subprocess.Popen] = []  # n2, then nats-server
+        self.metrics_ports: dict[str, int] = {}  # node -> its metrics port; scraped into the workdir at stop
+
+    def start(self, routes: dict[str, tuple[str, int]]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        nats_port = harness.free_port("127.0.0.1")
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        nats = subprocess.Popen(taskset(self.cpu) + [binary, "-a", "127.0.0.1", "-p", str(nats_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.others.append(nats)
+        cluster = f'\n[cluster]\nnats = ["nats://127.0.0.1:{nats_port}"]\nnode = "{{node}}"\n'
+        # n2 first: it serves the component; its S2S port only answers dialback verifications
+        self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        n2 = self._spawn("n2", self.config_text(routes) + cluster.format(node="n2"))
+        self.others.insert(0, n2)
+        component = self.component
+        self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        self.process = self._spawn("n1", self.config_text(routes) + cluster.format(node="n1"))
+        self.component = component  # the echo component connects to n2
+        try:
+            asyncio.run(self._wait_ready())
+        except BaseException:
+            self.stop()
+            raise
+        self.pid = self.process.pid
+        self.extra_pids = {"relay-hop:n2": n2.pid, "nats": nats.pid}
+
+    def _spawn(self, node: str, config_text: str) -> subprocess.Popen:
+        config = self.workdir / f"{node}.toml"
+        port = self.metrics_ports[node] = harness.free_port("127.0.0.1")
+        config.write_text(config_text.replace(f"{self.workdir / 'state'}", f"{self.workdir / node}")
+                          .replace("metrics = false", f'metrics = "127.0.0.1:{port}"'))
+        with open(self.workdir / "console.log", "ab") as console:
+            return subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
+                                    stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                    start_new_session=True)
+
+    def stop(self) -> None:
+        for node, port in self.metrics_ports.items():  # bus batches and stanzas, for the record
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                    (self.workdir / f"metrics-{node}.txt").write_bytes(answer.read())
+            except OSError:
+                pass
+        super().stop()
+        for proc in self.others:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
 def make_target(kind: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None) -> Target:
     if kind == "relay":
         return RelayTarget(workdir / "relay", pki_, tls, cpu, profile)
+    if kind == "relay-hop":
+        return HopTarget(workdir / "relay-hop", pki_, tls, cpu, profile)
     if kind == "prosody":
         return PeerTarget(BenchProsody, "prosody", workdir / "prosody", pki_, tls, cpu, bidi=True)
     if kind == "ejabberd":

@@ -15,6 +15,7 @@ from __future__ import annotations
 from router.config.defaults import DEFAULT_STATE_DIR
 from router.config.model import (
     CertificateFiles,
+    ClusterConfig,
     ComponentConfig,
     Config,
     ConfigError,
@@ -34,7 +35,7 @@ from router.config.parse import default_config, default_config_text, load_config
 from router.config.state import ensure_dialback_secret
 
 __all__ = [
-    "DEFAULT_STATE_DIR", "CertificateFiles", "ComponentConfig", "Config", "ConfigError", "Endpoint", "LimitsConfig",
+    "DEFAULT_STATE_DIR", "CertificateFiles", "ClusterConfig", "ComponentConfig", "Config", "ConfigError", "Endpoint", "LimitsConfig",
     "ListenConfig", "LogConfig", "Problem", "S2SConfig", "ServerConfig", "ServicesConfig", "StaticRoute", "TlsConfig",
     "default_config", "default_config_text", "ensure_dialback_secret", "load_config", "parse_config", "parse_endpoint",
 ]

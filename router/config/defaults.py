@@ -140,3 +140,11 @@ DEFAULT_ECHO_DOMAIN = "echo.localhost"
 DEFAULT_SINK_DOMAIN = "sink.localhost"
 
 
+
+# [cluster]: one process, no bus, unless asked (the embedded default stays one process)
+DEFAULT_WORKERS = 1
+MAX_WORKERS = 256
+DEFAULT_SUBJECT_PREFIX = "xmpp-router"
+DEFAULT_STREAMS_PER_DOMAIN = 1  # one stream per remote domain and node keeps its stanzas in order
+DEFAULT_BUS_TIMEOUT = 5.0  # a worker that has not answered in 5 s is gone or stuck: bounce, do not wait
+DEFAULT_MAX_BUS_IN_FLIGHT = 10000  # about 4 MiB of stanzas awaiting an answer, per worker

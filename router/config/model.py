@@ -107,6 +107,23 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Worker processes on this node and the NATS bus between relays (router.cluster)."""
+
+    workers: int  # relay processes sharing the listening ports (SO_REUSEPORT)
+    node: str  # this node's name in the cluster: letters, digits, '-' and '_'
+    nats: tuple[str, ...]  # NATS server URLs; empty: no bus (one worker, today's single process)
+    subject_prefix: str  # first token of every NATS subject, so clusters can share a NATS
+    streams_per_domain: int  # outbound S2S streams one node opens per remote domain, at most
+    bus_timeout: float  # seconds a stanza sent over the bus waits for its delivery answer, then bounces
+    max_bus_in_flight: int  # stanzas sent over the bus and not yet answered, per worker
+
+    @property
+    def bus(self) -> bool:
+        return bool(self.nats)
+
+
+@dataclass(frozen=True)
 class ComponentConfig:
     domain: str
     secret: str
@@ -144,6 +161,7 @@ class Config:
     services: ServicesConfig
     routes: Mapping[str, StaticRoute]
     log: LogConfig
+    cluster: ClusterConfig
     source: str = field(default="<embedded default>", compare=False)
 
     @property

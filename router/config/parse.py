@@ -58,11 +58,18 @@ from router.config.model import (
     ServicesConfig,
 )
 from router.config.reader import Reader
-from router.config.sections import check_ownership, parse_components, parse_policy, parse_routes, parse_tls
+from router.config.sections import (
+    check_ownership,
+    parse_cluster,
+    parse_components,
+    parse_policy,
+    parse_routes,
+    parse_tls,
+)
 from router.config.state import ensure_dialback_secret, read_dialback_secret, with_self_signed
 
 
-_SECTIONS = {"server", "listen", "tls", "s2s", "limits", "policy", "component", "services", "routes", "log"}
+_SECTIONS = {"server", "listen", "tls", "s2s", "limits", "policy", "component", "services", "routes", "log", "cluster"}
 
 
 def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: str = "<string>",
@@ -175,6 +182,9 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         format=r.choice(lg, "log", "format", LOG_FORMATS, DEFAULT_LOG_FORMAT),
     )
 
+    # [cluster]
+    cluster = parse_cluster(r, r.table(data, "cluster"))
+
     # cross-section checks
     check_ownership(r, domains, services, components)
     service_and_components = set(domains) | set(services.echo) | set(services.sink) | {c.domain for c in components}
@@ -214,6 +224,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         services=services,
         routes=routes,
         log=log,
+        cluster=cluster,
         source=source,
     )
 

@@ -1,13 +1,21 @@
-"""The parsers of the [policy], [[component]], [routes] and [tls] sections, and
-the check that every local domain has one owner."""
+"""The parsers of the [policy], [[component]], [routes], [tls] and [cluster]
+sections, and the check that every local domain has one owner."""
 
 from __future__ import annotations
 
+import re
+import socket
 from types import MappingProxyType
 from typing import Any, Mapping
 
 from router.config.defaults import (
     AUTH_MODES,
+    DEFAULT_BUS_TIMEOUT,
+    DEFAULT_MAX_BUS_IN_FLIGHT,
+    DEFAULT_STREAMS_PER_DOMAIN,
+    DEFAULT_SUBJECT_PREFIX,
+    DEFAULT_WORKERS,
+    MAX_WORKERS,
     DEFAULT_MAX_STANZA_BYTES,
     DEFAULT_PRE_AUTH_MAX_STANZA_BYTES,
     DEFAULT_REQUIRE_ENCRYPTION,
@@ -19,6 +27,7 @@ from router.config.defaults import (
 )
 from router.config.model import (
     CertificateFiles,
+    ClusterConfig,
     ComponentConfig,
     ServicesConfig,
     StaticRoute,
@@ -172,3 +181,34 @@ def check_ownership(r: Reader, domains, services: ServicesConfig, components) ->
             r.problem(where, f"{domain} is already served by {owners[domain]}")
         else:
             owners[domain] = where
+
+
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # safe inside a NATS subject (no '.', '*', '>', spaces)
+
+
+def parse_cluster(r: Reader, c: Mapping[str, Any]) -> ClusterConfig:
+    r.known_keys(c, "cluster", set(ClusterConfig.__dataclass_fields__))
+    workers = r.positive(c, "cluster", "workers", int, DEFAULT_WORKERS)
+    if workers > MAX_WORKERS:
+        r.problem("cluster.workers", f"must be at most {MAX_WORKERS}, got {workers}")
+    nats = tuple(r.get(c, "cluster", "nats", list, []))
+    for i, url in enumerate(nats):
+        if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
+            r.problem(f"cluster.nats[{i}]", f"must be a nats:// or tls:// URL, got {url!r}")
+    if workers > 1 and not nats:
+        r.problem("cluster.workers", "more than one worker needs cluster.nats: stanzas between workers go over NATS")
+    default_node = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64] or "node"
+    node = r.get(c, "cluster", "node", str, default_node)
+    prefix = r.get(c, "cluster", "subject_prefix", str, DEFAULT_SUBJECT_PREFIX)
+    for key, value in (("node", node), ("subject_prefix", prefix)):
+        if not _SUBJECT_TOKEN.fullmatch(value):
+            r.problem(f"cluster.{key}", f"must be 1-64 letters, digits, '-' or '_' (it names NATS subjects), got {value!r}")
+    return ClusterConfig(
+        workers=workers,
+        node=node,
+        nats=tuple(u for u in nats if isinstance(u, str)),
+        subject_prefix=prefix,
+        streams_per_domain=r.positive(c, "cluster", "streams_per_domain", int, DEFAULT_STREAMS_PER_DOMAIN),
+        bus_timeout=r.positive(c, "cluster", "bus_timeout", float, DEFAULT_BUS_TIMEOUT),
+        max_bus_in_flight=r.positive(c, "cluster", "max_bus_in_flight", int, DEFAULT_MAX_BUS_IN_FLIGHT),
+    )

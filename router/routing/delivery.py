@@ -22,9 +22,10 @@ from router.wire.jid import domain_of
 from router.routing.limits import Refusals
 from router.negotiation.pairs import Pair
 from router.routing.routes import Queued, RouteTable
+from router.cluster.frames import Carried
 from router.routing.services import Services
 from router.net.stream import StreamHost, XmlStream
-from router.wire.namespaces import SERVER_NS
+from router.wire.namespaces import COMPONENT_NS, SERVER_NS
 from router.wire.xml import parse_element
 
 log = logging.getLogger("router.routing.delivery")
@@ -57,6 +58,8 @@ class Delivery:
         self.local_domains: frozenset[str] = frozenset()
         self.services: Services | None = None
         self.s2s_output = OutputProfile(SERVER_NS, None)
+        self.component_output = OutputProfile(COMPONENT_NS, "en")  # as router.net.components declares
+        self.cluster = None  # router.cluster.bus.Bus when [cluster] nats: routes held by other members
         self._outbound_queues_refusals = Refusals()
 
     def configure(self, config, default_lang: str | None) -> None:
@@ -81,10 +84,7 @@ class Delivery:
         if target is None:
             target = self.table.remote.get((from_domain, to_domain))  # Pair(local, remote): a tuple finds it
             if target is None or target.closing:
-                if to_domain in self.local_domains:
-                    self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
-                else:
-                    self._enqueue(source, element, from_domain, to_domain, view)
+                self._elsewhere(source, element, from_domain, to_domain, view)
                 return
             kind = "remote"
         elif isinstance(target, Service):
@@ -121,10 +121,12 @@ class Delivery:
                 return None
             target.write(data)
             return target
+        item = Carried(name, type_, from_, to, id_, from_domain, to_domain, data)
         if to_domain in self.local_domains:
-            log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
-            return None
-        self._push(Queued(data, name, type_, from_, to, id_, self.host.loop.time()), Pair(from_domain, to_domain))
+            if self.cluster is None or not self.cluster.to_component(item):
+                log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
+        elif self.cluster is None or not self.cluster.to_remote(item):
+            self._push(Queued(data, name, type_, from_, to, id_, self.host.loop.time()), Pair(from_domain, to_domain))
         return None
 
     def _serve(self, source: XmlStream, element, view: memoryview, service: Service) -> None:
@@ -147,12 +149,49 @@ class Delivery:
         if dest is not None and dest.paused and source.may_wait_for(dest):
             source.block_on(dest)
 
+    # ------------------------------------------------------------------ other members (router.cluster)
+    def _elsewhere(self, source: XmlStream, element, from_domain: str, to_domain: str, view: memoryview) -> None:
+        """No stream here for the stanza: another member's (over the cluster bus), a
+        new outbound stream (queued while it connects), or a bounce."""
+        local = to_domain in self.local_domains
+        if local and self.cluster is None:
+            self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
+            return
+        data = bytes(source.chunk_for(self.component_output if local else self.s2s_output, element, view))
+        item = Carried(element.name, element.type, element.from_, element.to, element.id, from_domain, to_domain,
+                       data)
+        if local:
+            if not self.cluster.to_component(item):
+                self._bounce_element(source, element, "service-unavailable", f"{to_domain} is not connected")
+        elif self.cluster is None or not self.cluster.to_remote(item):
+            queued = Queued(data, element.name, element.type, element.from_, element.to, element.id,
+                            self.host.loop.time())
+            self._push(queued, Pair(from_domain, to_domain), source)
+
+    def take_from_bus(self, item: Carried) -> tuple[str, str] | None:
+        """A stanza another member sent: delivered here, queued while this member
+        connects, or refused with the (condition, text) its sender bounces it with.
+        It never goes back on the bus (one hop)."""
+        target = self.table.local.get(item.to_domain)
+        if target is None:
+            target = self.table.remote.get((item.from_domain, item.to_domain))
+        if target is None or not isinstance(target, XmlStream) or target.closing:
+            if item.to_domain in self.local_domains:
+                return "service-unavailable", f"{item.to_domain} is not connected to {self.cluster.member}"
+            self._push(Queued(item.data, item.name, item.type, item.from_, item.to, item.id, self.host.loop.time()),
+                       Pair(item.from_domain, item.to_domain))
+            return None
+        if target.paused and target.queue_full(len(item.data)):
+            return "resource-constraint", f"{item.to_domain} is not reading what is sent to it"
+        target.write(item.data)
+        self.metrics.stanzas_routed.inc(target.kind if target.kind == "component" else "remote")
+        return None
+
+    def bounce_carried(self, item: Carried, condition: str, text: str) -> None:
+        """A stanza the bus could not deliver goes back to its sender."""
+        self.bounce(Queued(b"", item.name, item.type, item.from_, item.to, item.id, 0.0), condition, text)
+
     # ------------------------------------------------------------------ queues and bounces
-    def _enqueue(self, source: XmlStream, element, from_domain: str, to_domain: str, view: memoryview) -> None:
-        data = source.chunk_for(self.s2s_output, element, view)
-        item = Queued(bytes(data), element.name, element.type, element.from_, element.to, element.id,
-                      self.host.loop.time())
-        self._push(item, Pair(from_domain, to_domain), source)
 
     def _push(self, item: Queued, pair: Pair, source: XmlStream | None = None) -> None:
         s2s = self.host.config.s2s

@@ -102,6 +102,7 @@ class RouteTable:
         self.pending: dict[Pair, PendingQueue] = {}
         self.backoff: dict[str, Backoff] = {}
         self._pairs_of: dict[Hashable, tuple[Pair, ...]] = {}  # tuples: a link carries one or two pairs
+        self.on_change: Callable[[], None] | None = None  # told when a target or link comes or goes (the bus)
         # remote domain -> links carrying a pair towards it, in the order they got it:
         # a dialback verification looks one up per handshake, so no scan of every
         # link; tuples, since nearly every remote domain has one link (idle memory)
@@ -110,13 +111,19 @@ class RouteTable:
     # local targets -------------------------------------------------------
     def set_local(self, domain: str, target: Any) -> None:
         self.local[domain] = target
+        self._changed()
 
     def remove_local(self, domain: str, target: Any) -> bool:
         """Remove ``domain`` only if it still points at ``target``."""
         if self.local.get(domain) is target:
             del self.local[domain]
+            self._changed()
             return True
         return False
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # remote links --------------------------------------------------------
     def add_remote(self, pair: Pair, link: Any) -> bool:
@@ -133,6 +140,7 @@ class RouteTable:
             links = self._links_to.get(pair.remote, ())
             if link not in links:
                 self._links_to[pair.remote] = (*links, link)
+            self._changed()
         return True
 
     def remove_link(self, link: Any) -> set[Pair]:
@@ -146,6 +154,8 @@ class RouteTable:
                 self._links_to[pair.remote] = links
             else:
                 self._links_to.pop(pair.remote, None)
+        if pairs:
+            self._changed()
         return set(pairs)
 
     def links_to(self, remote: str) -> Iterator[Any]:

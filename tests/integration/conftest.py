@@ -151,6 +151,7 @@ class RelaySpec:
     raw_xml: bool = False
     metrics_port: int | None = None
     direct_tls_port: int | None = None  # XEP-0368 listener
+    cluster: dict = field(default_factory=dict)  # [cluster] keys: workers, node, nats, ...
 
     def config(self):
         return parse_config(self.toml(), self.base, source=f"<test relay {self.name}>")
@@ -195,6 +196,8 @@ class RelaySpec:
                              f'direct_tls = {"true" if to["direct_tls"] else "false"} }}')
             else:
                 lines.append(f'"{domain}" = "{to if isinstance(to, str) else f"127.0.0.1:{to}"}"')
+        lines.append("[cluster]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.cluster.items()]
         lines += ["[log]", f"raw_xml = {'true' if self.raw_xml else 'false'}"]
         return "\n".join(lines) + "\n"
 
@@ -207,6 +210,15 @@ def relay_spec(tmp_path, pki):
         return RelaySpec(name, tmp_path, pki, **kwargs)
 
     return make
+
+
+@pytest.fixture
+def nats_url(tmp_path):
+    """A nats-server of this test's own on a free loopback port."""
+    from .natsd import nats_server
+
+    with nats_server(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,63 @@
+"""A real ``nats-server`` (the Debian package, installed by ``make peers``) on a free
+loopback port, for the cluster tests; stopped when the test is done with it.
+
+Without the binary the tests that need it skip, except under CI=true, where a
+missing bus is a failure of the set-up, like a missing interop peer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+READY_TIMEOUT = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def nats_binary() -> str:
+    found = shutil.which("nats-server") or ("/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
+    if found is None:
+        message = "nats-server is not installed: run 'make peers' as root (apt-get install nats-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@contextmanager
+def nats_server(log_dir: Path, port: int | None = None):
+    """Yields the server's ``nats://127.0.0.1:PORT`` URL; ``port`` reuses one (a restart)."""
+    port = port or free_port()
+    log = open(log_dir / f"nats-{port}.log", "a")
+    process = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"nats-server did not start: {(log_dir / f'nats-{port}.log').read_text()}")
+                time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()

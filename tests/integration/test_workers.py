@@ -1,0 +1,211 @@
+"""A node of worker processes (``[cluster] workers = 2``), run as ``python -m router
+serve``: the workers share the S2S and component ports, one scrape sees them all,
+a worker that dies is restarted, SIGHUP and SIGTERM reach every worker, and
+``workers = 1`` stays one process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from router.wire.namespaces import STREAM_NS
+
+from .conftest import ROOT, arun, free_port
+from .rawstream import RawComponent
+
+NODE_TIMEOUT = 30.0  # for the node to start, a worker to restart, every worker to stop
+S2S_HEADER = (f"<?xml version='1.0'?><stream:stream xmlns='jabber:server' xmlns:stream='{STREAM_NS}' "
+              f"to='n1.test' version='1.0'>").encode()
+COMPONENTS = {f"c{i}.n1.test": f"secret-{i}" for i in range(16)}
+
+
+def eventually(check, what: str, timeout: float = NODE_TIMEOUT):
+    """``check()``'s first true value, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return value
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Node:
+    """The supervisor process and what it and its workers wrote (one log file)."""
+
+    def __init__(self, process: subprocess.Popen, log: Path):
+        self.process = process
+        self.log = log
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def workers(self) -> dict[int, int]:
+        """Worker index -> pid of its latest process, from the supervisor's log."""
+        return {int(i): int(pid) for i, pid in re.findall(r"worker (\d+) started, pid (\d+)", self.text())}
+
+    def all_pids(self) -> set[int]:
+        return {int(pid) for pid in re.findall(r"worker \d+ started, pid (\d+)", self.text())}
+
+    def metrics_port(self) -> int:
+        return int(re.search(r"^metrics: listening on 127\.0\.0\.1:(\d+)$", self.text(), re.M)[1])
+
+
+@contextmanager
+def node(spec, path: Path, *args: str):
+    """``python -m router serve --config FILE`` for ``spec``; after its banner. Every
+    process it started is killed if the test did not stop it."""
+    spec.config()  # validate before the process sees it
+    path.write_text(spec.toml())
+    log = path.with_suffix(".log")
+    with open(log, "w") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(path), *args],
+                                   cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+    running = Node(process, log)
+    try:
+        eventually(lambda: "serving domains:" in running.text() or process.poll() is not None, "the banner")
+        assert process.poll() is None, f"the node exited with {process.returncode}: {running.text()}"
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        for pid in running.all_pids():
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def scrape(port: int) -> str:
+    async def get() -> str:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = await reader.read()
+        writer.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK"), head
+        return body.decode()
+
+    return arun(get(), timeout=10)
+
+
+def per_worker(text: str, family: str) -> dict[str, float]:
+    """The samples of ``family`` (no other label) by worker."""
+    return {worker: float(value)
+            for worker, value in re.findall(rf'^{family}{{worker="(\d+)"}} (\S+)$', text, re.M)}
+
+
+async def hold_s2s(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` inbound S2S streams that sent their header and got the relay's."""
+    async def one():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(S2S_HEADER)
+        assert b"<stream:stream" in await reader.read(4096)
+        return writer
+
+    return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+def cluster_spec(relay_spec, nats_url: str, **kwargs):
+    return relay_spec("n1", domains=("n1.test",), metrics_port=free_port(), s2s={"close_timeout": 2.0},
+                      cluster={"workers": 2, "nats": [nats_url], "node": "n1"}, **kwargs)
+
+
+def test_workers_share_the_s2s_and_component_ports_and_one_scrape_sees_both(relay_spec, nats_url, tmp_path):
+    spec = cluster_spec(relay_spec, nats_url, components=COMPONENTS)
+    with node(spec, tmp_path / "n1.toml") as n1:
+        assert len(n1.workers()) == 2 and n1.process.pid not in n1.workers().values()
+
+        async def scenario():
+            streams = await hold_s2s(spec.s2s_port, 40)
+            components = [await RawComponent.connect(spec.component_port, domain, secret)
+                          for domain, secret in COMPONENTS.items()]
+            text = await asyncio.to_thread(scrape, n1.metrics_port())
+            for writer in streams + [component.writer for component in components]:
+                writer.close()
+            return text
+
+        text = arun(scenario())
+        pre_auth = per_worker(text, "xmpp_router_pre_auth_streams")
+        connected = per_worker(text, "xmpp_router_components_connected")
+        assert set(pre_auth) == set(connected) == {"0", "1"}, text
+        assert sum(pre_auth.values()) == 40 and min(pre_auth.values()) > 0, pre_auth
+        assert sum(connected.values()) == len(COMPONENTS) and min(connected.values()) > 0, connected
+        assert text.count("# TYPE xmpp_router_pre_auth_streams gauge") == 1
+        assert per_worker(text, "xmpp_router_worker_up") == {"0": 1, "1": 1}
+
+
+def test_a_killed_worker_is_restarted_and_the_port_keeps_accepting(relay_spec, nats_url, tmp_path):
+    spec = cluster_spec(relay_spec, nats_url)
+    with node(spec, tmp_path / "n1.toml") as n1:
+        killed = n1.workers()[1]
+        os.kill(killed, signal.SIGKILL)
+        eventually(lambda: f"worker 1 (pid {killed}) exited with signal SIGKILL; restarting it in 1 s" in n1.text(),
+                   "the restart warning")
+        restarted = eventually(lambda: n1.workers()[1] != killed and n1.workers()[1], "a new worker 1")
+        assert pid_alive(restarted) and pid_alive(n1.workers()[0])
+        text = eventually(lambda: (t := scrape(n1.metrics_port())) and 'worker_up{worker="1"} 1' in t and t,
+                          "the new worker 1 in the node's metrics")
+        assert per_worker(text, "xmpp_router_worker_restarts_total") == {"1": 1}
+
+        async def scenario():
+            streams = await hold_s2s(spec.s2s_port, 40)
+            text = await asyncio.to_thread(scrape, n1.metrics_port())
+            for writer in streams:
+                writer.close()
+            return text
+
+        pre_auth = per_worker(arun(scenario()), "xmpp_router_pre_auth_streams")
+        assert sum(pre_auth.values()) == 40 and min(pre_auth.values()) > 0, pre_auth
+
+
+def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(relay_spec, nats_url, tmp_path):
+    spec = cluster_spec(relay_spec, nats_url)
+    with node(spec, tmp_path / "n1.toml") as n1:
+        workers = n1.workers()
+        n1.process.send_signal(signal.SIGHUP)
+        for index in workers:
+            eventually(lambda: re.search(rf"worker={index} router\.server: configuration reloaded from", n1.text()),
+                       f"worker {index}'s reload")
+        assert n1.workers() == workers  # a reload restarts nothing
+        n1.process.send_signal(signal.SIGTERM)
+        assert n1.process.wait(timeout=NODE_TIMEOUT) == 0
+        assert not any(pid_alive(pid) for pid in workers.values())
+        assert "stopping 2 workers" in n1.text() and "restarting" not in n1.text()
+
+
+def test_no_worker_outlives_its_supervisor(relay_spec, nats_url, tmp_path):
+    spec = cluster_spec(relay_spec, nats_url)
+    with node(spec, tmp_path / "n1.toml") as n1:
+        n1.process.kill()
+        n1.process.wait()
+        for pid in n1.workers().values():
+            eventually(lambda: not pid_alive(pid), f"worker pid {pid} to stop")
+
+
+def test_one_worker_is_one_process_without_a_supervisor(relay_spec, nats_url, tmp_path):
+    """``serve --workers 1`` over a file that asks for 2: today's single process."""
+    spec = cluster_spec(relay_spec, nats_url)
+    with node(spec, tmp_path / "n1.toml", "--workers", "1") as n1:
+        children = Path(f"/proc/{n1.process.pid}/task/{n1.process.pid}/children").read_text().split()
+        assert children == [] and n1.workers() == {}
+        assert re.search(rf"^s2s: listening on 127\.0\.0\.1:{spec.s2s_port}$", n1.text(), re.M)
+        assert "worker=" not in n1.text()
+        assert "# TYPE xmpp_router_streams_open gauge" in scrape(spec.metrics_port)
+        n1.process.send_signal(signal.SIGTERM)
+        assert n1.process.wait(timeout=NODE_TIMEOUT) == 0
