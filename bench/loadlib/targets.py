@@ -210,13 +210,19 @@ level = "WARNING"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
         self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
-        config = self.workdir / "relay.toml"
-        config.write_text(self.config_text(routes))
-        console = open(self.workdir / "console.log", "wb")
-        self.process = subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
-                                        stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-                                        start_new_session=True)
-        console.close()
+        self.process = self._spawn("relay", self.config_text(routes))
+        self._ready()
+
+    def _spawn(self, name: str, config_text: str) -> subprocess.Popen:
+        """The relay serving ``config_text`` (written to ``<name>.toml``), its output in console.log."""
+        config = self.workdir / f"{name}.toml"
+        config.write_text(config_text)
+        with open(self.workdir / "console.log", "ab") as console:
+            return subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
+                                    stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+                                    start_new_session=True)
+
+    def _ready(self) -> None:
         try:
             asyncio.run(self._wait_ready())
         except BaseException:
@@ -294,23 +300,13 @@ class HopTarget(RelayTarget):
         self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
         self.process = self._spawn("n1", self.config_text(routes) + cluster.format(node="n1"))
         self.component = component  # the echo component connects to n2
-        try:
-            asyncio.run(self._wait_ready())
-        except BaseException:
-            self.stop()
-            raise
-        self.pid = self.process.pid
+        self._ready()
         self.extra_pids = {"relay-hop:n2": n2.pid, "nats": nats.pid}
 
-    def _spawn(self, node: str, config_text: str) -> subprocess.Popen:
-        config = self.workdir / f"{node}.toml"
-        port = self.metrics_ports[node] = harness.free_port("127.0.0.1")
-        config.write_text(config_text.replace(f"{self.workdir / 'state'}", f"{self.workdir / node}")
-                          .replace("metrics = false", f'metrics = "127.0.0.1:{port}"'))
-        with open(self.workdir / "console.log", "ab") as console:
-            return subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
-                                    stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-                                    start_new_session=True)
+    def _spawn(self, name: str, config_text: str) -> subprocess.Popen:
+        port = self.metrics_ports[name] = harness.free_port("127.0.0.1")
+        return super()._spawn(name, config_text.replace(f"{self.workdir / 'state'}", f"{self.workdir / name}")
+                              .replace("metrics = false", f'metrics = "127.0.0.1:{port}"'))
 
     def stop(self) -> None:
         for node, port in self.metrics_ports.items():  # bus batches and stanzas, for the record
