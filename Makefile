@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 EXT    := router/_fastparse$(SUFFIX) router/_fastroute$(SUFFIX)
 
-.PHONY: run test bench bench-compare peers build clean
+.PHONY: run test bench bench-compare bench-cluster peers build clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: build
 
 bench-compare: build peers
 	$(PY) -m bench.compare
+
+# The cluster hop: the relay against two nodes joined by a nats-server (started and stopped here).
+bench-cluster: build peers
+	$(PY) -m bench.compare --targets relay,relay-hop --streams 10,100 --rate-points '' --idle-streams 0 --no-floor --no-doc
 
 clean:
 	rm -rf build $(VENV) router/*.so router/_fast*.c

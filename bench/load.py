@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     t = p.add_argument_group("target")
-    t.add_argument("--start", choices=("relay", "relay-hop", "prosody", "ejabberd"),
+    t.add_argument("--start", choices=("relay", "relay-hop", "relay-w2", "prosody", "ejabberd"),
                    help="start this target (with the echo component) instead of using a running one")
     t.add_argument("--target-host", default="127.0.0.1")
     t.add_argument("--target-port", type=int, default=5269)

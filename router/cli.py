@@ -140,15 +140,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from router.cluster import supervisor
 
         return supervisor.run(config)
-    from router import server  # imports the whole runtime; not needed by the other commands
+    from router import process  # imports the whole runtime; not needed by the other commands
 
-    return server.run(config)
+    return process.run(config)
 
 
 def serve_as_worker(config: Config, args: argparse.Namespace) -> int:
     """One of the relay processes of a node, started by its supervisor: it listens
     where the supervisor reserved, and keeps that on SIGHUP."""
-    from router import server
+    from router import process
     from router.cluster.supervisor import LISTEN_ENV, as_worker, reserved_addresses
 
     if not args.config or LISTEN_ENV not in os.environ:
@@ -156,7 +156,7 @@ def serve_as_worker(config: Config, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     addresses, workers = reserved_addresses(), config.cluster.workers
-    return server.run(as_worker(config, addresses, workers), worker=args.worker,
+    return process.run(as_worker(config, addresses, workers), worker=args.worker,
                       reread=lambda: as_worker(load_config(args.config), addresses, workers))
 
 

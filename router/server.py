@@ -1,32 +1,29 @@
-"""The relay process: assembles its parts, listens, sweeps, reloads and stops.
+"""The relay: assembles its parts, listens, sweeps, reloads and stops.
 
 ``Relay`` owns every stream and the route table and hands the work to its
 parts: ``Delivery`` (routing, services, queues, bounces), ``Connector``
 (outbound streams), ``DialbackVerifier`` and ``Admission`` (connection limits).
 Streams reach it through ``router.net.stream.StreamHost``; the callbacks they make
 are the parts' own methods, bound here, so the hot path pays no extra call.
-``run(config)`` is the process entry point used by the CLI: it serves until
-SIGTERM/SIGINT, reloads policy and certificates on SIGHUP, and on shutdown
-closes every stream with ``<system-shutdown/>``.
+``router.process`` runs one in a process (signals, banner, readiness).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import ssl
-from typing import Any, Callable
+from typing import Any
 
 from router._fastroute import Router
 from router.cluster.bus import Bus
 from router.net import resolver
 
 from router.trust import tls
-from router.net.admission import Admission, raise_fd_limit
+from router.net.admission import Admission
 from router.trust.certs import TrustStore
 from router.net.components import ComponentStream
-from router.config import Config, load_config
+from router.config import Config
 from router.net.connector import Connector
 from router.routing.delivery import Delivery, Service
 from router.metrics import RelayMetrics, start_metrics_server
@@ -326,69 +323,3 @@ def _tls_contexts(config: Config) -> tuple[Any, dict, tuple[str, str] | None]:
         client_contexts[(domain, True)] = tls.client_context(cert, key, direct_tls=True)
     default = next((d for d in config.server.domains if d in files), next(iter(files)))
     return tls.server_context(files, default), client_contexts, files[default]
-
-
-def _install_signals(loop: asyncio.AbstractEventLoop, relay: Relay, stop: asyncio.Event) -> None:
-    def reload() -> None:
-        try:
-            if relay.config.source.startswith("<"):
-                relay.reload(relay.config)  # the embedded default: re-read certificates only
-            else:
-                relay.reload(load_config(relay.config.source))
-        except Exception as exc:  # a bad file keeps the running configuration (reload is atomic)
-            log.error("reload failed, keeping the running configuration: %s", exc)
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-
-
-async def serve(config: Config, worker: int | None = None, reread: Callable[[], Config] | None = None) -> int:
-    raise_fd_limit()
-    relay = Relay(config, worker=worker or 0)
-    try:
-        await relay.start()
-    except OSError as exc:  # e.g. a port already in use
-        log.error("cannot start listening: %s", exc)
-        await relay.stop(timeout=0)
-        return 1
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    _install_signals(loop, relay, stop)
-    if reread is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload_from, relay, reread)
-    for name, (host, port) in relay.listening.items():
-        print(f"{name}: listening on {host}:{port}", flush=True)
-    if config.components and "component" in relay.listening:
-        host, port = relay.listening["component"]
-        for component in config.components:
-            print(f"component {component.domain}: connect a XEP-0114 component to {host}:{port} "
-                  f"with its configured secret", flush=True)
-    elif "component" in relay.listening:
-        host, port = relay.listening["component"]
-        print("no component configured; to connect a XEP-0114 component, put\n"
-              "  [[component]]\n  domain = \"bot.localhost\"\n  secret = \"choose-a-secret\"\n"
-              f"in a config file, run `python -m router serve --config FILE`, and point the component "
-              f"at {host}:{port} with that domain and secret", flush=True)
-    domains = ", ".join(sorted(config.local_domains))
-    print(f"serving domains: {domains}", flush=True)
-    await stop.wait()
-    log.info("shutting down")
-    await relay.stop()
-    return 0
-
-
-def _reload_from(relay: Relay, reread: Callable[[], Config]) -> None:
-    try:
-        relay.reload(reread())
-    except Exception as exc:  # a bad file keeps the running configuration (reload is atomic)
-        log.error("reload failed, keeping the running configuration: %s", exc)
-
-
-def run(config: Config, worker: int | None = None, reread: Callable[[], Config] | None = None) -> int:
-    """Serve ``config`` until SIGTERM/SIGINT (exit status 0). A worker of a node
-    (router.cluster.supervisor) has its index, and ``reread``: how SIGHUP reads
-    its configuration again (keeping the listeners the supervisor reserved)."""
-    import uvloop
-
-    return uvloop.run(serve(config, worker, reread))

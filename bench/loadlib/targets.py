@@ -284,11 +284,8 @@ class HopTarget(RelayTarget):
 
     def start(self, routes: dict[str, tuple[str, int]]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        nats_port = harness.free_port("127.0.0.1")
-        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        nats = subprocess.Popen(taskset(self.cpu) + [binary, "-a", "127.0.0.1", "-p", str(nats_port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.others.append(nats)
+        nats_port = self._start_nats()
+        nats = self.others[-1]
         cluster = f'\n[cluster]\nnats = ["nats://127.0.0.1:{nats_port}"]\nnode = "{{node}}"\n'
         # n2 first: it serves the component; its S2S port only answers dialback verifications
         self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
@@ -302,6 +299,15 @@ class HopTarget(RelayTarget):
         self.component = component  # the echo component connects to n2
         self._ready()
         self.extra_pids = {"relay-hop:n2": n2.pid, "nats": nats.pid}
+
+    def _start_nats(self) -> int:
+        """A nats-server on a free port, beside the relay on its CPUs; returns the port."""
+        port = harness.free_port("127.0.0.1")
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.others.append(subprocess.Popen(taskset(self.cpu) + [binary, "-a", "127.0.0.1", "-p", str(port)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            start_new_session=True))
+        return port
 
     def _spawn(self, name: str, config_text: str) -> subprocess.Popen:
         port = self.metrics_ports[name] = harness.free_port("127.0.0.1")
@@ -326,11 +332,35 @@ class HopTarget(RelayTarget):
                     proc.wait(5)
 
 
+class WorkersTarget(HopTarget):
+    """One node of two workers (``[cluster] workers = 2``) on a nats-server: the
+    kernel spreads the generator's streams over the workers, and a stanza whose
+    component is connected to the other worker crosses the bus. Its CPU is the
+    supervisor's (the target's row), plus each worker's and nats-server's."""
+
+    name = "relay-w2"
+    workers = 2
+
+    def start(self, routes: dict[str, tuple[str, int]]) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        nats_port = self._start_nats()
+        self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
+        self.process = self._spawn("node", self.config_text(routes) + f'\n[cluster]\nworkers = {self.workers}\n'
+                                   f'nats = ["nats://127.0.0.1:{nats_port}"]\nnode = "n1"\n')
+        self._ready()
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        self.extra_pids = {f"relay-w2:worker{i}": int(pid) for i, pid in enumerate(children)}
+        self.extra_pids["nats"] = self.others[-1].pid
+
+
 def make_target(kind: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None) -> Target:
     if kind == "relay":
         return RelayTarget(workdir / "relay", pki_, tls, cpu, profile)
     if kind == "relay-hop":
         return HopTarget(workdir / "relay-hop", pki_, tls, cpu, profile)
+    if kind == "relay-w2":
+        return WorkersTarget(workdir / "relay-w2", pki_, tls, cpu, profile)
     if kind == "prosody":
         return PeerTarget(BenchProsody, "prosody", workdir / "prosody", pki_, tls, cpu, bidi=True)
     if kind == "ejabberd":

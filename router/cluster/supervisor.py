@@ -30,6 +30,7 @@ from typing import Mapping
 
 from router.config import Config, Endpoint, load_config
 from router.metrics import PREFIX, Registry, start_metrics_server
+from router.notify import monotonic_usec, notify
 
 log = logging.getLogger("router.cluster.supervisor")
 
@@ -161,7 +162,9 @@ class Supervisor:
         self.workers = [Worker(i) for i in range(config.cluster.workers)]
         self.reserved = reserve(config)
         addresses = {name: sock.getsockname()[:2] for name, sock in self.reserved.items()}
-        self.environment = {**os.environ, LISTEN_ENV: json.dumps(addresses)}
+        # the node, not each worker, is the service systemd watches
+        self.environment = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | {
+            LISTEN_ENV: json.dumps(addresses)}
         self.stopping = asyncio.Event()
         self.metrics_server: asyncio.Server | None = None
         self.metrics_address: tuple[str, int] | None = None
@@ -182,7 +185,9 @@ class Supervisor:
         keepers = [loop.create_task(self._keep_running(worker)) for worker in self.workers] if started else []
         if started:
             self._announce()
+            notify("READY=1", f"STATUS=serving with {len(self.workers)} workers")
             await self.stopping.wait()
+            notify("STOPPING=1")
             log.info("stopping %d workers", len(self.workers))
         for task in keepers:
             task.cancel()
@@ -283,6 +288,7 @@ class Supervisor:
         """SIGHUP: every worker reloads the file, as one relay process does. The
         supervisor reads it first, so new key material (a self-signed certificate)
         is created once, not raced for by the workers."""
+        notify("RELOADING=1", monotonic_usec())
         try:
             config = load_config(self.config.source)
         except Exception as exc:  # each worker reports it too, and keeps its running configuration
@@ -297,6 +303,7 @@ class Supervisor:
         for worker in self.workers:
             if worker.alive and worker.ready:  # one still starting reads the new file anyway
                 worker.process.send_signal(signal.SIGHUP)
+        notify("READY=1")
 
     async def _stop_workers(self) -> None:
         """SIGTERM to every worker; SIGKILL to the ones still running after the bound."""

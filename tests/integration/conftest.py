@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -57,18 +58,19 @@ async def running(config):
 
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_RELAY = ("import logging, sys; from router.config import load_config; from router.server import run; "
+RUN_RELAY = ("import logging, sys; from router.config import load_config; from router.process import run; "
              "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s'); "
              "sys.exit(run(load_config(sys.argv[1])))")
 
 
-def start_process(config_path: Path) -> subprocess.Popen:
-    """``router.server.run`` in a child process whose output goes to a file beside
-    the config (a pipe nobody reads would block it); returns after its banner."""
+def start_process(config_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """``router.process.run`` in a child process whose output goes to a file beside
+    the config (a pipe nobody reads would block it); returns after its banner.
+    ``env``: variables added to this process's environment for it."""
     output = config_path.with_suffix(".log")
     with open(output, "w") as sink:
         process = subprocess.Popen([sys.executable, "-c", RUN_RELAY, str(config_path)], cwd=ROOT,
-                                   stdout=sink, stderr=subprocess.STDOUT)
+                                   stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     for _ in range(200):  # up to 20 s; the banner ends with the domains line
         if "serving domains:" in output.read_text():
             return process
@@ -80,11 +82,11 @@ def start_process(config_path: Path) -> subprocess.Popen:
 
 
 @contextmanager
-def relay_process(spec, path: Path):
+def relay_process(spec, path: Path, env: dict | None = None):
     """The relay for ``spec`` as a child process; killed if the test did not stop it."""
     spec.config()  # validate before the process sees it
     path.write_text(spec.toml())
-    process = start_process(path)
+    process = start_process(path, env)
     try:
         yield process
     finally:

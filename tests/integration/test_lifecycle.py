@@ -1,4 +1,4 @@
-"""The relay as a process: ``router.server.run`` serves until SIGTERM, closes every
+"""The relay as a process: ``router.process.run`` serves until SIGTERM, closes every
 stream with ``<system-shutdown/>`` and exits 0; SIGHUP reloads the configuration
 without dropping open streams."""
 

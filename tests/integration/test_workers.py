@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,15 +69,16 @@ class Node:
 
 
 @contextmanager
-def node(spec, path: Path, *args: str):
+def node(spec, path: Path, *args: str, env: dict | None = None):
     """``python -m router serve --config FILE`` for ``spec``; after its banner. Every
-    process it started is killed if the test did not stop it."""
+    process it started is killed if the test did not stop it. ``env`` is added to
+    the environment."""
     spec.config()  # validate before the process sees it
     path.write_text(spec.toml())
     log = path.with_suffix(".log")
     with open(log, "w") as sink:
         process = subprocess.Popen([sys.executable, "-m", "router", "serve", "--config", str(path), *args],
-                                   cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+                                   cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     running = Node(process, log)
     try:
         eventually(lambda: "serving domains:" in running.text() or process.poll() is not None, "the banner")
@@ -209,3 +211,26 @@ def test_one_worker_is_one_process_without_a_supervisor(relay_spec, nats_url, tm
         assert "# TYPE xmpp_router_streams_open gauge" in scrape(spec.metrics_port)
         n1.process.send_signal(signal.SIGTERM)
         assert n1.process.wait(timeout=NODE_TIMEOUT) == 0
+
+
+def test_the_supervisor_alone_speaks_to_systemd_for_the_node(relay_spec, nats_url, tmp_path):
+    """READY=1 once every worker serves, RELOADING=1 / READY=1 around SIGHUP,
+    STOPPING=1 on SIGTERM; the workers (which would say READY=1 each) say nothing."""
+    name = f"router-node-{os.getpid()}-{id(tmp_path)}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(NODE_TIMEOUT)
+        with node(cluster_spec(relay_spec, nats_url), tmp_path / "n1.toml", env={"NOTIFY_SOCKET": "@" + name}) as n1:
+            assert sock.recv(4096).decode().split("\n") == ["READY=1", "STATUS=serving with 2 workers"]
+            n1.process.send_signal(signal.SIGHUP)
+            assert sock.recv(4096).decode().startswith("RELOADING=1\nMONOTONIC_USEC=")
+            assert sock.recv(4096) == b"READY=1"
+            n1.process.send_signal(signal.SIGTERM)
+            assert sock.recv(4096) == b"STOPPING=1"
+            assert n1.process.wait(NODE_TIMEOUT) == 0
+            sock.settimeout(0.5)
+            try:
+                extra = sock.recv(4096)
+            except TimeoutError:
+                extra = None
+            assert extra is None, f"a worker spoke to systemd: {extra!r}"
