@@ -20,11 +20,16 @@ The stream objects stay Python (``router.net.stream.XmlStream``): the
 functions after ``Router`` are its per-read methods (``get_buffer``,
 ``buffer_updated``, the S2S and component ``_received``, ``forward``,
 ``write_chunks``, ``flush``), so each has one implementation.
-Counters are C integers that the metrics collector reads when scraped.
+Counters are C integers that the metrics collector reads when scraped. The
+cluster bus's batches (``router.cluster.frames``) are framed and parsed here
+too: a stanza that crosses the bus is framed once and parsed once.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memchr, memcpy
 
 from router._fastparse cimport Element, Tokenizer
 
@@ -42,6 +47,8 @@ cdef str COMPONENT_NS = "jabber:component:accept"
 FLUSH_AT = 65536
 cdef Py_ssize_t C_FLUSH_AT = FLUSH_AT
 cdef tuple LINKS = ("s2s", "component")  # counter index -> metrics label
+cdef bytes ABSENT = b"\x01"  # a bus frame's absent attribute (XML text never holds \x00 or \x01)
+cdef int CARRIED_FIELDS = 7  # a bus frame's header fields before the stanza's bytes
 cdef tuple DESTINATIONS = ("remote", "component")
 
 
@@ -191,6 +198,41 @@ cdef class Router:
                 log.exception("%s %s: writing failed", stream.kind, stream.peer)
                 stream.close_transport()
 
+    # ------------------------------------------------------------------ the cluster bus
+
+    def take_carried(self, list items, slow_take):
+        """Stanzas another member sent (``router.cluster.frames.Carried``): each one
+        whose route is an open, unpaused stream here joins that stream's writes;
+        ``slow_take(item)`` (``Delivery.take_from_bus``) answers the others. Returns
+        one answer per item: None (taken) or (condition, text)."""
+        cdef list answers = []
+        cdef dict batches = {}
+        cdef PyObject* found
+        cdef int kind
+        cdef tuple item
+        for obj in items:
+            item = <tuple>obj
+            kind = 1
+            found = PyDict_GetItem(self.local, item[6])
+            if found is NULL:
+                found = PyDict_GetItem(self.remote, (item[5], item[6]))
+                kind = 0
+            if found is NULL or type(<object>found) is self.service_type \
+                    or (<object>found).closing or (<object>found).paused:
+                answers.append(slow_take(item))
+                continue
+            target = <object>found
+            found = PyDict_GetItem(batches, target)
+            if found is NULL:
+                batches[target] = [item[7]]
+            else:
+                (<list>found).append(item[7])
+            self.routed[kind] += 1
+            answers.append(None)
+        for target, chunks in batches.items():
+            write_chunks(target, chunks)
+        return answers
+
     # ------------------------------------------------------------------ counters
 
     def stanzas_routed(self):
@@ -298,3 +340,91 @@ def flush(self):
     if self.raw_xml:
         for chunk in chunks:
             raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
+
+
+# ---------------------------------------------------------------------- cluster bus frames
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <stdint.h>
+    static inline void fr_put_u32(char* p, uint32_t v) {
+        p[0] = (char)(v >> 24); p[1] = (char)(v >> 16); p[2] = (char)(v >> 8); p[3] = (char)v;
+    }
+    static inline Py_ssize_t fr_get_u32(const unsigned char* p) {
+        return ((Py_ssize_t)p[0] << 24) | ((Py_ssize_t)p[1] << 16) | ((Py_ssize_t)p[2] << 8) | (Py_ssize_t)p[3];
+    }
+    """
+    void fr_put_u32(char* p, unsigned int v) noexcept
+    Py_ssize_t fr_get_u32(const unsigned char* p) noexcept
+
+
+cdef inline bytes utf8_of(object value):
+    return ABSENT if value is None else (<str>value).encode("utf-8")
+
+
+def encode_batch(str sender, list items):
+    """``router.cluster.frames.encode_batch``: the sender's name, then for each
+    item its seven header fields joined by NUL and its bytes, every part after
+    its 4-byte big-endian length."""
+    cdef list parts = [sender.encode("utf-8")]
+    cdef Py_ssize_t total = 0, size, k
+    cdef tuple item
+    for obj in items:
+        item = <tuple>obj
+        parts.append(b"\0".join([utf8_of(item[k]) for k in range(CARRIED_FIELDS)]))
+        parts.append(<bytes>item[CARRIED_FIELDS])
+    for part in parts:
+        total += 4 + PyBytes_GET_SIZE(part)
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char* o = PyBytes_AS_STRING(out)
+    for part in parts:
+        size = PyBytes_GET_SIZE(part)
+        fr_put_u32(o, <unsigned int>size)
+        memcpy(o + 4, PyBytes_AS_STRING(part), size)
+        o += 4 + size
+    return out
+
+
+def decode_batch(bytes payload, make):
+    """``router.cluster.frames.decode_batch``: (sender, [make(fields..., data), ...])
+    with ``make`` a tuple subclass (``Carried``); ValueError when the frames do not
+    add up."""
+    cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos = 0, size, start, stop
+    cdef const unsigned char* hit
+    cdef list parts = []
+    while pos < end:
+        if end - pos < 4:
+            raise ValueError("truncated length")
+        size = fr_get_u32(b + pos)
+        if size > end - pos - 4:
+            raise ValueError("truncated part")
+        parts.append((pos + 4, pos + 4 + size))
+        pos += 4 + size
+    if not parts or len(parts) % 2 != 1:
+        raise ValueError("a batch is its sender, then a header and the bytes of each stanza")
+    start, stop = parts[0]
+    sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
+    cdef list items = []
+    cdef list fields
+    cdef Py_ssize_t i
+    for i in range(1, len(parts), 2):
+        start, stop = parts[i]
+        fields = []
+        while True:
+            hit = <const unsigned char*>memchr(b + start, 0, stop - start)
+            size = (hit - (b + start)) if hit != NULL else stop - start
+            if size == 1 and b[start] == 1:
+                fields.append(None)
+            else:
+                fields.append(PyUnicode_DecodeUTF8(<const char*>b + start, size, NULL))
+            if hit == NULL:
+                break
+            start += size + 1
+        if len(fields) != CARRIED_FIELDS or fields[5] is None or fields[6] is None:
+            raise ValueError("a stanza header has seven fields, two domains among them")
+        start, stop = parts[i + 1]
+        fields.append(payload[start:stop])
+        items.append(tuple.__new__(make, fields))  # a NamedTuple without its Python-level __new__
+    return sender, items

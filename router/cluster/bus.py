@@ -246,7 +246,7 @@ class Bus:
         except FrameError as exc:
             log.warning("cluster bus: refusing a malformed batch: %s", exc)
             return  # the sender times out and bounces
-        answers = [self.host.delivery.take_from_bus(item) for item in items]
+        answers = self.host.router.take_carried(items, self.host.delivery.take_from_bus)
         self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(items))
         self.host.metrics.bus_batches.inc("received")
         try:
