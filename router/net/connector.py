@@ -78,6 +78,9 @@ class Connector:
         self._pair_waiters: dict[tuple[S2SStream, Pair], asyncio.Future] = {}
         # pairs that failed before anyone waited for them (a peer may refuse before connect() returns)
         self._early_failures: dict[tuple[S2SStream, Pair], tuple[str, str]] = {}
+        # pair -> the open streams authorized to send it, oldest first: who takes a pair
+        # over when its stream closes, without a scan of every stream per close
+        self._senders: dict[Pair, tuple[S2SStream, ...]] = {}
 
     async def establish(self, pair: Pair) -> None:
         """Give ``pair`` an authenticated stream, or bounce its queued stanzas."""
@@ -192,6 +195,9 @@ class Connector:
             return
         table = self.host.table
         for pair in stream.session.outbound_pairs:
+            senders = self._senders.get(pair, ())
+            if stream not in senders:
+                self._senders[pair] = (*senders, stream)
             if table.remote.get(pair) is stream:
                 continue
             if not table.add_remote(pair, stream):
@@ -217,11 +223,15 @@ class Connector:
         """``stream`` carries no more stanzas (it closed, or is closing): another
         open stream authorized for one of its pairs takes the pair over at once."""
         orphaned = self.host.table.remove_link(stream)
-        if orphaned:
-            for other in list(self.host.streams):
-                if other is not stream and isinstance(other, S2SStream) \
-                        and not orphaned.isdisjoint(other.session.outbound_pairs):
-                    self.routes_changed(other)
+        for pair in stream.session.outbound_pairs:
+            senders = tuple(other for other in self._senders.get(pair, ()) if other is not stream)
+            if senders:
+                self._senders[pair] = senders
+            else:
+                self._senders.pop(pair, None)
+        heirs = {other: None for pair in orphaned for other in self._senders.get(pair, ())}
+        for other in heirs:
+            self.routes_changed(other)
 
     def stream_closed(self, stream: S2SStream, exc: Exception | None) -> None:
         """Pairs still waiting on ``stream`` fail with the reason it ended."""
