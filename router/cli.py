@@ -1,4 +1,4 @@
-"""Command line: ``python -m router serve|check-config|gen-cert`` (console script ``xmpp-router``).
+"""Command line: ``python -m router serve|check-config|gen-cert|ctl`` (console script ``xmpp-router``).
 
 ``serve`` without ``--config`` runs the embedded default (loopback only,
 domain ``localhost`` with the built-in services, key material in ``./state``).
@@ -6,7 +6,8 @@ With more than one worker (``[cluster] workers`` or ``--workers``) ``serve``
 runs the node's supervisor (router.cluster.supervisor), which starts each
 worker as ``serve --worker I``.
 A configuration with problems is refused with every problem listed, the same
-way ``check-config`` lists them.
+way ``check-config`` lists them. ``ctl`` asks a running relay over its control
+socket (router.admin.ctl).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
+from router.admin import ctl as admin_ctl
 from router.config import DEFAULT_STATE_DIR, Config, ConfigError, Problem, default_config, load_config
 from router.config.defaults import MAX_WORKERS
 
@@ -203,6 +205,34 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_check_dns(args: argparse.Namespace) -> int:
+    """What the relay would resolve and try for a remote domain, and whether it answers."""
+    import dns.asyncresolver
+    import uvloop
+
+    from router.net.dnscheck import report
+    from router.net.resolver import Resolver
+    from router.wire.jid import normalize_domain
+
+    try:
+        domain = normalize_domain(args.domain)
+        config = load_config(args.config, create_state=False) if args.config else None
+    except (ValueError, ConfigError) as exc:
+        print(f"check-dns: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    dns_resolver = None
+    if args.nameserver:  # a resolver of the operator's choosing instead of /etc/resolv.conf's
+        host, port = args.nameserver, "53"
+        if host.count(":") == 1:  # "host:port"; an IPv6 address alone has more colons
+            host, port = host.split(":")
+        dns_resolver = dns.asyncresolver.Resolver(configure=False)
+        dns_resolver.nameservers = [host]
+        dns_resolver.port = int(port)
+    resolver = Resolver(config.routes if config else {}, dns_resolver)
+    answered = uvloop.run(report(domain, resolver, print, args.timeout))
+    return EXIT_OK if answered else EXIT_INVALID
+
+
 def worker_count(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
         raise argparse.ArgumentTypeError(f"must be a number from 1 to {MAX_WORKERS}, got {text!r}")
@@ -247,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default .)")
     gen.add_argument("--force", action="store_true", help="overwrite an existing certificate and key")
     gen.set_defaults(handler=cmd_gen_cert)
+
+    dns_check = commands.add_parser("check-dns", help="show the SRV and A/AAAA records the relay would use for a "
+                                                      "remote domain and whether each target answers")
+    dns_check.add_argument("domain", metavar="DOMAIN")
+    dns_check.add_argument("--config", metavar="FILE", help="use its [routes] (static routes win over DNS)")
+    dns_check.add_argument("--nameserver", metavar="HOST[:PORT]", help="ask this DNS server (default: the system's)")
+    dns_check.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS", help="per address (default 5)")
+    dns_check.set_defaults(handler=cmd_check_dns)
+
+    ctl = commands.add_parser("ctl", help="ask a running relay: list, show and close streams, queues, DNS cache, "
+                                          "deny entries, a live top (over its control socket)")
+    admin_ctl.add_arguments(ctl)
+    ctl.set_defaults(handler=admin_ctl.main)
     return parser
 
 

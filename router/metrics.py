@@ -1,17 +1,32 @@
-"""Prometheus text exposition (format 0.0.4) without a client library.
+"""The relay's metrics: cheap families on the hot path, exposed with prometheus_client.
 
-Increments are a dict update keyed by the label-value tuple, cheap enough to
-call per stanza; the text is built only when scraped. ``RelayMetrics`` holds
-the relay's metric families; ``start_metrics_server`` serves them over HTTP.
+``Counter`` and ``Gauge`` here are plain dicts keyed by the label-value tuple
+(the compiled router's C counters are added at scrape time through
+``collect``), cheap enough to update per stanza. ``Registry`` turns them into
+prometheus_client families when scraped (a custom collector), next to the
+standard process collector (``process_*``: CPU, RSS, open file descriptors)
+and the histograms of rare events (negotiation time, dialback verification
+time, queue wait). ``start_metrics_server`` serves the Prometheus text format
+0.0.4, or OpenMetrics 1.0 to a scraper that asks for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Awaitable, Callable, Iterable, Mapping
 
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, UntypedMetricFamily
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+# What prometheus_client's text generator writes for names like ours (no UTF-8 names);
+# every Prometheus version reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Latency buckets of the histograms (seconds): a loopback negotiation takes a few
+# milliseconds, a TLS one across the internet up to seconds, a queued stanza waits
+# up to s2s.queue_max_age (60 s).
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Every family name starts with this, so dashboards find them together.
 PREFIX = "xmpp_router_"
 # A scrape request is one line plus a few headers; anything longer is not a scraper.
@@ -97,10 +112,15 @@ class Gauge(Metric):
 
 
 class Registry:
-    """A set of metric families rendered together."""
+    """A set of metric families rendered together, with prometheus_client collectors
+    beside them (``standard=True``: the process collector)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, standard: bool = False) -> None:
         self.metrics: dict[str, Metric] = {}
+        self.exposition = CollectorRegistry(auto_describe=False)
+        self.exposition.register(_Families(self))
+        if standard:
+            ProcessCollector(registry=self.exposition)
 
     def _add(self, metric: Metric) -> Metric:
         if metric.name in self.metrics:
@@ -114,39 +134,32 @@ class Registry:
     def gauge(self, name: str, help: str, labelnames: tuple[str, ...] = (), collect=None) -> Gauge:
         return self._add(Gauge(name, help, labelnames, collect))
 
-    def render(self) -> bytes:
-        """The whole registry in Prometheus text format 0.0.4."""
-        lines = []
-        for metric in self.metrics.values():
-            lines.append(f"# HELP {metric.name} {_escape_help(metric.help)}")
-            lines.append(f"# TYPE {metric.name} {metric.kind}")
+    def histogram(self, name: str, help: str, labelnames: tuple[str, ...] = ()) -> Histogram:
+        """A prometheus_client histogram, for events far rarer than stanzas."""
+        return Histogram(name, help, labelnames, buckets=BUCKETS, registry=self.exposition)
+
+    def render(self, *, openmetrics: bool = False) -> bytes:
+        """Every family: Prometheus text 0.0.4, or OpenMetrics 1.0."""
+        return (generate_openmetrics if openmetrics else generate_latest)(self.exposition)
+
+
+_FAMILIES = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "untyped": UntypedMetricFamily}
+
+
+class _Families:
+    """The custom collector: our dict-backed families as prometheus_client ones."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for metric in self.registry.metrics.values():
+            family = _FAMILIES[metric.kind](metric.name, metric.help, labels=metric.labelnames)
             for labels, value in sorted(metric.samples()):
                 if len(labels) != len(metric.labelnames):
                     raise ValueError(f"{metric.name}: labels {labels!r} do not match {metric.labelnames!r}")
-                if labels:
-                    pairs = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(metric.labelnames, labels))
-                    lines.append(f"{metric.name}{{{pairs}}} {_format_value(value)}")
-                else:
-                    lines.append(f"{metric.name} {_format_value(value)}")
-        return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-def _escape_label(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format_value(value: float) -> str:
-    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
-        return str(int(value))
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
+                family.add_metric([str(v) for v in labels], value)
+            yield family
 
 
 class RelayMetrics:
@@ -157,7 +170,7 @@ class RelayMetrics:
     """
 
     def __init__(self, registry: Registry | None = None):
-        self.registry = r = registry or Registry()
+        self.registry = r = registry or Registry(standard=True)
         p = PREFIX
         self.streams_open = r.gauge(
             p + "streams_open",
@@ -241,11 +254,27 @@ class RelayMetrics:
             p + "service_stanzas_total", "Stanzas handled by built-in services, by service ping|disco|echo|sink|error|ignored.", ("service",)
         )
 
-    def render(self) -> bytes:
-        return self.registry.render()
+        self.negotiation_seconds = r.histogram(
+            p + "negotiation_seconds",
+            "Time from a stream's TCP connection to its first authenticated pair, by direction in|out.",
+            ("direction",),
+        )
+        self.verification_seconds = r.histogram(
+            p + "dialback_verification_seconds",
+            "Time to verify a peer's dialback key with its authoritative server, by result valid|invalid|error.",
+            ("result",),
+        )
+        self.queue_wait_seconds = r.histogram(
+            p + "queue_wait_seconds",
+            "Time stanzas waited for an outbound stream to be negotiated, by outcome sent|bounced.",
+            ("outcome",),
+        )
+
+    def render(self, *, openmetrics: bool = False) -> bytes:
+        return self.registry.render(openmetrics=openmetrics)
 
 
-async def _answer(render: Callable[[], Awaitable[bytes]], reader: asyncio.StreamReader,
+async def _answer(render: Callable[[bool], Awaitable[tuple[str, bytes]]], reader: asyncio.StreamReader,
                   writer: asyncio.StreamWriter) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
@@ -261,7 +290,9 @@ async def _answer(render: Callable[[], Awaitable[bytes]], reader: asyncio.Stream
     elif parts[1].split("?", 1)[0] != "/metrics":
         status, content_type, body = "404 Not Found", "text/plain", b"metrics are at /metrics\n"
     else:
-        status, content_type, body = "200 OK", CONTENT_TYPE, await render()
+        openmetrics = b"application/openmetrics-text" in head.lower()  # the Accept header asks for it
+        content_type, body = await render(openmetrics)
+        status = "200 OK"
     header = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -274,16 +305,18 @@ async def _answer(render: Callable[[], Awaitable[bytes]], reader: asyncio.Stream
     writer.close()
 
 
-async def start_metrics_server(source: Registry | RelayMetrics | Callable[[], Awaitable[bytes]], host: str,
+async def start_metrics_server(source: Registry | RelayMetrics | Callable[[bool], Awaitable[tuple[str, bytes]]],
+                               host: str,
                                port: int) -> asyncio.Server:
     """Serve ``GET /metrics`` on host:port; the caller closes the returned server.
     ``source`` is a registry, or a coroutine function making the exposition (a
-    node's supervisor gathers its workers' in it)."""
+    node's supervisor gathers its workers' in it): called with whether the
+    scraper asked for OpenMetrics, it returns (content type, body)."""
     if isinstance(source, (Registry, RelayMetrics)):
         registry = source.registry if isinstance(source, RelayMetrics) else source
 
-        async def render() -> bytes:
-            return registry.render()
+        async def render(openmetrics: bool) -> tuple[str, bytes]:
+            return (OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE), registry.render(openmetrics=openmetrics)
     else:
         render = source
     return await asyncio.start_server(lambda r, w: _answer(render, r, w), host, port, limit=MAX_REQUEST_BYTES)

@@ -16,6 +16,8 @@ import ssl
 from typing import Any
 
 from router._fastroute import Router
+from router.admin.control import STREAM_IDS, ControlServer
+from router.admin.protocol import socket_path
 from router.cluster.bus import Bus
 from router.net import resolver
 
@@ -111,6 +113,8 @@ class Relay:
         if config.cluster != old.cluster:
             log.warning("the [cluster] section changed: workers and the bus are set up at start, restart the relay "
                         "to apply it")
+        if config.policy.deny != old.policy.deny:  # ctl deny entries last until a reload
+            log.info("policy.deny is the file's again: %s", ", ".join(config.policy.deny) or "none")
         if config.log.level != old.log.level:
             logging.getLogger().setLevel(config.log.level)
         log.info("configuration reloaded from %s", config.source)
@@ -146,6 +150,9 @@ class Relay:
             self.servers.append(server)
             self.listening["metrics"] = server.sockets[0].getsockname()[:2]
             log.info("listening metrics on http://%s:%d/metrics", *self.listening["metrics"])
+        control = socket_path(self.config, self.worker)
+        if control is not None:  # one of self.servers: stop() closes it, which removes its socket file
+            self.servers.append(await ControlServer.start(self, control))
         self._sweeper = self.loop.create_task(self._sweep())
         if self.bus is not None:
             self.bus.start()  # in the background: NATS being away does not stop local delivery
@@ -240,6 +247,7 @@ class Relay:
     # ------------------------------------------------------------------ writes
     # ------------------------------------------------------------------ stream bookkeeping
     def stream_opened(self, stream: XmlStream) -> None:
+        stream.ctl_id = next(STREAM_IDS)
         self.streams.add(stream)
         if isinstance(stream, S2SStream) and not stream.outbound:
             self.admission.opened(stream)

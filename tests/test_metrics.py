@@ -1,4 +1,6 @@
-"""Prometheus exposition: rendering rules and the HTTP endpoint over loopback."""
+"""Metrics exposition through prometheus_client: our cheap families as a custom
+collector, the process collector, histograms, OpenMetrics, and the HTTP endpoint
+over loopback."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import asyncio
 import pytest
 import uvloop
 
-from router.metrics import CONTENT_TYPE, PREFIX, Registry, RelayMetrics, start_metrics_server
+from router.metrics import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, PREFIX, Registry, RelayMetrics, start_metrics_server
 
 
 def test_counter_and_gauge_render_with_labels():
@@ -24,11 +26,11 @@ def test_counter_and_gauge_render_with_labels():
     assert text.splitlines() == [
         "# HELP t_events_total Events seen.",
         "# TYPE t_events_total counter",
-        't_events_total{kind="a"} 3',
-        't_events_total{kind="b"} 1',
+        't_events_total{kind="a"} 3.0',
+        't_events_total{kind="b"} 1.0',
         "# HELP t_open Open things.",
         "# TYPE t_open gauge",
-        "t_open 1",
+        "t_open 1.0",
     ]
     assert c.get("a") == 3 and c.get("never") == 0
 
@@ -46,9 +48,9 @@ def test_collected_gauge_is_computed_at_scrape_time():
     depth = {"now": 0}
     r = Registry()
     r.gauge("t_depth", "Depth.", collect=lambda: {(): depth["now"]})
-    assert "t_depth 0\n" in r.render().decode()
+    assert "t_depth 0.0\n" in r.render().decode()
     depth["now"] = 7
-    assert "t_depth 7\n" in r.render().decode()
+    assert "t_depth 7.0\n" in r.render().decode()
 
 
 def test_label_count_mismatch_and_duplicate_names_are_errors():
@@ -80,8 +82,21 @@ def test_relay_families_are_all_exposed():
         "parse_errors_total",
     ):
         assert f"# TYPE {PREFIX}{family} " in text
-    assert f'{PREFIX}streams_open{{direction="in",mechanism="dialback",bidi="no"}} 1' in text
-    assert f'{PREFIX}parse_errors_total{{condition="restricted-xml"}} 1' in text
+    assert f'{PREFIX}streams_open{{bidi="no",direction="in",mechanism="dialback"}} 1.0' in text  # labels sorted
+    assert f'{PREFIX}parse_errors_total{{condition="restricted-xml"}} 1.0' in text
+
+
+def test_process_metrics_and_histograms_are_exposed():
+    m = RelayMetrics()
+    m.negotiation_seconds.labels("in").observe(0.004)
+    m.queue_wait_seconds.labels("sent").observe(2.0)
+    text = m.render().decode()
+    for family in ("process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds_total"):
+        assert f"\n{family} " in text
+    assert f'{PREFIX}negotiation_seconds_bucket{{direction="in",le="0.005"}} 1.0' in text
+    assert f'{PREFIX}negotiation_seconds_bucket{{direction="in",le="0.0025"}} 0.0' in text
+    assert f'{PREFIX}queue_wait_seconds_count{{outcome="sent"}} 1.0' in text
+    assert f"# TYPE {PREFIX}dialback_verification_seconds histogram" in text
 
 
 async def _http(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -107,11 +122,11 @@ def test_scrape_over_loopback():
             assert status == "HTTP/1.1 200 OK"
             assert headers["Content-Type"] == CONTENT_TYPE
             assert int(headers["Content-Length"]) == len(body)
-            assert f'{PREFIX}stanzas_routed_total{{destination="remote"}} 5' in body.decode()
+            assert f'{PREFIX}stanzas_routed_total{{destination="remote"}} 5.0' in body.decode()
 
             metrics.stanzas_routed.inc("remote")
             _, _, body = await _http(port, b"GET /metrics?x=1 HTTP/1.0\r\n\r\n")
-            assert f'{PREFIX}stanzas_routed_total{{destination="remote"}} 6' in body.decode()
+            assert f'{PREFIX}stanzas_routed_total{{destination="remote"}} 6.0' in body.decode()
 
             status, _, _ = await _http(port, b"GET / HTTP/1.1\r\n\r\n")
             assert status.startswith("HTTP/1.1 404")
@@ -119,6 +134,10 @@ def test_scrape_over_loopback():
             assert status.startswith("HTTP/1.1 405")
             status, _, _ = await _http(port, b"nonsense\r\n\r\n")
             assert status.startswith("HTTP/1.1 400")
+            status, headers, body = await _http(
+                port, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n")
+            assert headers["Content-Type"] == OPENMETRICS_CONTENT_TYPE and body.endswith(b"# EOF\n")
+            assert f'{PREFIX}stanzas_routed_total{{destination="remote"}} 6.0' in body.decode()
             status, headers, body = await _http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
             assert status == "HTTP/1.1 200 OK" and body == b"" and int(headers["Content-Length"]) > 0
         finally:

@@ -33,6 +33,7 @@ ANNOUNCE_INTERVAL = 1.0
 TTL = 3.5 * ANNOUNCE_INTERVAL  # three heartbeats missed
 RETRY_INTERVAL = 1.0  # between attempts to reach NATS at start
 CHANGE_DELAY = 0.02  # announcements of route changes are gathered this long
+STOP_TIMEOUT = 3.0  # for the goodbye and the NATS connection's close when the relay stops
 # Messages waiting in our inbox subscription before NATS calls us a slow consumer and
 # drops them (their senders then bounce on timeout): bounded like every queue.
 INBOX_PENDING_MESSAGES = 65536
@@ -70,15 +71,20 @@ class Bus:
         self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
-        if self.nc is not None and self.connected:
+        nc, connected, self.connected = self.nc, self.connected, False
+        if nc is None:
+            return
+        try:  # bounded: a NATS that is away or reconnecting must not hold up the relay's stop
+            if connected:
+                await nc.publish(f"{self.prefix}.routes", json.dumps({"member": self.member, "bye": True}).encode())
+                await asyncio.wait_for(nc.drain(), STOP_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - stopping must not fail on a broken bus
+            log.info("cluster bus: closing the NATS connection: %s", exc or type(exc).__name__)
+        if not nc.is_closed:
             try:
-                await self.nc.publish(f"{self.prefix}.routes", json.dumps({"member": self.member, "bye": True}).encode())
-                await self.nc.drain()
-            except Exception as exc:  # noqa: BLE001 - stopping must not fail on a broken bus
-                log.info("cluster bus: closing the NATS connection: %s", exc)
-        elif self.nc is not None:
-            await self.nc.close()
-        self.connected = False
+                await asyncio.wait_for(nc.close(), STOP_TIMEOUT)
+            except Exception as exc:  # noqa: BLE001
+                log.info("cluster bus: the NATS connection did not close in time: %s", exc or type(exc).__name__)
 
     async def _run(self) -> None:
         servers = list(self.config.nats)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from router.config import Config, Endpoint, load_config
-from router.metrics import PREFIX, Registry, start_metrics_server
+from router.metrics import CONTENT_TYPE, PREFIX, Registry, start_metrics_server
 from router.notify import monotonic_usec, notify
 
 log = logging.getLogger("router.cluster.supervisor")
@@ -350,12 +350,14 @@ class Supervisor:
             return None
         return body.decode("utf-8", errors="replace")
 
-    async def node_metrics(self) -> bytes:
+    async def node_metrics(self, openmetrics: bool = False) -> tuple[str, bytes]:
+        """(content type, every worker's samples and ours): Prometheus text 0.0.4 to
+        every scraper, since it is merged from the workers' text."""
         texts = await asyncio.gather(*(self._scrape(worker) for worker in self.workers))
         for worker, text in zip(self.workers, texts):
             self.worker_up.set(0 if text is None else 1, str(worker.index))
         answered = {worker.index: text for worker, text in zip(self.workers, texts) if text is not None}
-        return merge_metrics(answered).encode() + self.registry.render()
+        return CONTENT_TYPE, merge_metrics(answered).encode() + self.registry.render()
 
 
 def run(config: Config) -> int:

@@ -29,6 +29,9 @@ DEFAULT_COMPONENT_LISTEN = "127.0.0.1:5347"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9105"
 # XEP-0368 suggests 5270 for xmpps-server; off unless configured.
 DEFAULT_S2S_DIRECT_TLS_LISTEN = None
+# The control socket of `python -m router ctl`, inside the state directory: a Unix
+# socket (mode 0600) so only the relay's own user can list and close streams.
+DEFAULT_CONTROL_SOCKET = "control.sock"
 
 # Offer STARTTLS but accept dialback over plain TCP too: the embedded default
 # talks to self-signed local peers; production configs set required = true.
@@ -58,6 +61,10 @@ DEFAULT_IDLE_TIMEOUT = 600.0
 # Whitespace keepalive interval; checks "not more than once every 5 minutes"
 # (RFC 6120 §4.6.4), so 300 s.
 DEFAULT_KEEPALIVE_INTERVAL = 300.0
+# TCP keepalive on S2S sockets: probes after 2 minutes of silence, then 3 probes 10 s
+# apart, so a peer that vanished (a NAT that forgot the connection, a host gone) is
+# found in under 3 minutes even on a stream where neither side writes.
+DEFAULT_TCP_KEEPALIVE = 120.0
 # Bound on the time a stream may stay unauthenticated (RFC 6120 §4.6.3: closing on a
 # local timeout policy; Prosody's connect timeout is 60 s).
 DEFAULT_NEGOTIATION_TIMEOUT = 60.0

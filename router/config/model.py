@@ -54,6 +54,7 @@ class ListenConfig:
     s2s_direct_tls: Endpoint | None  # XEP-0368
     component: Endpoint | None  # XEP-0114
     metrics: Endpoint | None  # Prometheus HTTP
+    control: Path | None  # the Unix socket of ``python -m router ctl`` (router.admin)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class S2SConfig:
     write_low_water: int
     write_queue_max: int
     write_stall_timeout: float
+    tcp_keepalive: float  # seconds of silence before the kernel probes the peer; 0: off
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from router.config.defaults import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_COMPONENT_LISTEN,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONTROL_SOCKET,
     DEFAULT_DOMAIN,
     DEFAULT_ECHO_DOMAIN,
     DEFAULT_IDLE_TIMEOUT,
@@ -43,6 +44,7 @@ from router.config.defaults import (
     DEFAULT_WRITE_LOW_WATER,
     DEFAULT_WRITE_QUEUE_MAX,
     DEFAULT_WRITE_STALL_TIMEOUT,
+    DEFAULT_TCP_KEEPALIVE,
     LOG_FORMATS,
     LOG_LEVELS,
 )
@@ -110,12 +112,13 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
 
     # [listen]
     listen_t = r.table(data, "listen")
-    r.known_keys(listen_t, "listen", {"s2s", "s2s_direct_tls", "component", "metrics"})
+    r.known_keys(listen_t, "listen", {"s2s", "s2s_direct_tls", "component", "metrics", "control"})
     listen = ListenConfig(
         s2s=r.endpoint(listen_t, "listen", "s2s", DEFAULT_S2S_LISTEN),
         s2s_direct_tls=r.endpoint(listen_t, "listen", "s2s_direct_tls", DEFAULT_S2S_DIRECT_TLS_LISTEN),
         component=r.endpoint(listen_t, "listen", "component", DEFAULT_COMPONENT_LISTEN),
         metrics=r.endpoint(listen_t, "listen", "metrics", DEFAULT_METRICS_LISTEN),
+        control=_control_socket(r, listen_t, state_dir),
     )
 
     # [s2s]
@@ -138,7 +141,10 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         write_low_water=r.positive(s, "s2s", "write_low_water", int, DEFAULT_WRITE_LOW_WATER),
         write_queue_max=r.positive(s, "s2s", "write_queue_max", int, DEFAULT_WRITE_QUEUE_MAX),
         write_stall_timeout=r.positive(s, "s2s", "write_stall_timeout", float, DEFAULT_WRITE_STALL_TIMEOUT),
+        tcp_keepalive=r.get(s, "s2s", "tcp_keepalive", float, DEFAULT_TCP_KEEPALIVE),
     )
+    if s2s.tcp_keepalive < 0:
+        r.problem("s2s.tcp_keepalive", f"must be 0 (off) or a number of seconds, got {s2s.tcp_keepalive}")
     if s2s.write_low_water >= s2s.write_high_water:
         r.problem("s2s.write_low_water", f"must be below write_high_water ({s2s.write_high_water})")
     if s2s.write_queue_max <= s2s.write_high_water:
@@ -228,6 +234,20 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         source=source,
     )
 
+
+
+def _control_socket(r: Reader, listen: dict, state_dir: Path) -> Path | None:
+    """``[listen] control``: a socket path (relative to the config file), ``false``
+    for none; ``<state_dir>/control.sock`` when not given."""
+    value = r.get(listen, "listen", "control", (str, bool), None)
+    if value is None:
+        return state_dir / DEFAULT_CONTROL_SOCKET
+    if value is False:
+        return None
+    if value is True or not value:
+        r.problem("listen.control", "use a Unix socket path to enable, false to disable")
+        return None
+    return (r.base_dir / Path(value).expanduser()).resolve()
 
 
 def load_config(path: str | os.PathLike[str], *, create_state: bool = True) -> Config:

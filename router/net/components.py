@@ -167,7 +167,7 @@ class ComponentStream(XmlStream):
         self.header_sent = True
 
     def close_gracefully(self, condition: str | None = None, text: str | None = None) -> None:
-        if self.closing or self.transport is None:
+        if self.closing or self.transport is None or self._close_timer is not None:  # closed, or closing already
             return
         if condition:
             self.write(stream_error(condition, text))

@@ -117,7 +117,9 @@ class Connector:
             else:
                 backoff.failed(host.loop.time())
                 log.warning("pair failed remote=%s local=%s condition=%s: %s", remote, local, outcome, reason)
+                waited = host.metrics.queue_wait_seconds.labels("bounced")
                 for item in host.table.take_queue(pair):
+                    waited.observe(host.loop.time() - item.since)
                     host.delivery.bounce(item, outcome, f"cannot reach {remote}: {reason}")
                 host.metrics.negotiations_failed.inc("out", outcome)
             host.delivery.update_queue_gauges()
@@ -205,6 +207,9 @@ class Connector:
             items = table.take_queue(pair)
             if items:
                 stream.write_chunks([item.data for item in items])
+                waited, now = self.host.metrics.queue_wait_seconds.labels("sent"), self.host.loop.time()
+                for item in items:
+                    waited.observe(now - item.since)
             future = self._pair_waiters.get((stream, pair))
             if future is not None and not future.done():
                 future.set_result(None)

@@ -153,6 +153,29 @@ class Resolver:
             raise ResolutionError(f"no address for the SRV targets of {domain} ({hosts})")
         return targets
 
+    async def services(self, domain: str) -> dict[str, list[SrvRecord] | None]:
+        """The raw SRV answers for ``domain`` by service (``check-dns`` shows them):
+        records, [] for none, None when the lookup failed."""
+        xmpps, xmpp = await asyncio.gather(
+            self._srv(XMPPS_SERVER + domain + ".", True), self._srv(XMPP_SERVER + domain + ".", False)
+        )
+        return {XMPPS_SERVER.rstrip("."): xmpps, XMPP_SERVER.rstrip("."): xmpp}
+
+    def forget(self, domain: str) -> int:
+        """Drop the cached answers for a normalized remote domain (its SRV records, the
+        addresses of their targets and of the domain itself), so the next connection
+        asks DNS again; returns how many answers were dropped. For an operator who
+        changed a peer's records (``python -m router ctl dns-flush``)."""
+        names = {XMPPS_SERVER + domain + ".", XMPP_SERVER + domain + ".", domain + "."}
+        for service in (XMPPS_SERVER, XMPP_SERVER):
+            cached = self._cache.get((service + domain + ".", "SRV"))
+            if cached is not None:
+                names.update(_host(rr.target) + "." for rr in cached[1] if rr.target != dns.name.root)
+        dropped = [key for key in self._cache if key[0] in names]
+        for key in dropped:
+            del self._cache[key]
+        return len(dropped)
+
     async def _srv(self, name: str, direct_tls: bool) -> list[SrvRecord] | None:
         """SRV records, [] when there are none, None when the lookup failed."""
         rdatas = await self._query(name, "SRV")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from router import _fastroute
@@ -24,6 +25,25 @@ log = logging.getLogger("router.net.s2s")
 
 # Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
 EARLY_BUFFER_SIZE = 16384
+
+
+# TCP keepalive probes after the idle time: this many, this far apart (seconds)
+KEEPALIVE_PROBES = 3
+KEEPALIVE_PROBE_INTERVAL = 10
+
+
+def tcp_keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
+    """SO_KEEPALIVE, probing after ``idle`` seconds of silence (0: off): the kernel
+    ends a connection whose peer vanished (a NAT that forgot it, a host gone) even
+    when neither side writes, and the stream's close bounces what waited on it."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or idle <= 0:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; elsewhere the system's own timers apply
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(idle)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_PROBE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 class S2SStream(XmlStream):
@@ -78,6 +98,7 @@ class S2SStream(XmlStream):
         super().connection_made(transport)
         if self.closing:  # refused by a connection limit
             return
+        tcp_keepalive(transport, self.relay.config.s2s.tcp_keepalive)
         direction = "outbound" if self.outbound else "inbound"
         log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.domain_label,
                  " tls=direct" if self.direct_tls else "")
@@ -141,6 +162,8 @@ class S2SStream(XmlStream):
             if not self.authenticated:
                 self.authenticated = True
                 self.relay.admission.authenticated(self)
+                self.relay.metrics.negotiation_seconds.labels(self.direction).observe(
+                    self.loop.time() - self.opened_at)
             self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
             self.remote_domain = self.remote_domain or event.pair.remote
             log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",

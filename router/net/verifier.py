@@ -61,6 +61,7 @@ class DialbackVerifier:
     async def _verify(self, origin: S2SStream, event, slots) -> None:
         host = self.host
         link = None
+        started = host.loop.time()
         try:
             link = next((candidate for candidate in host.table.links_to(event.originating)
                          if candidate is not origin and isinstance(candidate, S2SStream)
@@ -88,6 +89,8 @@ class DialbackVerifier:
             release(*slots)
         log.info("dialback key of %s for %s: %s (asked %s)", event.originating, event.receiving, result,
                  link.peer if link is not None else "nobody")
+        host.metrics.verification_seconds.labels(result if result in ("valid", "invalid") else "error").observe(
+            host.loop.time() - started)
         if not origin.closing:
             origin.session.key_verified(event.token, result)
             origin.pump()

@@ -213,8 +213,10 @@ class Delivery:
 
     def expire_queues(self, now: float) -> None:
         """Bounce queued stanzas that waited longer than ``s2s.queue_max_age``."""
+        waited = self.metrics.queue_wait_seconds.labels("bounced")
         for queue in list(self.table.pending.values()):
             for item in queue.expired(now):
+                waited.observe(now - item.since)
                 self.bounce(item, "remote-server-timeout", "no stream to the remote server in time")
         self.update_queue_gauges()
 

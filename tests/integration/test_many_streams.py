@@ -24,9 +24,11 @@ async def scrape(port: int) -> str:
 
 
 def sample(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    match = re.search(rf"^{name}{{{wanted}}} (\S+)$" if labels else rf"^{name} (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    """The value of ``name`` with exactly ``labels`` (in any order), 0 when absent."""
+    for found, value in re.findall(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.M):
+        if dict(re.findall(r'(\w+)="([^"]*)"', found)) == labels:
+            return float(value)
+    return 0.0
 
 
 @pytest.mark.slow

@@ -24,6 +24,11 @@ from .rawstream import RawComponent
 from .test_many_streams import sample, scrape
 
 
+def observed(relay, histogram: str, **labels: str) -> float:
+    """How many events the relay's histogram ``histogram`` counted with ``labels``."""
+    return relay.metrics.registry.exposition.get_sample_value(f"xmpp_router_{histogram}_count", labels) or 0
+
+
 def opened(relay) -> int:
     """Outbound TCP connections the relay made (streams and verify-only)."""
     return relay.metrics.outbound_connections.get("stream") + relay.metrics.outbound_connections.get("verify")
@@ -200,6 +205,11 @@ def test_dialback_with_untrusted_certificate_verifies_over_another_connection(pa
             assert opened(relay_a) == 1
             bot_b.send("<message from='juliet@bot.b.test' to='romeo@bot.a.test' id='db2'/>")
             assert (await bot_a.receive()).get("id") == "db2"
+            # the histograms saw the negotiations, B's verification and the stanza A queued meanwhile
+            assert observed(relay_b, "dialback_verification_seconds", result="valid") == 1
+            assert observed(relay_a, "negotiation_seconds", direction="out") >= 1
+            assert observed(relay_b, "negotiation_seconds", direction="in") >= 1
+            assert observed(relay_a, "queue_wait_seconds", outcome="sent") == 1
             await bot_a.close()
             await bot_b.close()
 
@@ -294,6 +304,7 @@ def test_unreachable_unresolvable_and_slow_remotes_bounce_to_the_sender(relay_sp
                 assert texts["m-refusing.test"] == ("cannot reach refusing.test: the peer closed the stream with "
                                                     "<not-authorized/>: Your server's certificate is not trusted")
                 assert relay.metrics.stanzas_bounced.get("remote-server-timeout") == 3
+                assert observed(relay, "queue_wait_seconds", outcome="bounced") == 12  # three stanzas per remote
                 assert not relay.table.pending  # nothing left queued
                 with pytest.raises(TimeoutError):
                     await bot.receive(timeout=0.3)  # and nothing else came back
