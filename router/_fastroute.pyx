@@ -231,6 +231,7 @@ cdef class Router:
             answers.append(None)
         for target, chunks in batches.items():
             write_chunks(target, chunks)
+            target.stanzas_out += len(chunks)
         return answers
 
     # ------------------------------------------------------------------ counters
@@ -291,14 +292,18 @@ def component_received(self, Py_ssize_t nbytes):
 def forward(self, dict batches):
     """Queue each destination's gathered ranges; pin our buffer, whose views they
     are, and stop reading from a paused destination."""
+    cdef Py_ssize_t forwarded = 0
     for dest, chunks in batches.items():
         if dest.closing:  # closed by an event of this very read; routing checked before
             log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
             continue
         write_chunks(dest, chunks)
+        dest.stanzas_out += len(chunks)  # once per destination and read, not per stanza
+        forwarded += len(chunks)
         if dest.paused and self.may_wait_for(dest):
             self.block_on(dest)
     if batches:
+        self.stanzas_in += forwarded
         self.tokenizer.pin()
 
 

@@ -112,7 +112,7 @@ def test_streams_table_has_a_row_per_stream_and_the_totals():
               "local_domains": ["relay.test"], "remote_domains": ["example.net"], "mechanism": "dialback",
               "bidi": False, "tls": {"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "bits": 128},
               "peer_certificate": None, "age": 3700, "idle": 5, "bytes_in": 2048, "bytes_out": 10, "queue": 0,
-              "authenticated": True, "closing": False, "paused": False,
+              "stanzas_in": 4, "stanzas_out": 1, "authenticated": True, "closing": False, "paused": False,
               "inbound_pairs": [], "outbound_pairs": [["relay.test", "example.net"]]}
     totals = {"streams": 1, "s2s_in": 0, "s2s_out": 1, "components": 0, "stanzas_routed": 3,
               "stanzas_bounced": 0, "queued_stanzas": 0}
@@ -123,3 +123,4 @@ def test_streams_table_has_a_row_per_stream_and_the_totals():
     assert summary.startswith("1 stream(s): s2s in 0, out 1")
     shown = tables.stream(stream)
     assert "pairs out" in shown and "relay.test -> example.net" in shown and "1h1m" in shown
+    assert "4/1" in row and "4 forwarded from it, 1 forwarded to it" in shown

@@ -46,6 +46,7 @@ def test_authorized_stanzas_are_routed_without_the_session(world, taken):
     assert sent(relay, to_component) == b"".join(stanzas)
     assert taken == []
     assert relay.metrics.stanzas_routed.get("component") == 3  # the C counters, as scraped
+    assert (a.stanzas_in, relay.table.local[DOMAIN].stanzas_out) == (3, 3)  # per stream, for ctl
     assert b'xmpp_router_stanzas_routed_total{destination="component"} 3.0' in relay.metrics.render()
 
 

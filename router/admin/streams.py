@@ -51,7 +51,8 @@ def counters(stream: XmlStream) -> dict[str, Any]:
     local, remote = domains(stream)
     return {"id": stream.ctl_id, "kind": stream.kind, "direction": direction(stream),
             "domain": ", ".join(remote or local) or "-", "bytes_in": bytes_in(stream),
-            "bytes_out": stream.handed, "queue": queue_depth(stream)}
+            "bytes_out": stream.handed, "stanzas_in": stream.stanzas_in, "stanzas_out": stream.stanzas_out,
+            "queue": queue_depth(stream)}
 
 
 def direction(stream: XmlStream) -> str:
@@ -74,6 +75,8 @@ def describe(stream: XmlStream, now: float) -> dict[str, Any]:
         "idle": round(now - stream.last_rx, 3),  # since anything was received (s2s.idle_timeout counts it)
         "bytes_in": bytes_in(stream),
         "bytes_out": stream.handed,
+        "stanzas_in": stream.stanzas_in,
+        "stanzas_out": stream.stanzas_out,
         "queue": queue_depth(stream),
         "paused": stream.paused,
     }

@@ -58,10 +58,10 @@ def streams(result: dict[str, Any]) -> str:
     rows = [[s["id"], s["kind"], s["direction"], _domains(s["remote_domains"]), _domains(s["local_domains"]),
              s["mechanism"] or "no", "yes" if s["bidi"] else "no", s["tls"]["version"] if s["tls"] else "-",
              expires_in(s["peer_certificate"]) if s.get("peer_certificate") else "-",
-             duration(s["age"]), duration(s["idle"]), size(s["bytes_in"]), size(s["bytes_out"]), size(s["queue"]),
-             s["peer"]] for s in result["streams"]]
+             duration(s["age"]), duration(s["idle"]), size(s["bytes_in"]), size(s["bytes_out"]),
+             f"{s['stanzas_in']}/{s['stanzas_out']}", size(s["queue"]), s["peer"]] for s in result["streams"]]
     headers = ("ID", "KIND", "DIR", "REMOTE", "LOCAL", "AUTH", "BIDI", "TLS", "CERT", "AGE", "IDLE", "IN", "OUT",
-               "QUEUE", "PEER")
+               "STANZAS IN/OUT", "QUEUE", "PEER")
     return table(headers, rows) + "\n" + totals_line(result["totals"])
 
 
@@ -87,6 +87,7 @@ def stream(s: dict[str, Any]) -> str:
               ("idle", f"{duration(s['idle'])} since anything was received"),
               ("bytes in", f"{size(s['bytes_in'])} (since the last stream restart)"),
               ("bytes out", size(s["bytes_out"])),
+              ("stanzas", f"{s['stanzas_in']} forwarded from it, {s['stanzas_out']} forwarded to it"),
               ("queue", size(s["queue"]) + (" (paused: above the write high-water mark)" if s["paused"] else ""))]
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in lines)

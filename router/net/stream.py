@@ -103,7 +103,7 @@ class XmlStream(asyncio.BufferedProtocol):
     # one per connection: no instance dict; timers are the relay's shared sweep
     __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
                  "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
-                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer", "ctl_id")
+                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer", "stanzas_in", "stanzas_out", "ctl_id")
 
     def __init__(self, relay: StreamHost) -> None:
         self.relay = relay
@@ -129,6 +129,8 @@ class XmlStream(asyncio.BufferedProtocol):
         self.full_since: float | None = None  # when queue_full last refused a stanza while paused
         self.stall: tuple[int, float] | None = None  # while paused: (bytes written, since when)
         self.side_buffer: bytearray | None = None  # where reads go instead of the tokenizer, while set
+        # stanzas forwarded from and to this stream (ctl), counted per read and destination
+        self.stanzas_in = self.stanzas_out = 0
         self.ctl_id = 0  # numbered by the relay when it opens: how `python -m router ctl` names it
 
     # ------------------------------------------------------------------ transport callbacks
