@@ -12,7 +12,6 @@ around a reload, and STOPPING=1 when it begins to shut down
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from typing import Callable
@@ -23,12 +22,6 @@ from router.notify import monotonic_usec, notify
 from router.server import Relay
 
 log = logging.getLogger("router.process")
-
-# The young generation is collected after this many container allocations (CPython's
-# default is 700). Every read allocates a few short-lived lists and views and the relay
-# makes no reference cycles per stanza, so the default collected tens of thousands of
-# times a second: 5% of a busy relay's time in a native profile.
-GC_YOUNG_THRESHOLD = 20000
 
 
 def _reload(relay: Relay, reread: Callable[[], Config]) -> None:
@@ -73,8 +66,6 @@ async def serve(config: Config, worker: int | None = None, reread: Callable[[], 
         log.error("cannot start listening: %s", exc)
         await relay.stop(timeout=0)
         return 1
-    gc.freeze()  # what start-up made lives as long as the process: young collections skip it
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, _reload, relay, reread or (lambda: _reread(relay)))
