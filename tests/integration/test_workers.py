@@ -234,3 +234,71 @@ def test_the_supervisor_alone_speaks_to_systemd_for_the_node(relay_spec, nats_ur
             except TimeoutError:
                 extra = None
             assert extra is None, f"a worker spoke to systemd: {extra!r}"
+
+
+def test_stanzas_between_workers_cross_the_bus_and_a_killed_workers_share_bounces(relay_spec, nats_url, tmp_path):
+    """a.n1.test and b.n1.test connect to different workers: a's stanzas reach b over
+    the bus, in order; b's worker is killed, and every stanza a sends then comes
+    back bounced (none vanishes); b, connected again, gets a's stanzas again."""
+    from router.admin.ctl import request
+    from router.admin.protocol import socket_path
+    from router.config import parse_config
+    from router.net.component_client import ComponentClient
+
+    secrets = {"a.n1.test": "secret-a", "b.n1.test": "secret-b"}
+    spec = cluster_spec(relay_spec, nats_url, components=secrets)
+    sockets = [socket_path(parse_config(spec.toml(), spec.base), index) for index in (0, 1)]
+
+    async def worker_of(domain: str) -> int | None:
+        for index, path in enumerate(sockets):
+            listing = await asyncio.to_thread(request, path, "streams", 5.0)
+            if any(domain in s["local_domains"] for s in listing["streams"] if s["kind"] == "component"):
+                return index
+        return None
+
+    async def connect(domain: str) -> ComponentClient:
+        client = ComponentClient()
+        await client.connect("127.0.0.1", spec.component_port, domain, secrets[domain])
+        return client
+
+    def message(name: str) -> str:
+        return f"<message from='x@a.n1.test' to='y@b.n1.test' id='{name}'><body>{name}</body></message>"
+
+    async def reachable(a, b) -> None:
+        """Until a stanza from a reaches b (the workers hear each other within seconds)."""
+        for attempt in range(int(NODE_TIMEOUT)):
+            a.send(message(f"probe{attempt}"))
+            try:
+                if (await b.receive(timeout=1)).get("id", "").startswith("probe"):
+                    return
+            except TimeoutError:
+                await a.receive(timeout=5)  # the probe bounced: not heard yet
+        raise AssertionError("b.n1.test never became reachable from a.n1.test")
+
+    with node(spec, tmp_path / "n1.toml") as n1:
+        async def scenario():
+            a = await connect("a.n1.test")
+            for _ in range(20):  # the kernel picks the worker: connect b until it lands on the other one
+                b = await connect("b.n1.test")
+                if await worker_of("b.n1.test") != await worker_of("a.n1.test"):
+                    break
+                await b.close()
+            else:
+                raise AssertionError("b.n1.test never landed on the other worker")
+            await reachable(a, b)
+            for i in range(50):
+                a.send(message(f"m{i}"))
+            assert [(await b.receive(timeout=10)).get("id") for _ in range(50)] == [f"m{i}" for i in range(50)]
+            os.kill(n1.workers()[await worker_of("b.n1.test")], signal.SIGKILL)
+            for i in range(20):
+                a.send(message(f"k{i}"))
+            bounces = [await a.receive(timeout=15) for _ in range(20)]
+            assert sorted(int(m.get("id")[1:]) for m in bounces) == list(range(20))
+            assert all(m.get("type") == "error" for m in bounces)
+            eventually(lambda: len(n1.all_pids()) == 3, "the killed worker's restart")
+            b = await connect("b.n1.test")
+            await reachable(a, b)
+            await a.close()
+            await b.close()
+
+        arun(scenario(), timeout=NODE_TIMEOUT * 3)
