@@ -2,9 +2,12 @@
 # declares, the .pyx implements). It cimports the tokenizer to read event fields and the
 # receive buffer without going through Python.
 
+cimport cython
+
 from router._fastparse cimport Element, Tokenizer
 
 
+@cython.final  # direct calls to its cdef methods, no vtable
 cdef class Router:
     cdef dict local  # RouteTable.local: domain -> component stream or built-in service
     cdef dict remote  # RouteTable.remote: Pair(local, remote) -> S2S stream
@@ -27,5 +30,6 @@ cdef class Router:
     cdef int _read(self, object stream, Py_ssize_t nbytes, object pairs, object domain) except -1
     cdef int flush_soon(self, object stream) except -1
     cdef object _domain(self, object jid)
+    cdef inline object _open_target(self, object from_dom, object to_dom, int* kind)
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
                     dict batches, object src_lang) except -1

@@ -56,6 +56,16 @@ cdef inline bint is_stanza(str name) noexcept:
     return name == "message" or name == "presence" or name == "iq"
 
 
+cdef inline int add_to_batch(dict batches, object target, object chunk) except -1:
+    """Append ``chunk`` to ``target``'s list in ``batches`` (one list per destination)."""
+    cdef PyObject* found = PyDict_GetItem(batches, target)
+    if found is NULL:
+        batches[target] = [chunk]
+    else:
+        (<list>found).append(chunk)
+    return 0
+
+
 cdef inline int link_of(object stream) except -1:
     """Counter index of a stream: 0 for S2S, 1 for a component."""
     return 0 if stream.remote else 1
@@ -149,18 +159,27 @@ cdef class Router:
         except ValueError:
             return None
 
-    cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
-                    dict batches, object src_lang) except -1:
-        cdef int kind = 1
+    cdef inline object _open_target(self, object from_dom, object to_dom, int* kind):
+        """The open, unpaused stream a stanza from ``from_dom`` to ``to_dom`` goes to
+        (``kind``: 1 a component, 0 a remote server's stream), or None when it is the
+        slow path's: a built-in service, no route yet, a closing or paused stream."""
+        kind[0] = 1
         cdef PyObject* found = PyDict_GetItem(self.local, to_dom)
         if found is NULL:
             found = PyDict_GetItem(self.remote, (from_dom, to_dom))  # Pair(local, remote): a tuple finds it
-            kind = 0
-        if found is NULL or type(<object>found) is self.service_type:
-            self.slow_route(source, el, from_dom, to_dom, view, batches)
-            return 0
+            kind[0] = 0
+            if found is NULL:
+                return None
         target = <object>found
-        if target.closing or target.paused:
+        if type(target) is self.service_type or target.closing or target.paused:
+            return None
+        return target
+
+    cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
+                    dict batches, object src_lang) except -1:
+        cdef int kind
+        target = self._open_target(from_dom, to_dom, &kind)
+        if target is None:
             self.slow_route(source, el, from_dom, to_dom, view, batches)
             return 0
         # RFC 6120 §4.7.4, §4.8.3, §4.8.5: a borrowed prefix, a missing xml:lang or its own
@@ -170,11 +189,7 @@ cdef class Router:
             chunk = source.chunk_for(target, el, view)
         else:
             chunk = view[el.start:el.end]
-        found = PyDict_GetItem(batches, target)
-        if found is NULL:
-            batches[target] = [chunk]
-        else:
-            (<list>found).append(chunk)
+        add_to_batch(batches, target, chunk)
         self.routed[kind] += 1
         return 0
 
@@ -207,26 +222,15 @@ cdef class Router:
         one answer per item: None (taken) or (condition, text)."""
         cdef list answers = []
         cdef dict batches = {}
-        cdef PyObject* found
         cdef int kind
         cdef tuple item
         for obj in items:
             item = <tuple>obj
-            kind = 1
-            found = PyDict_GetItem(self.local, item[6])
-            if found is NULL:
-                found = PyDict_GetItem(self.remote, (item[5], item[6]))
-                kind = 0
-            if found is NULL or type(<object>found) is self.service_type \
-                    or (<object>found).closing or (<object>found).paused:
+            target = self._open_target(item[5], item[6], &kind)
+            if target is None:
                 answers.append(slow_take(item))
                 continue
-            target = <object>found
-            found = PyDict_GetItem(batches, target)
-            if found is NULL:
-                batches[target] = [item[7]]
-            else:
-                (<list>found).append(item[7])
+            add_to_batch(batches, target, item[7])
             self.routed[kind] += 1
             answers.append(None)
         for target, chunks in batches.items():

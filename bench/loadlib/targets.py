@@ -10,10 +10,8 @@ generator's listener and can be pinned to a CPU.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,6 +25,17 @@ from . import echo, wire
 
 BENCH_DOMAIN = "bench.test"
 RELAY_READY_TIMEOUT = 20.0
+
+
+def end(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL if ``proc`` is still running after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def taskset(cpu: str | None) -> list[str]:
@@ -103,15 +112,8 @@ class Target:
 
     def stop_echo(self) -> None:
         proc, self.echo_process = self.echo_process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            end(proc, 5)
 
 
 class PeerTarget(Target):
@@ -250,18 +252,8 @@ level = "WARNING"
     def stop(self) -> None:
         self.stop_echo()
         proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(10)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        if proc is not None:
+            end(proc, 10)
 
     def logs(self) -> str:
         path = self.workdir / "console.log"
@@ -323,13 +315,7 @@ class HopTarget(RelayTarget):
                 pass
         super().stop()
         for proc in self.others:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            end(proc, 10)
 
 
 class WorkersTarget(HopTarget):

@@ -36,12 +36,6 @@ def domains(stream: XmlStream) -> tuple[list[str], list[str]]:
     return sorted(local), sorted(remote)
 
 
-def queue_depth(stream: XmlStream) -> int:
-    """Bytes waiting to be written: this iteration's queue and the transport's buffer."""
-    transport = stream.transport
-    return stream._unsent_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
-
-
 def bytes_in(stream: XmlStream) -> int:
     return stream.tokenizer.offset
 
@@ -52,7 +46,7 @@ def counters(stream: XmlStream) -> dict[str, Any]:
     return {"id": stream.ctl_id, "kind": stream.kind, "direction": direction(stream),
             "domain": ", ".join(remote or local) or "-", "bytes_in": bytes_in(stream),
             "bytes_out": stream.handed, "stanzas_in": stream.stanzas_in, "stanzas_out": stream.stanzas_out,
-            "queue": queue_depth(stream)}
+            "queue": stream.backlog()}
 
 
 def direction(stream: XmlStream) -> str:
@@ -77,7 +71,7 @@ def describe(stream: XmlStream, now: float) -> dict[str, Any]:
         "bytes_out": stream.handed,
         "stanzas_in": stream.stanzas_in,
         "stanzas_out": stream.stanzas_out,
-        "queue": queue_depth(stream),
+        "queue": stream.backlog(),
         "paused": stream.paused,
     }
     if isinstance(stream, S2SStream):

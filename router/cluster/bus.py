@@ -157,7 +157,7 @@ class Bus:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("cluster bus: ignoring a malformed announcement: %s", exc)
             return
-        known = announcement.member in self.members._seen
+        known = announcement.member in self.members
         if self.members.update(announcement, self.host.loop.time()) and not known:
             log.info("cluster bus: member %s (node %s) joined", announcement.member, announcement.node)
         self.host.metrics.cluster_members.set(len(self.members))
@@ -168,7 +168,7 @@ class Bus:
         member = self.members.component_holder(item.to_domain, item.from_ or "")
         if member is None:
             return False
-        self.send(member, item, "service-unavailable")
+        self.send(member, item)
         return True
 
     def to_remote(self, item: Carried) -> bool:
@@ -182,19 +182,18 @@ class Bus:
             if self.member in owners:
                 return False
             member = pick(owners, sender)
-        self.send(member, item, "remote-server-timeout")
+        self.send(member, item)
         return True
 
-    def send(self, member: str, item: Carried, condition: str) -> None:
-        """Queue ``item`` for ``member`` until the end of this event-loop iteration;
-        ``condition`` is the bounce's if the member never takes it."""
+    def send(self, member: str, item: Carried) -> None:
+        """Queue ``item`` for ``member`` until the end of this event-loop iteration."""
         if not self.connected:
-            self._bounce([item], condition, "the cluster bus (NATS) is unreachable")
+            self._lost([item], "the cluster bus (NATS) is unreachable")
             return
         if self.in_flight >= self.config.max_bus_in_flight:
             self.host.metrics.limits_hit.inc("max_bus_in_flight")
-            self._bounce([item], "resource-constraint",
-                         "too many stanzas are in flight on the cluster bus (cluster.max_bus_in_flight)")
+            self.host.delivery.bounce_carried(
+                item, "resource-constraint", "too many stanzas are in flight on the cluster bus (cluster.max_bus_in_flight)")
             return
         self.in_flight += 1
         batch = self._batches.get(member)
@@ -213,33 +212,35 @@ class Bus:
 
     async def _request(self, member: str, items: list[Carried]) -> None:
         hop = self._hop(member)
-        condition = "service-unavailable" if items[0].to_domain in self.host.delivery.local_domains \
-            else "remote-server-timeout"
         self.host.metrics.bus_batches.inc("sent")
         try:
             reply = await self.nc.request(self.subject(member), encode_batch(self.member, items),
                                           timeout=self.config.bus_timeout)
             answers = decode_answer(reply.data, len(items))
         except nats.errors.NoRespondersError:
-            failure = f"cluster member {member} is gone"
+            reason, failure = "unreachable", f"cluster member {member} is gone"
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            failure = f"cluster member {member} did not answer within {self.config.bus_timeout:g} s"
+            reason, failure = "timeout", f"cluster member {member} did not answer within {self.config.bus_timeout:g} s"
         except (nats.errors.Error, FrameError, OSError) as exc:
-            failure = f"cluster bus failure sending to {member}: {exc or type(exc).__name__}"
+            reason, failure = "unreachable", f"cluster bus failure sending to {member}: {exc or type(exc).__name__}"
         else:
             self.host.metrics.bus_stanzas.inc("sent", hop, by=len(items))
-            refused = [(item, answer) for item, answer in zip(items, answers) if answer]
-            for item, (answer_condition, text) in refused:
-                self._bounce([item], answer_condition, text)
+            for item, answer in zip(items, answers):
+                if answer:  # the member refused it: its (condition, text)
+                    self.host.delivery.bounce_carried(item, *answer)
             return
         finally:
             self.in_flight -= len(items)
         log.warning("cluster bus: %d stanza(s) bounce: %s", len(items), failure)
-        self.host.metrics.bus_failures.inc("timeout" if "did not answer" in failure else "unreachable", by=len(items))
-        self._bounce(items, condition, failure)
+        self.host.metrics.bus_failures.inc(reason, by=len(items))
+        self._lost(items, failure)
 
-    def _bounce(self, items: list[Carried], condition: str, text: str) -> None:
+    def _lost(self, items: list[Carried], text: str) -> None:
+        """Stanzas no member took bounce as if their destination were unreachable here:
+        a component's with service-unavailable, a remote server's with remote-server-timeout."""
+        local = self.host.delivery.local_domains
         for item in items:
+            condition = "service-unavailable" if item.to_domain in local else "remote-server-timeout"
             self.host.delivery.bounce_carried(item, condition, text)
 
     def _hop(self, member: str) -> str:

@@ -77,6 +77,9 @@ class Members:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def __contains__(self, member: str) -> bool:
+        return member in self._seen
+
     def update(self, announcement: Announcement, now: float) -> bool:
         """Record ``announcement``; False when it was refused (ours, or the table is full)."""
         member = announcement.member

@@ -208,12 +208,16 @@ class XmlStream(asyncio.BufferedProtocol):
         involved: not when we are shared and ``dest`` is one remote server."""
         return dest is self or not (self.shared and dest.remote)
 
+    def backlog(self) -> int:
+        """Bytes waiting to be written: this iteration's queue and the transport's buffer."""
+        transport = self.transport
+        return self._unsent_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
+
     def queue_full(self, size: int) -> bool:
         """Whether ``size`` more bytes would take a paused stream's queue past its
         limit (then the caller bounces instead of queueing). Only called while
         ``paused``, so the hot path pays one attribute check."""
-        transport = self.transport
-        backlog = self._unsent_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
+        backlog = self.backlog()
         limit = self.relay.config.s2s.write_queue_max
         if backlog + size <= limit:
             return False

@@ -121,11 +121,14 @@ class Delivery:
                 return None
             target.write(data)
             return target
-        item = Carried(name, type_, from_, to, id_, from_domain, to_domain, data)
-        if to_domain in self.local_domains:
-            if self.cluster is None or not self.cluster.to_component(item):
-                log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
-        elif self.cluster is None or not self.cluster.to_remote(item):
+        local = to_domain in self.local_domains
+        if self.cluster is not None:  # another member's stream, if one holds it
+            item = Carried(name, type_, from_, to, id_, from_domain, to_domain, data)
+            if self.cluster.to_component(item) if local else self.cluster.to_remote(item):
+                return None
+        if local:
+            log.info("dropping %s for offline %s (nobody to tell)", name, to_domain)
+        else:
             self._push(Queued(data, name, type_, from_, to, id_, self.host.loop.time()), Pair(from_domain, to_domain))
         return None
 

@@ -17,6 +17,16 @@ from pathlib import Path
 import pytest
 
 READY_TIMEOUT = 10.0
+RUNNING: dict[int, subprocess.Popen] = {}  # port -> the server this module started there
+
+
+def stop(port: int) -> None:
+    """Stop the server on ``port`` now (a test of the bus going away); its context
+    manager then finds it stopped."""
+    process = RUNNING.get(port)
+    if process is not None and process.poll() is None:
+        process.terminate()
+        process.wait(timeout=5)
 
 
 def free_port() -> int:
@@ -40,8 +50,8 @@ def nats_server(log_dir: Path, port: int | None = None):
     """Yields the server's ``nats://127.0.0.1:PORT`` URL; ``port`` reuses one (a restart)."""
     port = port or free_port()
     log = open(log_dir / f"nats-{port}.log", "a")
-    process = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = RUNNING[port] = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=log,
+                                              stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
@@ -54,6 +64,7 @@ def nats_server(log_dir: Path, port: int | None = None):
                 time.sleep(0.05)
         yield f"nats://127.0.0.1:{port}"
     finally:
+        RUNNING.pop(port, None)
         process.terminate()
         try:
             process.wait(timeout=5)

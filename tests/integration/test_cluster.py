@@ -12,6 +12,7 @@ import pytest
 from router.net.component_client import ComponentClient
 
 from .conftest import arun, relay_process, running
+from . import natsd
 from .natsd import nats_server
 from .peer import Peer
 
@@ -213,9 +214,7 @@ def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_pa
             b = await component(n2.component_port, "b.comp.test")
             c = await component(n1.component_port, "c.comp.test")
             await holds(r1, "b.comp.test")
-            # the fixture's server goes away: a second server cannot take its port while it runs,
-            # so this test stops it through the process list the fixture made
-            await asyncio.to_thread(stop_nats, port)
+            await asyncio.to_thread(natsd.stop, port)  # the fixture's server goes away
             for _ in range(int(SETTLE / 0.05)):
                 if not r1.bus.connected:
                     break
@@ -235,12 +234,6 @@ def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_pa
                 await a.close()
 
     arun(scenario(), timeout=60)
-
-
-def stop_nats(port: int) -> None:
-    import subprocess
-
-    subprocess.run(["pkill", "-f", f"nats-server -a 127.0.0.1 -p {port}"], check=False)
 
 
 def bounce_text(element) -> bytes:
