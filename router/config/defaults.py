@@ -65,6 +65,29 @@ DEFAULT_KEEPALIVE_INTERVAL = 300.0
 # apart, so a peer that vanished (a NAT that forgot the connection, a host gone) is
 # found in under 3 minutes even on a stream where neither side writes.
 DEFAULT_TCP_KEEPALIVE = 120.0
+# RFC 8305 §5 "Connection Attempt Delay": 250 ms between starting connection
+# attempts to the next address of a target (IPv6 and IPv4 interleaved), as Prosody 13.
+DEFAULT_HAPPY_EYEBALLS_DELAY = 0.25
+# XEP-0198 on S2S, acks without resumption (Prosody 13's smacks_enabled_s2s, on by
+# default): stanzas a dead stream sent and the peer never acknowledged are re-sent
+# on a new stream or bounced, never lost silently.
+DEFAULT_STREAM_MANAGEMENT = True
+# Ask for an ack after this many unacknowledged stanzas: a few round trips' worth at
+# full speed, so the re-send buffer of a busy stream stays small.
+DEFAULT_SM_ACK_EVERY = 500
+# ... and at most this long after the first unacknowledged stanza.
+DEFAULT_SM_ACK_INTERVAL = 5.0
+# An ack request unanswered this long means the peer is gone: the stream is closed.
+DEFAULT_SM_ACK_TIMEOUT = 60.0
+# Unacknowledged stanzas kept for re-sending, per stream; a peer that lets more pile up
+# (it reads but does not ack) only hurts itself: its stream is closed.
+DEFAULT_SM_MAX_UNACKED = 10000
+# XEP-0478: advertise our stanza size limit and idle timeout, obey the peer's.
+DEFAULT_ADVERTISE_LIMITS = True
+# XEP-0199: ping an authenticated stream idle this long (0: off) ...
+DEFAULT_PING_INTERVAL = 120.0
+# ... and close it as dead when the pong has not come in this long.
+DEFAULT_PING_TIMEOUT = 60.0
 # Bound on the time a stream may stay unauthenticated (RFC 6120 §4.6.3: closing on a
 # local timeout policy; Prosody's connect timeout is 60 s).
 DEFAULT_NEGOTIATION_TIMEOUT = 60.0
@@ -118,6 +141,13 @@ DEFAULT_MAX_PENDING_VERIFICATIONS_PER_STREAM = 16
 # Verify-only connections open at once to one authoritative server address;
 # more verifications wait for a free one.
 DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET = 4
+
+# DANE (RFC 7673) needs DNSSEC-validated answers (the AD flag of a validating
+# resolver the relay trusts, usually on loopback): off unless the operator says so.
+DEFAULT_DANE = False
+# PROXY protocol (HAProxy v1/v2) is opt-in per listener; only these sources may send
+# the header (the load balancer), anyone else is refused.
+DEFAULT_PROXY_TRUSTED = ("127.0.0.0/8", "::1/128")
 
 # RFC 6120 §13.12: a stanza size limit MUST NOT be below 10000 bytes.
 MIN_STANZA_BYTES = 10000

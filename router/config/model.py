@@ -55,6 +55,8 @@ class ListenConfig:
     component: Endpoint | None  # XEP-0114
     metrics: Endpoint | None  # Prometheus HTTP
     control: Path | None  # the Unix socket of ``python -m router ctl`` (router.admin)
+    proxy_protocol: frozenset[str] = frozenset()  # listener names ("s2s", "s2s_direct_tls") that expect a PROXY header
+    proxy_trusted: tuple[str, ...] = ()  # networks allowed to send the PROXY header (the load balancer)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,9 @@ class TlsConfig:
     system_trust: bool
     required: bool
     self_signed: bool
+    dane: bool = False  # RFC 7673 TLSA checks when DNSSEC validated the records
+    dane_exempt: tuple[str, ...] = ()  # remote domain patterns DANE is not used for
+    nameservers: tuple[str, ...] = ()  # the validating resolver(s): "ip" or "ip:port"; empty: the system's
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,15 @@ class S2SConfig:
     write_queue_max: int
     write_stall_timeout: float
     tcp_keepalive: float  # seconds of silence before the kernel probes the peer; 0: off
+    happy_eyeballs_delay: float  # RFC 8305: seconds between starting attempts to a target's next address
+    stream_management: bool  # XEP-0198 acks (no resumption) on S2S streams
+    sm_ack_every: int  # request an ack after this many unacknowledged stanzas
+    sm_ack_interval: float  # ... or this long after the first unacknowledged one
+    sm_ack_timeout: float  # an ack request unanswered this long closes the stream as dead
+    sm_max_unacked: int  # unacknowledged stanzas kept for re-sending, per stream
+    advertise_limits: bool  # XEP-0478 stream limits in our features
+    ping_interval: float  # XEP-0199 ping after this long without input on an authenticated stream; 0: off
+    ping_timeout: float  # no answer this long after a ping: the stream is dead
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -45,6 +46,16 @@ from router.config.defaults import (
     DEFAULT_WRITE_QUEUE_MAX,
     DEFAULT_WRITE_STALL_TIMEOUT,
     DEFAULT_TCP_KEEPALIVE,
+    DEFAULT_ADVERTISE_LIMITS,
+    DEFAULT_HAPPY_EYEBALLS_DELAY,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
+    DEFAULT_PROXY_TRUSTED,
+    DEFAULT_SM_ACK_EVERY,
+    DEFAULT_SM_ACK_INTERVAL,
+    DEFAULT_SM_ACK_TIMEOUT,
+    DEFAULT_SM_MAX_UNACKED,
+    DEFAULT_STREAM_MANAGEMENT,
     LOG_FORMATS,
     LOG_LEVELS,
 )
@@ -70,6 +81,9 @@ from router.config.sections import (
 )
 from router.config.state import ensure_dialback_secret, read_dialback_secret, with_self_signed
 
+
+# listeners that may sit behind a load balancer speaking the PROXY protocol
+PROXY_LISTENERS = ("s2s", "s2s_direct_tls")
 
 _SECTIONS = {"server", "listen", "tls", "s2s", "limits", "policy", "component", "services", "routes", "log", "cluster"}
 
@@ -112,13 +126,26 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
 
     # [listen]
     listen_t = r.table(data, "listen")
-    r.known_keys(listen_t, "listen", {"s2s", "s2s_direct_tls", "component", "metrics", "control"})
+    r.known_keys(listen_t, "listen", {"s2s", "s2s_direct_tls", "component", "metrics", "control", "proxy_protocol",
+                                      "proxy_trusted"})
+    proxied = r.get(listen_t, "listen", "proxy_protocol", list, [])
+    for i, name in enumerate(proxied):
+        if name not in PROXY_LISTENERS:
+            r.problem(f"listen.proxy_protocol[{i}]", f"must be one of {', '.join(PROXY_LISTENERS)}, got {name!r}")
+    trusted = r.get(listen_t, "listen", "proxy_trusted", list, list(DEFAULT_PROXY_TRUSTED))
+    for i, network in enumerate(trusted):
+        try:
+            ipaddress.ip_network(network)
+        except (TypeError, ValueError) as exc:
+            r.problem(f"listen.proxy_trusted[{i}]", f"must be an address or network like '10.0.0.0/8': {exc}")
     listen = ListenConfig(
         s2s=r.endpoint(listen_t, "listen", "s2s", DEFAULT_S2S_LISTEN),
         s2s_direct_tls=r.endpoint(listen_t, "listen", "s2s_direct_tls", DEFAULT_S2S_DIRECT_TLS_LISTEN),
         component=r.endpoint(listen_t, "listen", "component", DEFAULT_COMPONENT_LISTEN),
         metrics=r.endpoint(listen_t, "listen", "metrics", DEFAULT_METRICS_LISTEN),
         control=_control_socket(r, listen_t, state_dir),
+        proxy_protocol=frozenset(n for n in proxied if n in PROXY_LISTENERS),
+        proxy_trusted=tuple(str(n) for n in trusted),
     )
 
     # [s2s]
@@ -142,7 +169,20 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         write_queue_max=r.positive(s, "s2s", "write_queue_max", int, DEFAULT_WRITE_QUEUE_MAX),
         write_stall_timeout=r.positive(s, "s2s", "write_stall_timeout", float, DEFAULT_WRITE_STALL_TIMEOUT),
         tcp_keepalive=r.get(s, "s2s", "tcp_keepalive", float, DEFAULT_TCP_KEEPALIVE),
+        happy_eyeballs_delay=r.positive(s, "s2s", "happy_eyeballs_delay", float, DEFAULT_HAPPY_EYEBALLS_DELAY),
+        stream_management=r.get(s, "s2s", "stream_management", bool, DEFAULT_STREAM_MANAGEMENT),
+        sm_ack_every=r.positive(s, "s2s", "sm_ack_every", int, DEFAULT_SM_ACK_EVERY),
+        sm_ack_interval=r.positive(s, "s2s", "sm_ack_interval", float, DEFAULT_SM_ACK_INTERVAL),
+        sm_ack_timeout=r.positive(s, "s2s", "sm_ack_timeout", float, DEFAULT_SM_ACK_TIMEOUT),
+        sm_max_unacked=r.positive(s, "s2s", "sm_max_unacked", int, DEFAULT_SM_MAX_UNACKED),
+        advertise_limits=r.get(s, "s2s", "advertise_limits", bool, DEFAULT_ADVERTISE_LIMITS),
+        ping_interval=r.get(s, "s2s", "ping_interval", float, DEFAULT_PING_INTERVAL),
+        ping_timeout=r.positive(s, "s2s", "ping_timeout", float, DEFAULT_PING_TIMEOUT),
     )
+    if s2s.ping_interval < 0:
+        r.problem("s2s.ping_interval", f"must be 0 (off) or a number of seconds, got {s2s.ping_interval}")
+    if s2s.sm_max_unacked < s2s.sm_ack_every:
+        r.problem("s2s.sm_max_unacked", f"must be at least sm_ack_every ({s2s.sm_ack_every})")
     if s2s.tcp_keepalive < 0:
         r.problem("s2s.tcp_keepalive", f"must be 0 (off) or a number of seconds, got {s2s.tcp_keepalive}")
     if s2s.write_low_water >= s2s.write_high_water:

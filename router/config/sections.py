@@ -3,6 +3,7 @@ sections, and the check that every local domain has one owner."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from types import MappingProxyType
@@ -23,6 +24,7 @@ from router.config.defaults import (
     DEFAULT_TLS_REQUIRED,
     DEFAULT_TLS_SELF_SIGNED,
     DEFAULT_TLS_SYSTEM_TRUST,
+    DEFAULT_DANE,
     MIN_STANZA_BYTES,
 )
 from router.config.model import (
@@ -131,7 +133,7 @@ def parse_routes(r: Reader, t: Mapping[str, Any]) -> Mapping[str, StaticRoute]:
 
 def parse_tls(r: Reader, t: Mapping[str, Any]) -> TlsConfig:
     r.known_keys(t, "tls", {"certificates", "trust_anchors", "peer_trust_anchors", "system_trust", "required",
-                            "self_signed"})
+                            "self_signed", "dane", "dane_exempt", "nameservers"})
     certificates = {}
     for name, entry in r.table(t, "certificates", "tls").items():
         where = f"tls.certificates.{name}"
@@ -166,7 +168,26 @@ def parse_tls(r: Reader, t: Mapping[str, Any]) -> TlsConfig:
         system_trust=r.get(t, "tls", "system_trust", bool, DEFAULT_TLS_SYSTEM_TRUST),
         required=r.get(t, "tls", "required", bool, DEFAULT_TLS_REQUIRED),
         self_signed=r.get(t, "tls", "self_signed", bool, DEFAULT_TLS_SELF_SIGNED),
+        dane=r.get(t, "tls", "dane", bool, DEFAULT_DANE),
+        dane_exempt=tuple(pat for i, v in enumerate(r.get(t, "tls", "dane_exempt", list, []))
+                          if (pat := r.pattern(v, f"tls.dane_exempt[{i}]")) is not None),
+        nameservers=_nameservers(r, r.get(t, "tls", "nameservers", list, [])),
     )
+
+
+def _nameservers(r: Reader, values: list) -> tuple[str, ...]:
+    """``[tls] nameservers``: "ip" or "ip:port" / "[v6]:port" of the validating resolver."""
+    found = []
+    for i, value in enumerate(values):
+        text = value if isinstance(value, str) else ""
+        host = text[1:].partition("]")[0] if text.startswith("[") else text.rpartition(":")[0] if text.count(":") == 1 else text
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            r.problem(f"tls.nameservers[{i}]", f"must be an IP address with an optional port, got {value!r}")
+            continue
+        found.append(text)
+    return tuple(found)
 
 
 def check_ownership(r: Reader, domains, services: ServicesConfig, components) -> None:

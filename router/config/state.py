@@ -3,6 +3,7 @@ dialback secret (shared by every worker) and self-signed certificates."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from pathlib import Path
@@ -15,7 +16,6 @@ from router.config.defaults import (
 )
 from router.config.model import (
     CertificateFiles,
-    TlsConfig,
 )
 
 
@@ -50,11 +50,4 @@ def with_self_signed(tls: TlsConfig, state_dir: Path, domains: list[str]) -> Tls
     for domain in domains:
         cert, key = ensure_self_signed(state_dir / CERT_SUBDIR, domain)
         certificates[domain] = CertificateFiles(cert, key)
-    return TlsConfig(
-        certificates=MappingProxyType(certificates),
-        trust_anchors=tls.trust_anchors,
-        peer_trust_anchors=tls.peer_trust_anchors,
-        system_trust=tls.system_trust,
-        required=tls.required,
-        self_signed=tls.self_signed,
-    )
+    return dataclasses.replace(tls, certificates=MappingProxyType(certificates))
