@@ -19,6 +19,9 @@ cdef class Router:
     cdef public frozenset local_domains
     cdef public object schedule  # loop.call_soon: runs flush_writes at the end of the iteration
     cdef list unflushed  # streams with writes queued in this event-loop iteration
+    # ids of stanzas the relay itself waits for an answer to (XEP-0199 pings): a stanza
+    # with one of them leaves the compiled path for the session's, which hands it to Delivery
+    cdef public set awaited_ids
 
     # counters, read at scrape time (index 0: S2S links, 1: component links)
     cdef unsigned long long routed[2]  # stanzas forwarded on the compiled path, by destination kind
@@ -31,5 +34,6 @@ cdef class Router:
     cdef int flush_soon(self, object stream) except -1
     cdef object _domain(self, object jid)
     cdef inline object _open_target(self, object from_dom, object to_dom, int* kind)
+    cdef inline bint _fits(self, object target, Py_ssize_t size)
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
                     dict batches, object src_lang) except -1

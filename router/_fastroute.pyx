@@ -78,6 +78,7 @@ cdef class Router:
                  tuple closed_stages, schedule):
         self.schedule = schedule
         self.unflushed = []
+        self.awaited_ids = set()
         self.local = local
         self.remote = remote
         self.slow_route = slow_route
@@ -126,6 +127,8 @@ cdef class Router:
             if el.ns != content_ns or el.prefix is not None or not is_stanza(el.name) \
                     or el.to is None or el.from_ is None:
                 break
+            if self.awaited_ids and el.id in self.awaited_ids:
+                break  # an answer the relay waits for (Delivery takes it)
             to_dom = self._domain(el.to)
             from_dom = self._domain(el.from_)
             if to_dom is None or from_dom is None:
@@ -175,11 +178,17 @@ cdef class Router:
             return None
         return target
 
+    cdef inline bint _fits(self, object target, Py_ssize_t size):
+        """Whether a stanza of ``size`` bytes is within the ``max-bytes`` the
+        destination's peer announced (XEP-0478; 0: none announced)."""
+        cdef Py_ssize_t limit = target.peer_max_bytes
+        return limit == 0 or size <= limit
+
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
                     dict batches, object src_lang) except -1:
         cdef int kind
         target = self._open_target(from_dom, to_dom, &kind)
-        if target is None:
+        if target is None or not self._fits(target, el.end - el.start):
             self.slow_route(source, el, from_dom, to_dom, view, batches)
             return 0
         # RFC 6120 §4.7.4, §4.8.3, §4.8.5: a borrowed prefix, a missing xml:lang or its own
@@ -227,7 +236,7 @@ cdef class Router:
         for obj in items:
             item = <tuple>obj
             target = self._open_target(item[5], item[6], &kind)
-            if target is None:
+            if target is None or not self._fits(target, len(item[7])):
                 answers.append(slow_take(item))
                 continue
             add_to_batch(batches, target, item[7])

@@ -181,6 +181,7 @@ class Connector:
             host.metrics.outbound_connections.inc("verify" if verify_only else "stream")
             stream.verify_only = verify_only
             stream.target = (address, target.port)
+            stream.target_host = target.host
             return stream
         raise ConnectFailed("; ".join(failures) or "no targets")
 

@@ -57,7 +57,7 @@ class S2SStream(XmlStream):
     kind = "s2s"
     remote = True
     __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
-                 "local_domain", "remote_domain", "verify_only", "target", "failure", "_tls_starting", "_early",
+                 "local_domain", "remote_domain", "verify_only", "target", "target_host", "failure", "_tls_starting", "_early",
                  "tokenizer")
 
     def __init__(self, relay: StreamHost, session: Any, *, outbound: bool, direct_tls: bool = False,
@@ -74,6 +74,7 @@ class S2SStream(XmlStream):
         self.remote_domain = remote
         self.verify_only = False
         self.target: tuple[str, int] | None = None  # outbound: the address and port we connected to
+        self.target_host: str | None = None  # outbound: the host name of that target (SRV target, DANE's TLSA name)
         self.failure: str | None = None  # why the stream ended, for the bounces of pairs waiting on it
         self._tls_starting = False  # between StartTLS and the end of the handshake
         self._early: list[bytes] | None = None  # decrypted bytes that arrived in that window

@@ -103,7 +103,8 @@ class XmlStream(asyncio.BufferedProtocol):
     # one per connection: no instance dict; timers are the relay's shared sweep
     __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
                  "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
-                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer", "stanzas_in", "stanzas_out", "ctl_id")
+                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer", "stanzas_in", "stanzas_out", "ctl_id",
+                 "peer_max_bytes")
 
     def __init__(self, relay: StreamHost) -> None:
         self.relay = relay
@@ -132,6 +133,9 @@ class XmlStream(asyncio.BufferedProtocol):
         # stanzas forwarded from and to this stream (ctl), counted per read and destination
         self.stanzas_in = self.stanzas_out = 0
         self.ctl_id = 0  # numbered by the relay when it opens: how `python -m router ctl` names it
+        # XEP-0478: the largest stanza the peer accepts (its features' max-bytes; 0: it said
+        # nothing): larger ones take the slow path and bounce with <policy-violation/>
+        self.peer_max_bytes = 0
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
