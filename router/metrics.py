@@ -217,13 +217,22 @@ class RelayMetrics:
             "Times a named limit refused work: a connection, a dialback verification, a stanza for a full "
             "write queue (write_queue_max), a stream closed for not reading (write_stall_timeout), a stanza "
             "for one remote domain too many (max_outbound_queues), an outbound connection without a file "
-            "descriptor (open_files); max_verify_connections_per_target counts verifications that waited.",
+            "descriptor (open_files), a stanza larger than its remote server's XEP-0478 max-bytes "
+            "(peer_max_bytes); max_verify_connections_per_target counts verifications that waited.",
             ("limit",),
         )
         self.outbound_connections = r.counter(
             p + "outbound_connections_total",
             "Outbound TCP connections opened, by purpose stream|verify (a verify-only dialback connection).",
             ("purpose",),
+        )
+        self.dane_checks = r.counter(
+            p + "dane_checks_total",
+            "DANE checks of a peer's certificate against its TLSA records (RFC 7673), by direction in|out and "
+            "result match|mismatch (out: the stream was closed)|failed (a look-up failed or timed out; out: "
+            "closed)|no-tlsa (no validated usable TLSA record)|insecure (the SRV answer was not DNSSEC-validated)"
+            "|limit (in: dane_lookups checks already in flight, limits_hit_total counts it too).",
+            ("direction", "result"),
         )
         self.pre_auth_streams = r.gauge(p + "pre_auth_streams", "Inbound S2S streams not yet authenticated.")
         self.pending_verifications = r.gauge(
@@ -252,6 +261,12 @@ class RelayMetrics:
         self.bus_connected = r.gauge(p + "bus_connected", "1 while this process is connected to NATS.")
         self.service_stanzas = r.counter(
             p + "service_stanzas_total", "Stanzas handled by built-in services, by service ping|disco|echo|sink|error|ignored.", ("service",)
+        )
+        self.pings = r.counter(
+            p + "pings_total",
+            "XEP-0199 pings the relay sent on quiet authenticated S2S streams, by outcome sent|answered|timeout "
+            "(no answer within s2s.ping_timeout: the stream was closed with <connection-timeout/>).",
+            ("outcome",),
         )
 
         self.negotiation_seconds = r.histogram(

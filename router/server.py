@@ -27,8 +27,11 @@ from router.trust.certs import TrustStore
 from router.net.components import ComponentStream
 from router.config import Config
 from router.net.connector import Connector
+from router.net.danecheck import DaneChecker
+from router.net.liveness import Liveness
 from router.routing.delivery import Delivery, Service
 from router.metrics import RelayMetrics, start_metrics_server
+from router.negotiation.features import StreamLimits
 from router.negotiation.session import Session, SessionConfig
 from router.negotiation.state import CLOSED, TLS
 from router.routing.routes import RouteTable
@@ -62,11 +65,13 @@ class Relay:
         self.delivery = Delivery(self, self.table)
         self.connector = Connector(self)
         self.verifier = DialbackVerifier(self)
+        self.dane = DaneChecker(self)
         self.admission = Admission(self)
         # the per-stanza calls of streams go straight to the part (no extra call)
         self.route = self.delivery.route
         self.router = Router(self.table.local, self.table.remote, self.delivery.route, jid.domain_of,
                              jid.recent_domains, Service, (TLS, CLOSED), self.loop.call_soon)
+        self.liveness = self.delivery.liveness = Liveness(self)  # XEP-0199 pings; after the router (awaited_ids)
         self.metrics.stanzas_routed.collect = self.router.stanzas_routed
         self.metrics.bytes_received.collect = self.router.bytes_received
         self.metrics.bytes_sent.collect = self.router.bytes_sent
@@ -97,7 +102,8 @@ class Relay:
         self.admission.configure(config.limits)
         self.verifier.configure(config.limits)
         self.component_secrets = {c.domain: c.secret for c in config.components}
-        self.resolver = resolver.Resolver(config.routes)
+        # with DANE, the validating resolver's AD bit is believed (RFC 6698 §4.1)
+        self.resolver = resolver.Resolver(config.routes, resolver.dns_resolver(config.tls.nameservers, config.tls.dane))
         self.delivery.configure(config, session_config.default_lang)
         self.router.local_domains = config.local_domains
 
@@ -135,14 +141,21 @@ class Relay:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         listen = self.config.listen
+        s2s_proxied, direct_tls_proxied = "s2s" in listen.proxy_protocol, "s2s_direct_tls" in listen.proxy_protocol
         if listen.s2s is not None:
-            await self._listen("s2s", listen.s2s, lambda: S2SStream(self, self._inbound_session(False), outbound=False))
+            await self._listen("s2s", listen.s2s, lambda: S2SStream(self, self._inbound_session(False), outbound=False,
+                                                                    proxied=s2s_proxied))
         if listen.s2s_direct_tls is not None:
+            context = self._direct_tls_listener_context()
             await self._listen(
                 "s2s-direct-tls", listen.s2s_direct_tls,
-                lambda: S2SStream(self, self._inbound_session(True), outbound=False, direct_tls=True),
-                ssl=self._direct_tls_listener_context(),
+                lambda: S2SStream(self, self._inbound_session(True), outbound=False, direct_tls=True,
+                                  proxied=direct_tls_proxied),
+                ssl=None if direct_tls_proxied else context,  # behind PROXY, TLS starts after the header
             )
+        if listen.proxy_protocol:
+            log.info("PROXY protocol header expected on %s from %s", ", ".join(sorted(listen.proxy_protocol)),
+                     ", ".join(listen.proxy_trusted))
         if listen.component is not None:
             await self._listen("component", listen.component, lambda: ComponentStream(self))
         if listen.metrics is not None:
@@ -228,6 +241,8 @@ class Relay:
                     self._close_stalled(stream)
                 elif isinstance(stream, S2SStream) and now - stream.last_rx > s2s.idle_timeout:
                     stream.fail("connection-timeout", f"nothing received for {s2s.idle_timeout:g} seconds")
+                elif isinstance(stream, S2SStream) and self.liveness.check(stream, now, s2s):
+                    pass  # a ping or the peer's XEP-0478 idle keepalive went out, or an unanswered ping closed it
                 elif now - stream.last_tx > s2s.keepalive_interval:
                     stream.keepalive()
             self.delivery.expire_queues(now)
@@ -250,7 +265,10 @@ class Relay:
         stream.ctl_id = next(STREAM_IDS)
         self.streams.add(stream)
         if isinstance(stream, S2SStream) and not stream.outbound:
-            self.admission.opened(stream)
+            if stream.proxy is None:
+                self.admission.opened(stream)
+            else:  # from a load balancer: counted once its PROXY header names the peer (S2SStream)
+                self.admission.proxied(stream)
 
     def stream_closed(self, stream: XmlStream, exc: Exception | None) -> None:
         self.streams.discard(stream)
@@ -262,6 +280,7 @@ class Relay:
         self.admission.closed(stream)
         self.connector.stream_closed(stream, exc)
         self.verifier.stream_closed(stream)
+        self.liveness.forget(stream)
         stream.session.connection_lost()
         log.info("s2s %s stream closed peer=%s domain=%s%s", "outbound" if stream.outbound else "inbound",
                  stream.peer, stream.domain_label, f" error={exc}" if exc else "")
@@ -303,6 +322,11 @@ class Relay:
             has_certificate=have_certificates,
             bidi=config.s2s.bidi,
             required_flags=config.s2s.required_flags,
+            dane=config.tls.dane,
+            dane_exempt=config.tls.dane_exempt,
+            # XEP-0478: the stanza size we accept once authenticated, and how long we let a stream idle
+            stream_limits=StreamLimits(config.policy.max_stanza_bytes, int(config.s2s.idle_timeout))
+            if config.s2s.advertise_limits else None,
         )
 
     def _inbound_session(self, direct_tls: bool) -> Session:

@@ -12,7 +12,7 @@ from pathlib import Path
 import uvloop
 
 from router.net.dnscheck import report
-from test_resolver import run_with_dns
+from dnsserver import run_with_dns
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,66 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import Counter
 
 import dns.asyncresolver
 import dns.message
 import dns.rcode
-import dns.rdatatype
-import dns.rrset
 import pytest
-import uvloop
 
 from router.config import StaticRoute
-from router.net.resolver import DEFAULT_S2S_PORT, ResolutionError, Resolver, SrvRecord, Target, order_records
+from dnsserver import run_with_dns
+from router.net.resolver import DEFAULT_S2S_PORT, ResolutionError, SrvRecord, Target, order_records
 
 
-class ZoneServer(asyncio.DatagramProtocol):
-    """Answers from a dict {(name, type): [rdata text]}; NXDOMAIN for unknown names."""
-
-    def __init__(self, zone: dict[tuple[str, str], list[str]], ttl: int = 300):
-        self.zone = {(name.lower().rstrip(".") + ".", rdtype): rdatas for (name, rdtype), rdatas in zone.items()}
-        self.ttl = ttl
-        self.queries: Counter[tuple[str, str]] = Counter()
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def datagram_received(self, data, addr):
-        query = dns.message.from_wire(data)
-        question = query.question[0]
-        name = question.name.to_text().lower()
-        rdtype = dns.rdatatype.to_text(question.rdtype)
-        self.queries[(name, rdtype)] += 1
-        response = dns.message.make_response(query)
-        if (name, rdtype) in self.zone:
-            response.answer.append(dns.rrset.from_text(name, self.ttl, "IN", rdtype, *self.zone[(name, rdtype)]))
-        elif not any(known == name for known, _ in self.zone):
-            response.set_rcode(dns.rcode.NXDOMAIN)
-        self.transport.sendto(response.to_wire(), addr)
-
-
-def run_with_dns(zone, scenario, ttl=300):
-    """Start the zone server, hand `scenario` a resolver factory and the server, stop it."""
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        transport, server = await loop.create_datagram_endpoint(lambda: ZoneServer(zone, ttl), local_addr=("127.0.0.1", 0))
-        try:
-            dns_resolver = dns.asyncresolver.Resolver(configure=False)
-            dns_resolver.nameservers = ["127.0.0.1"]
-            dns_resolver.port = transport.get_extra_info("sockname")[1]
-
-            def make(**kwargs):
-                return Resolver(dns_resolver=dns_resolver, lifetime=2.0, **kwargs)
-
-            return await scenario(make, server)
-        finally:
-            transport.close()
-
-    return uvloop.run(main())
 
 
 def test_srv_targets_ordered_by_priority_with_addresses():

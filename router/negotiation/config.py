@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from router.negotiation.features import StreamLimits
 from router.trust import certs
 from router.trust import policy as pol
 from router.wire.jid import normalize_domain
@@ -34,9 +35,14 @@ class SessionConfig:
     # the verifying side did not choose the stream ID that keys such a dialback
     bidi_reverse_dialback: bool = False
     required_flags: bool = True  # XEP-0192 <required/> on features other than <starttls/>
+    stream_limits: StreamLimits | None = None  # receiver: the XEP-0478 limits we announce; None: none
     sasl_max_failures: int = 3  # failed <auth/> attempts tolerated (RFC 6120 §6.4.5: 2-5)
     sasl_send_authzid: bool = True  # initiator sends base64(from) as authzid (XEP-0178), else '='
     default_lang: str = "en"
+    # receiver: ask the runtime (`CheckDane`) whether TLSA records prove a certificate our trust
+    # store does not (RFC 7673), except for remote domains matching `dane_exempt` (normalized patterns)
+    dane: bool = False
+    dane_exempt: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local_domains", frozenset(normalize_domain(d) for d in self.local_domains))

@@ -7,7 +7,7 @@ still wants) means go. RFC 6120 only defines the flag for ``<starttls/>``;
 `SessionConfig.required_flags` = False keeps that one and drops the others
 for peers that choke on unknown children.
 
-Each feature module (tls, sasl, dialback, bidi) offers at most one `Offer`
+Each feature module (tls, sasl, dialback, bidi, limits) offers at most one `Offer`
 per stage; this module only renders and parses the container, and imports
 no other module of the package.
 """
@@ -15,11 +15,22 @@ no other module of the package.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from lxml import etree
 
-from router.wire.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, TLS_NS
+from router.wire.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, STREAM_LIMITS_NS, TLS_NS
 from router.wire.xml import child
+
+# Announced limits above this are no limit at all (and would not fit a C size on the hot path).
+MAX_ANNOUNCED_LIMIT = 2**31 - 1
+
+
+class StreamLimits(NamedTuple):
+    """XEP-0478 ``<limits/>``: what the announcing receiver accepts; 0 where nothing (valid) was said."""
+
+    max_bytes: int = 0  # "the maximum size of any first-level stream elements (including stanzas)"
+    idle_seconds: int = 0  # "seconds without any traffic from the initiating entity" before it acts
 
 
 
@@ -55,6 +66,7 @@ class Advertised:
     dialback_errors: bool = False
     bidi: bool = False
     required: frozenset[str] = field(default_factory=frozenset)  # "{ns}name" of features flagged required
+    limits: StreamLimits = StreamLimits()  # XEP-0478: what the peer accepts on this stream
 
     @property
     def empty(self) -> bool:
@@ -91,6 +103,24 @@ def parse(features: etree._Element) -> Advertised:
         dialback_errors=dialback is not None and child(dialback, DIALBACK_FEATURE_NS, "errors") is not None,
         bidi=child(features, BIDI_FEATURE_NS, "bidi") is not None,
         required=frozenset(required),
+        limits=parse_limits(child(features, STREAM_LIMITS_NS, "limits")),
     )
+
+
+def parse_limits(limits: etree._Element | None) -> StreamLimits:
+    """XEP-0478 §2.1 ``<limits/>`` (None: not announced). Each value is an integer;
+    one that is not a positive decimal number of sane size says nothing."""
+    if limits is None:
+        return StreamLimits()
+    return StreamLimits(_positive(child(limits, STREAM_LIMITS_NS, "max-bytes")),
+                        _positive(child(limits, STREAM_LIMITS_NS, "idle-seconds")))
+
+
+def _positive(element: etree._Element | None) -> int:
+    text = (element.text or "").strip() if element is not None else ""
+    if not (text.isascii() and text.isdigit()):
+        return 0
+    value = int(text)
+    return value if value <= MAX_ANNOUNCED_LIMIT else 0
 
 

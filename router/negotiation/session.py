@@ -212,7 +212,8 @@ class Session(Opening, Authorizations):
         return self._tree_cache[1]
 
     def peer_certificate_ok(self, domain: str) -> bool:
-        """Does the TLS peer's chain reach our trust store and name `domain` (RFC 6125)?"""
+        """Does the TLS peer's chain reach our trust store and name `domain` (RFC 6125), or
+        did DANE prove it (`dane_verdict`)?"""
         if not self.encrypted:
             return False
         if self._cert_status is None:

@@ -7,14 +7,19 @@ for its address, ``resource-constraint`` for the relay as a whole), is counted
 in ``limits_hit_total`` and logged. The overall count is kept below the
 process's open-files limit: at that limit ``accept()`` would fail, and libuv
 answers that by closing the new connection without telling anyone.
+On a listener behind a load balancer (``listen.proxy_protocol``) a connection
+from outside ``listen.proxy_trusted`` is closed at once, and the others are
+counted under the address their PROXY header names, once it has arrived.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import resource
 
-from router.routing.limits import OVERALL, Limit, admit, release
+from router.routing.limits import OVERALL, Limit, Refusals, admit, release
 from router.net.s2s import S2SStream
 from router.net.stream import StreamHost
 
@@ -33,6 +38,7 @@ class Admission:
         self.connections = Limit("max_connections", 0)  # maxima: configure()
         self.connections_per_ip = Limit("max_connections_per_ip", 0)
         self.pre_auth = Limit("max_pre_auth_connections", 0)
+        self.untrusted_proxies = Refusals()  # connections to a PROXY listener from outside listen.proxy_trusted
 
     def configure(self, limits) -> None:
         self.connections.maximum = min(limits.max_connections, inbound_fd_budget())
@@ -61,6 +67,19 @@ class Admission:
             stream.fail("resource-constraint", f"the relay has too many connections "
                         f"(limits.{refused.name} = {refused.maximum})")
 
+    def proxied(self, stream: S2SStream) -> None:
+        """A connection to a listener behind a load balancer: closed at once unless it
+        comes from ``listen.proxy_trusted`` (proxy-protocol.txt §2: "only trusted proxies
+        are allowed to use this protocol", else anyone could claim any address)."""
+        if _trusted(stream.ip, self.host.config.listen.proxy_trusted):
+            return
+        self.host.metrics.limits_hit.inc("proxy_trusted")
+        count = self.untrusted_proxies.note(self.host.loop.time())
+        if count:
+            log.warning("refused %d connection(s) to a PROXY protocol listener from outside listen.proxy_trusted "
+                        "(last from %s)", count, stream.ip)
+        stream.close_transport()  # nothing XMPP was said: TCP's close is the answer
+
     def authenticated(self, stream: S2SStream) -> None:
         """The first pair is authenticated: the stream no longer counts as pre-auth."""
         if stream.admitted:
@@ -71,6 +90,21 @@ class Admission:
             release((self.connections, OVERALL), (self.connections_per_ip, stream.ip))
             if not stream.authenticated:
                 self.pre_auth.give(OVERALL)
+
+
+def _trusted(ip: str, networks: tuple[str, ...]) -> bool:
+    """Whether ``ip`` is in one of ``networks`` (listen.proxy_trusted)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    address = getattr(address, "ipv4_mapped", None) or address  # a dual-stack listener's IPv4 peer
+    return any(address in network for network in _networks(networks))
+
+
+@functools.lru_cache(maxsize=8)
+def _networks(networks: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(network) for network in networks)
 
 
 def inbound_fd_budget() -> int:

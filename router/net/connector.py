@@ -3,8 +3,9 @@
 ``Connector.establish`` runs once per pair that has stanzas waiting: it
 piggybacks on a stream that already reaches the peer (XEP-0220 §2.6 multiplexing,
 XEP-0288 §2.2 bidi) or opens one to the peer's SRV targets, one attempt at a time
-per address and with backoff between failures (RFC 6120 §3.3). When a stream
-may carry a pair (``routes_changed``) the pair's queued stanzas leave first, in
+per address and with backoff between failures (RFC 6120 §3.3), the targets'
+addresses raced as RFC 8305 (Happy Eyeballs) says (``router.net.eyeballs``). When
+a stream may carry a pair (``routes_changed``) the pair's queued stanzas leave first, in
 order; when setting the pair up fails they bounce to their senders.
 """
 
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Hashable
 
-from router.net import resolver
+from router.net import eyeballs, resolver
 from router.negotiation.pairs import Pair
 from router.net.s2s import S2SStream
 from router.net.stream import StreamHost
@@ -60,6 +62,18 @@ class KeyedSemaphores:
 def address_key(target: resolver.Target) -> tuple:
     """One peer address and port, as connection attempts are serialized by."""
     return target.addresses or (target.host,), target.port
+
+
+def endpoint(address: str, port: int) -> str:
+    """``address:port``, an IPv6 address in brackets (RFC 3986 §3.2.2)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def attempt_error(exc: BaseException, timeout: float) -> str:
+    """Why one connection attempt failed, for logs and bounces."""
+    if isinstance(exc, TimeoutError):
+        return f"no connection within {timeout:g} seconds (s2s.connect_timeout)"
+    return str(exc) or type(exc).__name__
 
 
 def lost_reason(stream: S2SStream, exc: Exception | None) -> str:
@@ -156,34 +170,47 @@ class Connector:
             self._pair_waiters.pop((stream, pair), None)
 
     async def connect(self, pair: Pair, targets, *, verify_only: bool = False) -> S2SStream:
-        """Open an outbound stream from ``pair.local`` to ``pair.remote``, trying its targets in order."""
+        """Open an outbound stream from ``pair.local`` to ``pair.remote``: its targets'
+        addresses raced as RFC 8305 says (``router.net.eyeballs``), targets in SRV
+        order; only the winning connection becomes a stream."""
         host = self.host
         local, remote = pair
-        failures = []
-        for target, address in ((t, a) for t in targets for a in (t.addresses or (t.host,))):
-            session = host.outbound_session(local, remote, direct_tls=target.direct_tls, verify_only=verify_only)
+        s2s = host.config.s2s
+        order = eyeballs.attempt_order((t, t.addresses or (t.host,)) for t in targets)
+
+        async def attempt(target: resolver.Target, address: str):
             ssl = host.tls_client_context(local, direct_tls=True) if target.direct_tls else None
-            try:
-                _, stream = await asyncio.wait_for(
-                    host.loop.create_connection(
-                        lambda: S2SStream(host, session, outbound=True, direct_tls=target.direct_tls,
-                                          local=local, remote=remote),
-                        address, target.port, ssl=ssl, server_hostname=remote if ssl else None,
-                    ),
-                    host.config.s2s.connect_timeout,
-                )
-            except (OSError, asyncio.TimeoutError) as exc:
-                failures.append(f"{address}:{target.port}: {exc or 'timeout'}")
-                if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-                    host.metrics.limits_hit.inc("open_files")
-                    log.warning("cannot connect to %s for %s: out of file descriptors (%s)", address, remote, exc)
-                continue
-            host.metrics.outbound_connections.inc("verify" if verify_only else "stream")
+            held = await eyeballs.open_held(address, target.port, ssl=ssl, server_hostname=remote if ssl else None)
+            return target, address, held
+
+        def take(won) -> S2SStream:
+            target, address, held = won
+            session = host.outbound_session(local, remote, direct_tls=target.direct_tls, verify_only=verify_only)
+            stream = S2SStream(host, session, outbound=True, direct_tls=target.direct_tls, local=local, remote=remote)
             stream.verify_only = verify_only
             stream.target = (address, target.port)
             stream.target_host = target.host
+            held.hand_over(stream)  # connection_made: the relay registers this stream, the session starts
+            host.metrics.outbound_connections.inc("verify" if verify_only else "stream")
             return stream
-        raise ConnectFailed("; ".join(failures) or "no targets")
+
+        def failed(index: int, exc: BaseException) -> None:
+            target, address = order[index]
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                host.metrics.limits_hit.inc("open_files")
+                log.warning("cannot connect to %s for %s: out of file descriptors (%s)", address, remote, exc)
+            log.info("s2s connect attempt failed remote=%s address=%s: %s", remote,
+                     endpoint(address, target.port), attempt_error(exc, s2s.connect_timeout))
+
+        try:
+            return await eyeballs.staggered_race(
+                [functools.partial(attempt, target, address) for target, address in order],
+                delay=s2s.happy_eyeballs_delay, timeout=s2s.connect_timeout,
+                take=take, discard=lambda won: won[2].close(), failed=failed)
+        except eyeballs.RaceLost as lost:
+            raise ConnectFailed("; ".join(
+                f"{endpoint(address, target.port)}: {attempt_error(exc, s2s.connect_timeout)}"
+                for (target, address), exc in zip(order, lost.errors)) or "no targets") from None
 
     # ------------------------------------------------------------------ stream events
     def authenticated(self, stream: S2SStream, event) -> None:
@@ -205,7 +232,8 @@ class Connector:
                 continue
             if not table.add_remote(pair, stream):
                 continue
-            items = table.take_queue(pair)
+            # XEP-0478 §3: what the peer announced it would refuse bounces instead
+            items = self.host.delivery.fitting(table.take_queue(pair), pair.remote, stream.peer_max_bytes)
             if items:
                 stream.write_chunks([item.data for item in items])
                 waited, now = self.host.metrics.queue_wait_seconds.labels("sent"), self.host.loop.time()

@@ -15,6 +15,13 @@ lookup shares one resolver and one cache). The rules (RFC 6120 §3.2, XEP-0368 �
   the domain itself on port 5269 (RFC 6120 §3.2.2);
 * answers are cached for their TTL; negative answers for ``NEGATIVE_TTL``.
 
+DANE (RFC 7673): with ``[tls] dane`` queries carry EDNS0 with the DO bit and the
+AD bit (RFC 6840 §5.7), and the AD bit of each answer is kept with it: the
+validating resolver the operator runs (``[tls] nameservers``) is trusted to say
+what DNSSEC proved (RFC 6698 §4.1). A ``Target`` is ``secure`` when its SRV
+record and an address record were validated (RFC 7673 §3.1, §3.2); ``tlsa``
+looks up ``_<port>._tcp.<target host>`` (RFC 7673 §3.3).
+
 DNS goes through dnspython's ``dns.asyncresolver``: maintained, pure Python,
 asyncio-native (no thread pool as ``getaddrinfo`` would need), and it gives
 SRV records and TTLs, which ``getaddrinfo`` cannot. Static-route host names are
@@ -34,10 +41,13 @@ from typing import Callable, Mapping, Sequence
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
+import dns.nameserver
 import dns.resolver
 
 from router.config import StaticRoute
+from router.trust.dane import Tlsa
 
 # RFC 6120 §3.2.2: the fallback port when no SRV record exists.
 DEFAULT_S2S_PORT = 5269
@@ -48,6 +58,8 @@ NEGATIVE_TTL = 60.0
 DNS_LIFETIME = 5.0
 # Entries kept before expired ones are purged (one per name and record type).
 CACHE_MAX_ENTRIES = 10000
+# EDNS0 payload size for DNSSEC answers (the DNS Flag Day 2020 value: no IP fragmentation)
+EDNS_PAYLOAD = 1232
 
 XMPPS_SERVER = "_xmpps-server._tcp."
 XMPP_SERVER = "_xmpp-server._tcp."
@@ -62,6 +74,7 @@ class Target:
     port: int
     direct_tls: bool
     addresses: tuple[str, ...] = ()
+    secure: bool = False  # DNSSEC validated its SRV record and an address record (RFC 7673 §3.2)
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,16 @@ class SrvRecord:
     port: int
     host: str  # "." when the service is decidedly not available
     direct_tls: bool
+    secure: bool = False  # the SRV answer had the AD bit
+
+
+@dataclass(frozen=True)
+class TlsaAnswer:
+    """The TLSA records of one target: ``records`` None when the lookup failed (RFC 7673
+    §3.4: do not connect), ``secure`` when the answer had the AD bit."""
+
+    records: tuple[Tlsa, ...] | None
+    secure: bool
 
 
 class ResolutionError(Exception):
@@ -115,7 +138,7 @@ class Resolver:
         self.rng = rng or random.Random()
         self.clock = clock
         self.lifetime = lifetime
-        self._cache: dict[tuple[str, str], tuple[float, list]] = {}
+        self._cache: dict[tuple[str, str], tuple[float, list, bool]] = {}  # expiry, records, AD bit
 
     async def resolve(self, domain: str) -> list[Target]:
         """Ordered targets for a normalized remote domain; ResolutionError if none."""
@@ -134,7 +157,7 @@ class Resolver:
         answered = bool(xmpps) or bool(xmpp)
         records = [r for r in (xmpps or []) + (xmpp or []) if r.host != "."]
         if not answered:
-            addresses = await self._addresses(domain)
+            addresses, _ = await self._addresses(domain)
             if not addresses:
                 raise ResolutionError(f"{domain} has no SRV record and no A/AAAA address")
             return [Target(domain, DEFAULT_S2S_PORT, False, addresses)]
@@ -144,8 +167,8 @@ class Resolver:
         ordered = order_records(records, self.rng)
         address_lists = await asyncio.gather(*(self._addresses(r.host) for r in ordered))
         targets = [
-            Target(r.host, r.port, r.direct_tls, addresses)
-            for r, addresses in zip(ordered, address_lists)
+            Target(r.host, r.port, r.direct_tls, addresses, r.secure and secure)
+            for r, (addresses, secure) in zip(ordered, address_lists)
             if addresses
         ]
         if not targets:
@@ -161,9 +184,23 @@ class Resolver:
         )
         return {XMPPS_SERVER.rstrip("."): xmpps, XMPP_SERVER.rstrip("."): xmpp}
 
+    async def secure_srv_records(self, domain: str) -> list[SrvRecord]:
+        """The DNSSEC-validated SRV records of both services for ``domain``, targets
+        ``.`` left out: where an inbound peer's TLSA records are (RFC 7673 §3.1)."""
+        answers = await self.services(domain)
+        return [r for records in answers.values() for r in records or () if r.secure and r.host != "."]
+
+    async def tlsa(self, host: str, port: int) -> TlsaAnswer:
+        """The TLSA records of the target ``host``:``port`` (RFC 7673 §3.3: the SRV
+        target's port and host name, ``_<port>._tcp.<host>``)."""
+        rdatas, secure = await self._lookup(tlsa_name(host, port), "TLSA")
+        if rdatas is None:
+            return TlsaAnswer(None, False)
+        return TlsaAnswer(tuple(Tlsa(rr.usage, rr.selector, rr.mtype, rr.cert) for rr in rdatas), secure)
+
     def forget(self, domain: str) -> int:
         """Drop the cached answers for a normalized remote domain (its SRV records, the
-        addresses of their targets and of the domain itself), so the next connection
+        addresses and TLSA records of their targets, the domain's own addresses), so the next connection
         asks DNS again; returns how many answers were dropped. For an operator who
         changed a peer's records (``python -m router ctl dns-flush``)."""
         names = {XMPPS_SERVER + domain + ".", XMPP_SERVER + domain + ".", domain + "."}
@@ -171,6 +208,7 @@ class Resolver:
             cached = self._cache.get((service + domain + ".", "SRV"))
             if cached is not None:
                 names.update(_host(rr.target) + "." for rr in cached[1] if rr.target != dns.name.root)
+                names.update(tlsa_name(_host(rr.target), rr.port) for rr in cached[1] if rr.target != dns.name.root)
         dropped = [key for key in self._cache if key[0] in names]
         for key in dropped:
             del self._cache[key]
@@ -178,40 +216,44 @@ class Resolver:
 
     async def _srv(self, name: str, direct_tls: bool) -> list[SrvRecord] | None:
         """SRV records, [] when there are none, None when the lookup failed."""
-        rdatas = await self._query(name, "SRV")
+        rdatas, secure = await self._lookup(name, "SRV")
         if rdatas is None:
             return None
         return [
-            SrvRecord(rr.priority, rr.weight, rr.port, _host(rr.target), direct_tls) for rr in rdatas
+            SrvRecord(rr.priority, rr.weight, rr.port, _host(rr.target), direct_tls, secure) for rr in rdatas
         ]
 
-    async def _addresses(self, host: str) -> tuple[str, ...]:
-        """AAAA then A addresses of a host name (RFC 6724 prefers IPv6)."""
+    async def _addresses(self, host: str) -> tuple[tuple[str, ...], bool]:
+        """AAAA then A addresses of a host name (RFC 6724 prefers IPv6), and whether
+        DNSSEC validated one of the two answers (RFC 7673 §3.2)."""
         if _is_ip(host):
-            return (host,)
+            return (host,), False
         name = host + "."
-        v6, v4 = await asyncio.gather(self._query(name, "AAAA"), self._query(name, "A"))
-        return tuple(rr.address for rr in (v6 or []) + (v4 or []))
+        (v6, v6_secure), (v4, v4_secure) = await asyncio.gather(self._lookup(name, "AAAA"), self._lookup(name, "A"))
+        addresses = tuple(rr.address for rr in (v6 or []) + (v4 or []))
+        return addresses, bool(v6 and v6_secure or v4 and v4_secure)
 
-    async def _query(self, name: str, rdtype: str) -> list | None:
+    async def _lookup(self, name: str, rdtype: str) -> tuple[list | None, bool]:
+        """The records (None when the lookup failed) and whether the answer had the AD bit."""
         key = (name.lower(), rdtype)
         now = self.clock()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:
-            return cached[1]
+            return cached[1], cached[2]
         try:
             answer = await self.dns.resolve(name, rdtype, lifetime=self.lifetime, search=False)
             records, ttl = list(answer), answer.rrset.ttl
+            secure = bool(answer.response.flags & dns.flags.AD)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            records, ttl = [], NEGATIVE_TTL
+            records, ttl, secure = [], NEGATIVE_TTL, False
         except dns.exception.DNSException:
-            return None  # timeout, SERVFAIL, no nameserver: not cached, try again next time
+            return None, False  # timeout, SERVFAIL, no nameserver: not cached, try again next time
         if len(self._cache) >= CACHE_MAX_ENTRIES:
             self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
             if len(self._cache) >= CACHE_MAX_ENTRIES:
                 self._cache.clear()
-        self._cache[key] = (now + ttl, records)
-        return records
+        self._cache[key] = (now + ttl, records, secure)
+        return records, secure
 
     async def _system_addresses(self, host: str, port: int) -> tuple[str, ...]:
         if _is_ip(host):
@@ -221,6 +263,35 @@ class Resolver:
         except socket.gaierror:
             return ()
         return tuple(dict.fromkeys(info[4][0] for info in infos))
+
+
+def dns_resolver(nameservers: tuple[str, ...] = (), dnssec: bool = False) -> dns.asyncresolver.Resolver:
+    """A dnspython resolver asking ``nameservers`` ("ip", "ip:port", "[v6]:port"; none:
+    the system's). ``dnssec``: EDNS0 with DO and the AD bit set in queries, so that a
+    validating resolver reports what it validated (RFC 6840 §5.7, RFC 6698 §4.1)."""
+    resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+    if nameservers:
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(*_host_port(text)) for text in nameservers]
+    if dnssec:
+        resolver.use_edns(0, dns.flags.DO, EDNS_PAYLOAD)
+        resolver.flags = dns.flags.RD | dns.flags.AD
+    return resolver
+
+
+def tlsa_name(host: str, port: int) -> str:
+    """RFC 6698 §3: the TLSA owner name of a TCP service at ``host``:``port``."""
+    return f"_{port}._tcp.{host}."
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """"ip", "ip:port" or "[v6]:port" (as ``[tls] nameservers`` takes them) -> (ip, port)."""
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return host.rstrip("]"), int(port or 53)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
 
 
 def _decidedly_unavailable(records: list[SrvRecord] | None) -> bool:

@@ -19,12 +19,16 @@ from typing import Any
 from router import _fastroute
 from router.trust import tls
 from router.negotiation import events as ev
+from router.net.proxy_header import ProxyHeaderError, ProxyHeaderParser
 from router.net.stream import StreamHost, XmlStream
 
 log = logging.getLogger("router.net.s2s")
 
 # Read buffer used only while a STARTTLS handshake finishes (see S2SStream._received).
 EARLY_BUFFER_SIZE = 16384
+# Read size while a connection from a load balancer waits for its PROXY header
+# (direct TLS reads only what the header still lacks: the ClientHello is TLS's).
+PROXY_READ_SIZE = 4096
 
 
 # TCP keepalive probes after the idle time: this many, this far apart (seconds)
@@ -58,10 +62,10 @@ class S2SStream(XmlStream):
     remote = True
     __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
                  "local_domain", "remote_domain", "verify_only", "target", "target_host", "failure", "_tls_starting", "_early",
-                 "tokenizer")
+                 "tokenizer", "peer_idle_seconds", "proxy")
 
     def __init__(self, relay: StreamHost, session: Any, *, outbound: bool, direct_tls: bool = False,
-                 local: str | None = None, remote: str | None = None) -> None:
+                 local: str | None = None, remote: str | None = None, proxied: bool = False) -> None:
         super().__init__(relay)
         self.session = session
         self.outbound = outbound
@@ -79,6 +83,9 @@ class S2SStream(XmlStream):
         self._tls_starting = False  # between StartTLS and the end of the handshake
         self._early: list[bytes] | None = None  # decrypted bytes that arrived in that window
         self.tokenizer = session.tokenizer  # the session's, for the compiled router
+        # behind a load balancer (listen.proxy_protocol): its PROXY header, until it has arrived
+        self.proxy = ProxyHeaderParser() if proxied else None
+        self.peer_idle_seconds = 0  # XEP-0478: the peer's idle limit for what we send (0: none said)
 
     @property
     def out_lang(self) -> str | None:
@@ -97,15 +104,53 @@ class S2SStream(XmlStream):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        if self.closing:  # refused by a connection limit
+        if self.closing:  # refused by a connection limit, or from outside listen.proxy_trusted
             return
         tcp_keepalive(transport, self.relay.config.s2s.tcp_keepalive)
+        if self.proxy is not None:  # the load balancer's PROXY header comes first (_proxy_received)
+            self.side_buffer = bytearray(self.proxy.wanted if self.direct_tls else PROXY_READ_SIZE)
+            return
+        self._open()
+
+    def _open(self, via: str | None = None, early: bytes = b"") -> None:
+        """Start the session: at once, or after the PROXY header of the load balancer
+        ``via``, with ``early``, the bytes that followed the header."""
         direction = "outbound" if self.outbound else "inbound"
-        log.info("s2s %s stream opened peer=%s domain=%s%s", direction, self.peer, self.domain_label,
-                 " tls=direct" if self.direct_tls else "")
+        log.info("s2s %s stream opened peer=%s domain=%s%s%s", direction, self.peer, self.domain_label,
+                 " tls=direct" if self.direct_tls else "", f" via={via}" if via else "")
+        if self.direct_tls and via is not None:  # XEP-0368 behind PROXY: the ClientHello follows the header
+            self._handle(ev.StartTLS(None))  # server side: SNI picks the certificate
+            return
         if self.direct_tls:
             self._tls_done()
+        if early:
+            self.session.receive_data(early)
         self.pump()
+        if early:
+            self.tokenizer.release()  # as after every read: an idle stream keeps no buffer
+
+    def _proxy_received(self, data: bytes) -> None:
+        """proxy-protocol.txt §2: "The receiver MUST NOT start processing the connection
+        before it receives a complete and valid PROXY protocol header"; then the peer is
+        the address the header names (the connection's own for LOCAL and UNKNOWN)."""
+        try:
+            parsed = self.proxy.feed(data)
+        except ProxyHeaderError as exc:  # nothing XMPP was said: TCP's close is the answer
+            log.warning("s2s inbound connection closed: invalid PROXY header peer=%s: %s", self.peer, exc)
+            self.relay.metrics.negotiations_failed.inc(self.direction, "proxy-header")
+            self.close_transport()
+            return
+        if parsed is None:
+            if self.direct_tls:
+                self.side_buffer = bytearray(self.proxy.wanted)
+            return
+        header, early = parsed
+        via, self.proxy, self.side_buffer = self.peer, None, None
+        if header.source is not None:
+            self.peer = f"{header.source[0]}:{header.source[1]}"
+        self.relay.admission.opened(self)  # the connection limits count the real address
+        if not self.closing:
+            self._open(via, early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._tls_starting and self.failure is None:
@@ -116,7 +161,11 @@ class S2SStream(XmlStream):
 
     def side_received(self, nbytes: int) -> None:
         """uvloop delivers the first decrypted bytes before start_tls() returns: they
-        wait in ``side_buffer`` for the session, which sees them after the handshake."""
+        wait in ``side_buffer`` for the session, which sees them after the handshake.
+        Before them, on a proxied listener, the PROXY header arrives here."""
+        if self.proxy is not None:
+            self._proxy_received(bytes(self.side_buffer[:nbytes]))
+            return
         if self._early is None:
             self._early = []
         self._early.append(bytes(self.side_buffer[:nbytes]))
@@ -165,6 +214,7 @@ class S2SStream(XmlStream):
                 self.relay.admission.authenticated(self)
                 self.relay.metrics.negotiation_seconds.labels(self.direction).observe(
                     self.loop.time() - self.opened_at)
+                self._obey_peer_limits()
             self.mechanism = self.mechanism or ("sasl-external" if event.mechanism == "EXTERNAL" else "dialback")
             self.remote_domain = self.remote_domain or event.pair.remote
             log.info("s2s %s authenticated remote=%s local=%s mechanism=%s direction=%s peer=%s",
@@ -183,6 +233,8 @@ class S2SStream(XmlStream):
             self.relay.verifier.verify_key(self, event)
         elif isinstance(event, ev.VerifyResult):
             self.relay.verifier.verify_result(self, event)
+        elif isinstance(event, ev.CheckDane):
+            self.relay.dane.check_inbound(self, event.domain)
         elif isinstance(event, ev.Closed):
             metrics = self.relay.metrics
             if event.cause == "parse":
@@ -212,6 +264,16 @@ class S2SStream(XmlStream):
             self.relay.connector.unroute(self)  # its pairs go to another stream at once, TLS close or not
             self._flush_session()
             self.close_transport()
+
+    def _obey_peer_limits(self) -> None:
+        """XEP-0478 §3: on our outbound stream, the limits of the peer's last features hold
+        from authentication on (larger stanzas bounce, whitespace keeps it within idle-seconds)."""
+        advertised = self.session.advertised
+        if not self.outbound or advertised is None or not any(advertised.limits):
+            return
+        self.peer_max_bytes, self.peer_idle_seconds = advertised.limits
+        log.info("s2s peer limits max_bytes=%d idle_seconds=%d peer=%s domain=%s", self.peer_max_bytes,
+                 self.peer_idle_seconds, self.peer, self.domain_label)
 
     async def _start_tls(self, event: Any) -> None:
         server_side = not self.outbound
@@ -253,11 +315,19 @@ class S2SStream(XmlStream):
         chain = tls.peer_chain(ssl_object) if ssl_object is not None else []
         log.info("s2s stream secured peer=%s domain=%s version=%s", self.peer, self.domain_label,
                  ssl_object.version() if ssl_object is not None else "-")
+        if self.outbound and self.relay.dane.hold_outbound(self, chain):
+            return  # RFC 7673 §4: the session hears of TLS with DANE's verdict on the certificate
         self.session.tls_established(chain)
 
     # ------------------------------------------------------------------ relay -> stream
     def fail(self, condition: str, text: str) -> None:
         if self.closing:
+            return
+        if self._unframed():
+            log.warning("s2s inbound connection closed before its stream began peer=%s condition=%s text=%s",
+                        self.peer, condition, text)
+            self.relay.metrics.negotiations_failed.inc(self.direction, condition)
+            self.close_transport()
             return
         self.session.close(condition, text, cause="local")
         self.pump()
@@ -268,6 +338,15 @@ class S2SStream(XmlStream):
         a bounded time for the peer's close."""
         if self.closing or self.transport is None:
             return
+        if self._unframed():
+            self.close_transport()
+            return
         self.session.close(condition, text, cause="local")
         self.pump()
         self.abort_after(self.relay.config.s2s.close_timeout)
+
+    def _unframed(self) -> bool:
+        """Behind a load balancer, nothing XMPP may be written before its PROXY header
+        nor, on a direct-TLS listener, before our TLS: a close is TCP's alone then."""
+        return self.proxy is not None or (self.direct_tls and self.transport is not None
+                                          and self.transport.get_extra_info("ssl_object") is None)

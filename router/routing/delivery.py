@@ -60,7 +60,9 @@ class Delivery:
         self.s2s_output = OutputProfile(SERVER_NS, None)
         self.component_output = OutputProfile(COMPONENT_NS, "en")  # as router.net.components declares
         self.cluster = None  # router.cluster.bus.Bus when [cluster] nats: routes held by other members
+        self.liveness = None  # router.net.liveness.Liveness: takes the answers to the relay's own pings
         self._outbound_queues_refusals = Refusals()
+        self._peer_max_bytes_refusals = Refusals()
 
     def configure(self, config, default_lang: str | None) -> None:
         """Local domains and services of ``config`` (at start and on reload)."""
@@ -80,6 +82,10 @@ class Delivery:
               view: memoryview, batches: dict) -> None:
         """Send ``element`` towards ``to_domain``: into ``batches`` for a stream,
         to a built-in service, into a pending queue, or back as a bounce."""
+        liveness = self.liveness
+        if liveness is not None and element.id in liveness.awaited and liveness.answered(element, from_domain,
+                                                                                           to_domain):
+            return  # the answer to the relay's own ping goes no further
         target = self.table.local.get(to_domain)
         if target is None:
             target = self.table.remote.get((from_domain, to_domain))  # Pair(local, remote): a tuple finds it
@@ -95,7 +101,12 @@ class Delivery:
             return
         else:
             kind = "component"
-        if target.paused and target.queue_full(element.end - element.start):
+        size = element.end - element.start
+        if target.peer_max_bytes and size > target.peer_max_bytes:
+            self._bounce_element(source, element, "policy-violation",
+                                 self._over_peer_limit(to_domain, size, target.peer_max_bytes))
+            return
+        if target.paused and target.queue_full(size):
             self._bounce_element(source, element, "resource-constraint", f"{to_domain} is not reading what is sent to it")
             return
         batches.setdefault(target, []).append(source.chunk_for(target, element, view))
@@ -116,6 +127,11 @@ class Delivery:
         elif not isinstance(target, XmlStream) or target.closing:
             return None  # a service does not answer a service; a closing component gets nothing
         if target is not None:
+            if target.peer_max_bytes and len(data) > target.peer_max_bytes:
+                self.metrics.limits_hit.inc("peer_max_bytes")
+                log.info("dropping relay-made %s to %s: %d bytes, its server announced max-bytes %d (XEP-0478)",
+                         name, to_domain, len(data), target.peer_max_bytes)
+                return None
             if target.paused and target.queue_full(len(data)):
                 log.debug("dropping relay-made %s to %s: its stream's write queue is full", name, to_domain)
                 return None
@@ -141,8 +157,17 @@ class Delivery:
         reply = self.services.handle(stanza)
         if reply is None:
             return
+        to_domain = domain_of(element.from_)
+        link = self.table.remote.get((service.domain, to_domain))
+        if link is not None and link.peer_max_bytes and len(reply) > link.peer_max_bytes:
+            # XEP-0478 §3: an answer (an echo) too large for the asker's server: the asker learns why instead
+            text = self._over_peer_limit(to_domain, len(reply), link.peer_max_bytes)
+            reply = errors.bounce(element.name, element.from_, element.to, element.id, element.type,
+                                  "policy-violation", text)
+            if reply is None:
+                return
         dest = self.deliver(reply, element.name, None, element.to, element.from_, element.id,
-                            service.domain, domain_of(element.from_))
+                            service.domain, to_domain)
         self._hold(source, dest)
 
     @staticmethod
@@ -184,6 +209,8 @@ class Delivery:
             self._push(Queued(item.data, item.name, item.type, item.from_, item.to, item.id, self.host.loop.time()),
                        Pair(item.from_domain, item.to_domain))
             return None
+        if target.peer_max_bytes and len(item.data) > target.peer_max_bytes:
+            return "policy-violation", self._over_peer_limit(item.to_domain, len(item.data), target.peer_max_bytes)
         if target.paused and target.queue_full(len(item.data)):
             return "resource-constraint", f"{item.to_domain} is not reading what is sent to it"
         target.write(item.data)
@@ -226,6 +253,30 @@ class Delivery:
     def update_queue_gauges(self) -> None:
         self.metrics.queued_stanzas.set(sum(len(q.items) for q in self.table.pending.values()))
         self.metrics.outbound_queues.set(len(self.table.pending))
+
+    def fitting(self, items: list[Queued], remote: str, limit: int) -> list[Queued]:
+        """The queued ``items`` within the ``max-bytes`` ``remote`` announced (0: any);
+        the others bounce with ``<policy-violation/>`` (XEP-0478 §3)."""
+        if not limit or all(len(item.data) <= limit for item in items):
+            return items
+        kept = []
+        for item in items:
+            if len(item.data) > limit:
+                self.bounce(item, "policy-violation", self._over_peer_limit(remote, len(item.data), limit))
+            else:
+                kept.append(item)
+        return kept
+
+    def _over_peer_limit(self, remote: str, size: int, limit: int) -> str:
+        """Count (and log, at most every ``LOG_INTERVAL``) a stanza larger than the
+        ``max-bytes`` its destination announced; the text of its bounce (XEP-0478 §3:
+        "a <text/> may also be included, explaining the limit")."""
+        self.metrics.limits_hit.inc("peer_max_bytes")
+        count = self._peer_max_bytes_refusals.note(self.host.loop.time())
+        if count:
+            log.warning("bounced %d stanza(s) larger than the max-bytes their remote server announced "
+                        "(XEP-0478); the last: remote=%s size=%d max_bytes=%d", count, remote, size, limit)
+        return f"{remote} accepts stanzas of at most {limit} bytes (XEP-0478 max-bytes); this one has {size}"
 
     def _bounce_element(self, source: XmlStream, element, condition: str, text: str) -> None:
         self.bounce(Queued(b"", element.name, element.type, element.from_, element.to, element.id, 0.0),
