@@ -146,6 +146,8 @@ cdef class Router:
                 src_lang = header.lang if header is not None else None
             self._route(stream, el, from_dom, to_dom, view, batches, src_lang)
             i += 1
+        if i:
+            stream.stanzas_in += i  # once per read: ctl's count and XEP-0198's h
         if batches:
             stream.forward(batches)
         if i < n or error is not None:
@@ -244,7 +246,6 @@ cdef class Router:
             answers.append(None)
         for target, chunks in batches.items():
             write_chunks(target, chunks)
-            target.stanzas_out += len(chunks)
         return answers
 
     # ------------------------------------------------------------------ counters
@@ -305,26 +306,38 @@ def component_received(self, Py_ssize_t nbytes):
 def forward(self, dict batches):
     """Queue each destination's gathered ranges; pin our buffer, whose views they
     are, and stop reading from a paused destination."""
-    cdef Py_ssize_t forwarded = 0
     for dest, chunks in batches.items():
         if dest.closing:  # closed by an event of this very read; routing checked before
             log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
             continue
         write_chunks(dest, chunks)
-        dest.stanzas_out += len(chunks)  # once per destination and read, not per stanza
-        forwarded += len(chunks)
         if dest.paused and self.may_wait_for(dest):
             self.block_on(dest)
     if batches:
-        self.stanzas_in += forwarded
         self.tokenizer.pin()
 
 
 def write_chunks(self, list chunks):
-    """Queue ``chunks`` (bytes or views of a source's buffer; the list is taken, not
-    copied) for the end of this event-loop iteration, after everything queued before."""
+    """Queue stanzas: ``chunks``, one stanza each (bytes or views of a source's buffer;
+    the list is taken, not copied), counted in ``stanzas_out`` (once per call) and kept
+    by XEP-0198 until the peer acknowledges them (``acks``, while enabled)."""
     if self.transport is None or self.closing:
         return
+    queue(self, chunks)
+    self.stanzas_out += len(chunks)
+    acks = self.acks
+    if acks is not None:
+        acks.sent(chunks)
+
+
+def write(self, data):
+    """Queue bytes that are not stanzas (negotiation, keepalives, XEP-0198 acks): not counted."""
+    if data and self.transport is not None and not self.closing:
+        queue(self, [data])
+
+
+cdef int queue(object self, list chunks) except -1:
+    """Write ``chunks`` at the end of this event-loop iteration, after everything queued before."""
     cdef Py_ssize_t size = 0
     for chunk in chunks:
         size += len(chunk)
@@ -339,6 +352,7 @@ def write_chunks(self, list chunks):
         self._unsent_bytes = size
     if size >= C_FLUSH_AT:
         flush(self)
+    return 0
 
 
 def flush(self):

@@ -218,7 +218,9 @@ class RelayMetrics:
             "write queue (write_queue_max), a stream closed for not reading (write_stall_timeout), a stanza "
             "for one remote domain too many (max_outbound_queues), an outbound connection without a file "
             "descriptor (open_files), a stanza larger than its remote server's XEP-0478 max-bytes "
-            "(peer_max_bytes); max_verify_connections_per_target counts verifications that waited.",
+            "(peer_max_bytes), a stream that left too many stanzas unacknowledged (sm_max_unacked, XEP-0198), a "
+            "connection to a PROXY-protocol listener from an untrusted address (proxy_trusted), an inbound DANE "
+            "check over its limit (dane_lookups); max_verify_connections_per_target counts verifications that waited.",
             ("limit",),
         )
         self.outbound_connections = r.counter(
@@ -261,6 +263,12 @@ class RelayMetrics:
         self.bus_connected = r.gauge(p + "bus_connected", "1 while this process is connected to NATS.")
         self.service_stanzas = r.counter(
             p + "service_stanzas_total", "Stanzas handled by built-in services, by service ping|disco|echo|sink|error|ignored.", ("service",)
+        )
+        self.stream_management = r.counter(
+            p + "stream_management_total",
+            "XEP-0198 on S2S streams, by event: enabled (a stream started counting), resent|bounced (a stanza a "
+            "dead stream sent and its peer never acknowledged), ack_timeout (a stream closed for not acknowledging).",
+            ("event",),
         )
         self.pings = r.counter(
             p + "pings_total",

@@ -239,14 +239,25 @@ class Relay:
                     continue
                 if stream.paused and stream.stalled_for(now) > s2s.write_stall_timeout:
                     self._close_stalled(stream)
-                elif isinstance(stream, S2SStream) and now - stream.last_rx > s2s.idle_timeout:
-                    stream.fail("connection-timeout", f"nothing received for {s2s.idle_timeout:g} seconds")
-                elif isinstance(stream, S2SStream) and self.liveness.check(stream, now, s2s):
-                    pass  # a ping or the peer's XEP-0478 idle keepalive went out, or an unanswered ping closed it
+                elif isinstance(stream, S2SStream):
+                    self._sweep_s2s(stream, now, s2s)
                 elif now - stream.last_tx > s2s.keepalive_interval:
                     stream.keepalive()
             self.delivery.expire_queues(now)
             self.table.prune_backoff(now)
+
+    def _sweep_s2s(self, stream: S2SStream, now: float, s2s) -> None:
+        """An authenticated S2S stream: dead (no XEP-0198 ack, nothing received), pinged
+        (XEP-0199), kept within the peer's XEP-0478 idle limit, or given a keepalive."""
+        dead = stream.acks.tick(now, s2s) if stream.acks is not None else None
+        if dead is not None:
+            log.warning("s2s peer=%s domain=%s: %s; closing it", stream.peer, stream.domain_label, dead)
+            self.metrics.stream_management.inc("ack_timeout")
+            stream.fail("connection-timeout", dead)
+        elif now - stream.last_rx > s2s.idle_timeout:
+            stream.fail("connection-timeout", f"nothing received for {s2s.idle_timeout:g} seconds")
+        elif not self.liveness.check(stream, now, s2s) and now - stream.last_tx > s2s.keepalive_interval:
+            stream.keepalive()
 
     def _close_stalled(self, stream: XmlStream) -> None:
         """A stream that reads nothing of what we send only ever hurts itself: close it."""
@@ -281,6 +292,8 @@ class Relay:
         self.connector.stream_closed(stream, exc)
         self.verifier.stream_closed(stream)
         self.liveness.forget(stream)
+        if stream.acks is not None:  # XEP-0198: what the peer never acknowledged is not lost
+            self.delivery.unacknowledged(stream)
         stream.session.connection_lost()
         log.info("s2s %s stream closed peer=%s domain=%s%s", "outbound" if stream.outbound else "inbound",
                  stream.peer, stream.domain_label, f" error={exc}" if exc else "")
@@ -325,6 +338,7 @@ class Relay:
             dane=config.tls.dane,
             dane_exempt=config.tls.dane_exempt,
             # XEP-0478: the stanza size we accept once authenticated, and how long we let a stream idle
+            stream_management=config.s2s.stream_management,
             stream_limits=StreamLimits(config.policy.max_stanza_bytes, int(config.s2s.idle_timeout))
             if config.s2s.advertise_limits else None,
         )

@@ -264,3 +264,32 @@ def test_peer_trust_anchors_are_read_per_remote_domain(tmp_path):
                         '"bad..name" = ["partner-ca.pem"]\n', tmp_path)
     assert set(found) == {"tls.peer_trust_anchors.a.example", "tls.peer_trust_anchors.b.example[0]",
                           "tls.peer_trust_anchors.bad..name"}
+
+
+def test_federation_feature_options_are_checked(tmp_path):
+    """PROXY protocol listeners and trusted networks, DANE resolvers, XEP-0198 bounds and XEP-0199 ping."""
+    found = problems_of(MINIMAL + """
+    [listen]
+    proxy_protocol = ["s2s", "component"]
+    proxy_trusted = ["10.0.0.0/8", "not-a-network"]
+    [tls]
+    nameservers = ["127.0.0.1:5353", "resolver.example"]
+    [s2s]
+    sm_ack_every = 100
+    sm_max_unacked = 50
+    ping_interval = -1
+    """, tmp_path)
+    assert set(found) == {"listen.proxy_protocol[1]", "listen.proxy_trusted[1]", "tls.nameservers[1]",
+                          "s2s.sm_max_unacked", "s2s.ping_interval"}
+    config = parse_config(MINIMAL + """
+    [listen]
+    proxy_protocol = ["s2s_direct_tls"]
+    [tls]
+    dane = true
+    nameservers = ["::1", "[::1]:53"]
+    [s2s]
+    stream_management = false
+    """, tmp_path)
+    assert config.listen.proxy_protocol == {"s2s_direct_tls"} and config.listen.proxy_trusted == ("127.0.0.0/8", "::1/128")
+    assert config.tls.dane and config.tls.nameservers == ("::1", "[::1]:53")
+    assert not config.s2s.stream_management and config.s2s.sm_resend and config.s2s.happy_eyeballs_delay == 0.25

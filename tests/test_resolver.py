@@ -7,7 +7,6 @@ from collections import Counter
 
 import dns.asyncresolver
 import dns.message
-import dns.rcode
 import pytest
 
 from router.config import StaticRoute

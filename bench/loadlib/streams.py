@@ -8,7 +8,9 @@ connections the target opens to the simulated servers' authoritative server
 
 Both read through the project's `Tokenizer` straight into its buffer and act
 on raw byte ranges; negotiation elements are recognised by name and namespace
-and features by the namespaces they contain.
+and features by the namespaces they contain. With XEP-0198 on (`sm`), both
+count the stanzas they receive and answer the target's ack requests, and the
+outbound streams ask for acks of what they send.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import time
 
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
 
-from . import wire
+from . import sm, wire
 
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -33,7 +35,9 @@ def bare_domain(jid: str | None) -> str | None:
 
 
 class _Stream(asyncio.BufferedProtocol):
-    """What both directions share: tokenizer plumbing, stanza intake, teardown."""
+    """What both directions share: tokenizer plumbing, stanza intake, XEP-0198 counters, teardown."""
+
+    outbound = False
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -42,6 +46,7 @@ class _Stream(asyncio.BufferedProtocol):
         self.stream_id: str | None = None
         self.closed = False
         self.paused = False
+        self.acks: sm.StreamAcks | None = None  # XEP-0198 counters, once enabled
 
     def connection_made(self, transport):
         self.transport = transport
@@ -82,7 +87,9 @@ class _Stream(asyncio.BufferedProtocol):
         self.ctx.arrived(element, raw, via)
 
     def other(self, element: Element, raw: bytes):
-        """A top-level element this side does not expect: a stream error or noise."""
+        """A top-level element this side does not expect: a stream error or noise (XEP-0198 counts its stanzas)."""
+        if self.acks is not None and element.name in sm.STANZA_NAMES and element.ns == wire.SERVER_NS:
+            self.acks.received += 1
         if element.name == "error" and element.ns == wire.STREAM_NS:
             self.ctx.tracker.stream_errors += 1
             self.ctx.tracker.note("stream", raw.decode("utf-8", "replace"))
@@ -103,6 +110,9 @@ class _Stream(asyncio.BufferedProtocol):
             return
         self.closed = True
         if self.transport is not None and not self.transport.is_closing():
+            if self.acks is not None and self.acks.base is not None:
+                # XEP-0198 §4: an <a/> right before closing, so the target re-sends nothing we handled
+                self.transport.write(sm.ack(self.acks.handled()))
             self.transport.write(wire.STREAM_END)
             self.transport.close()
 
@@ -117,6 +127,8 @@ class _Stream(asyncio.BufferedProtocol):
 class OutboundStream(_Stream):
     """One simulated server (`index`) talking to the target."""
 
+    outbound = True
+
     def __init__(self, ctx, index: int):
         super().__init__(ctx)
         self.index = index
@@ -127,6 +139,7 @@ class OutboundStream(_Stream):
         self.tls_done = False
         self.sasl_done = False
         self.bidi = False
+        self.sm_offered = False
         self.ready = False
         self.started = time.perf_counter()
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -146,7 +159,11 @@ class OutboundStream(_Stream):
         name, ns = element.name, element.ns
         if self.ready:
             if name == "message":
+                if self.acks is not None:
+                    self.acks.received += 1
                 self.message(element, raw, self.index if self.bidi else None)
+            elif ns == sm.SM_NS:
+                sm.handle(self, element, raw)
             else:
                 self.other(element, raw)
         elif name == "features" and ns == wire.STREAM_NS:
@@ -177,6 +194,7 @@ class OutboundStream(_Stream):
     def features(self, raw: bytes):
         ctx = self.ctx
         offered = lambda ns: ns.encode() in raw
+        self.sm_offered = ctx.cfg.sm and offered(sm.SM_NS)  # the last features before authentication count
         if ctx.tls and not self.tls_done:
             if not offered(TLS_NS):
                 self.fail(f"TLS asked for but {ctx.target_domain} does not offer STARTTLS")
@@ -224,16 +242,31 @@ class OutboundStream(_Stream):
         self.phase = "ready"
         self.ready = True
         self.tokenizer.max_stanza_bytes = max(self.tokenizer.max_stanza_bytes, 1 << 20)
+        if self.sm_offered and self.acks is None:  # XEP-0198 §3: we count what we send from <enable/> on
+            self.acks = sm.StreamAcks(counting_in=False)
+            self.ctx.acks.offered += 1
+            self.transport.write(sm.ENABLE)
         if not self.done.done():
             self.done.set_result(time.perf_counter() - self.started)
 
     def send(self, count: int, now_us: int):
-        """Write `count` stanzas in one write."""
+        """Write `count` stanzas in one write (with an XEP-0198 ack request when one is due)."""
         render = self.template.render
         seq = self.seq
-        self.transport.write(b"".join([render(s, now_us) for s in range(seq, seq + count)]))
+        chunks = [render(s, now_us) for s in range(seq, seq + count)]
+        acks = self.acks
+        if acks is not None:
+            acks.sent += count
+            if acks.sent - acks.requested >= self.ctx.cfg.sm_ack_every and acks.base is not None:
+                acks.requested = acks.sent
+                chunks.append(sm.REQUEST)
+                self.ctx.acks.requests_sent += 1
+        self.transport.write(b"".join(chunks))
         self.seq = seq + count
         self.ctx.tracker.sent(self.index, count)
+
+    def label(self) -> str:
+        return self.domain
 
     def fail(self, reason: str):
         if not self.done.done():
@@ -269,9 +302,10 @@ class InboundStream(_Stream):
     def header(self, event: StreamHeader):
         self.local, self.remote = event.to, event.from_
         self.stream_id = os.urandom(8).hex()
+        features = wire.listener_features(self.ctx.server_ssl is not None, self.tls_done, self.sasl_done)
         self.transport.write(
             wire.response_header(self.local or self.ctx.any_load_domain, self.remote, self.stream_id)
-            + wire.listener_features(self.ctx.server_ssl is not None, self.tls_done, self.sasl_done)
+            + (sm.with_offer(features) if self.ctx.cfg.sm else features)
         )
         if self.local is not None and wire.domain_index(self.local) is None:
             self.transport.write(
@@ -285,7 +319,11 @@ class InboundStream(_Stream):
         raw = bytes(buf[element.start:element.end])
         name, ns = element.name, element.ns
         if name == "message":
+            if self.acks is not None:
+                self.acks.received += 1
             self.message(element, raw, None)
+        elif ns == sm.SM_NS:
+            sm.handle(self, element, raw)
         elif ns == wire.DIALBACK_NS and name == "verify" and element.type is None:
             receiving, originating = element.from_, element.to
             key = raw[raw.index(b">") + 1:raw.rindex(b"<")].decode()
@@ -311,6 +349,9 @@ class InboundStream(_Stream):
             pass  # not offered; a peer that pipelines it anyway gets a plain stream
         else:
             self.other(element, raw)
+
+    def label(self) -> str:
+        return f"the target's stream to {self.local}"
 
     async def upgrade(self):
         loop = asyncio.get_running_loop()

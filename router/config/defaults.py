@@ -72,6 +72,10 @@ DEFAULT_HAPPY_EYEBALLS_DELAY = 0.25
 # default): stanzas a dead stream sent and the peer never acknowledged are re-sent
 # on a new stream or bounced, never lost silently.
 DEFAULT_STREAM_MANAGEMENT = True
+# What a dead stream sent and its peer never acknowledged is re-sent on another stream
+# (it may then arrive twice, when only the ack was lost); false bounces it instead, as
+# Prosody does by default (smacks_s2s_resend = false): then it may be bounced yet delivered.
+DEFAULT_SM_RESEND = True
 # Ask for an ack after this many unacknowledged stanzas: a few round trips' worth at
 # full speed, so the re-send buffer of a busy stream stays small.
 DEFAULT_SM_ACK_EVERY = 500

@@ -100,6 +100,7 @@ class S2SConfig:
     tcp_keepalive: float  # seconds of silence before the kernel probes the peer; 0: off
     happy_eyeballs_delay: float  # RFC 8305: seconds between starting attempts to a target's next address
     stream_management: bool  # XEP-0198 acks (no resumption) on S2S streams
+    sm_resend: bool  # unacknowledged stanzas of a dead stream: re-sent (true) or bounced
     sm_ack_every: int  # request an ack after this many unacknowledged stanzas
     sm_ack_interval: float  # ... or this long after the first unacknowledged one
     sm_ack_timeout: float  # an ack request unanswered this long closes the stream as dead

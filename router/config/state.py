@@ -16,6 +16,7 @@ from router.config.defaults import (
 )
 from router.config.model import (
     CertificateFiles,
+    TlsConfig,
 )
 
 

@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 from router.trust import policy as pol
 from router.wire.jid import normalize_domain
-from router.negotiation import dialback
-from router.negotiation.events import AuthFailed, Authenticated, VerifyResult
+from router.negotiation import dialback, sm
+from router.negotiation.events import AuthFailed, Authenticated, SmStarted, VerifyResult
 from router.negotiation.pairs import NO_PAIRS, NO_REQUESTS, Pair, with_pair, without
 from router.negotiation.sasl import EXTERNAL
 from router.negotiation.state import CLOSED, DIALBACK, NO_MATCH, SASL_ONLY
@@ -29,7 +29,7 @@ log = logging.getLogger("router.negotiation")
 # What this class uses of the session it is a base of.
 _SESSION_PARTS = ("role", "config", "stage", "stream_id", "remote_domain", "advertised", "bidi", "_close_sent",
                   "verify_only", "send", "emit", "close", "peer_certificate_ok", "_advance", "_dialback_ready",
-                  "_guarded", "_raise_stanza_limit")
+                  "_guarded", "_raise_stanza_limit", "start_stream_management")
 
 
 class Authorizations:
@@ -121,6 +121,11 @@ class Authorizations:
         self._requested = without(self._requested, pair)
         self.outbound_pairs = with_pair(self.outbound_pairs, pair)
         self._raise_stanza_limit()
+        enable = sm.request(self, self.advertised)
+        if enable is not None:  # before the pair is reported: its queued stanzas are counted (XEP-0198 §4)
+            self.send(enable)
+            self.start_stream_management()
+            self.emit(SmStarted(outbound=True, inbound=False))
         self.emit(Authenticated(pair, mechanism, "outbound"))
         if self.bidi and pair not in self.inbound_pairs:
             self.inbound_pairs = with_pair(self.inbound_pairs, pair)

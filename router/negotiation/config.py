@@ -35,6 +35,7 @@ class SessionConfig:
     # the verifying side did not choose the stream ID that keys such a dialback
     bidi_reverse_dialback: bool = False
     required_flags: bool = True  # XEP-0192 <required/> on features other than <starttls/>
+    stream_management: bool = False  # XEP-0198: offer it (receiver), enable it when offered (initiator)
     stream_limits: StreamLimits | None = None  # receiver: the XEP-0478 limits we announce; None: none
     sasl_max_failures: int = 3  # failed <auth/> attempts tolerated (RFC 6120 §6.4.5: 2-5)
     sasl_send_authzid: bool = True  # initiator sends base64(from) as authzid (XEP-0178), else '='

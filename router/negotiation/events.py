@@ -41,6 +41,14 @@ class AuthFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckDane:
+    """Receiver: may DANE (RFC 7673) prove the peer's certificate for `domain`, which our trust
+    store does not? Answer with `session.dane_verdict(domain, matched)`; the features wait."""
+
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
 class BidiEnabled:
     """XEP-0288 is on: this one stream carries both directions."""
 
@@ -67,6 +75,31 @@ class VerifyResult:
 
     token: Any
     result: str  # "valid" | "invalid" | a stanza error condition
+
+
+@dataclass(frozen=True, slots=True)
+class SmStarted:
+    """XEP-0198 counting starts now, for what we send (`outbound`) and/or what we receive (`inbound`)."""
+
+    outbound: bool
+    inbound: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SmStopped:
+    """The peer refused XEP-0198 (``<failed/>``): nothing will be acknowledged on this stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class AckRequested:
+    """The peer sent ``<r/>``: answer with ``<a h/>``, the stanzas received since counting started."""
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """The peer sent ``<a h/>``: it handled ``h`` (mod 2^32) of the stanzas we sent since counting started."""
+
+    h: int
 
 
 @dataclass(frozen=True, slots=True)

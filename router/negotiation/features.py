@@ -7,7 +7,7 @@ still wants) means go. RFC 6120 only defines the flag for ``<starttls/>``;
 `SessionConfig.required_flags` = False keeps that one and drops the others
 for peers that choke on unknown children.
 
-Each feature module (tls, sasl, dialback, bidi, limits) offers at most one `Offer`
+Each feature module (tls, sasl, dialback, bidi, limits, sm) offers at most one `Offer`
 per stage; this module only renders and parses the container, and imports
 no other module of the package.
 """
@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from lxml import etree
 
-from router.wire.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, STREAM_LIMITS_NS, TLS_NS
+from router.wire.namespaces import BIDI_FEATURE_NS, DIALBACK_FEATURE_NS, SASL_NS, SM_NS, STREAM_LIMITS_NS, TLS_NS
 from router.wire.xml import child
 
 # Announced limits above this are no limit at all (and would not fit a C size on the hot path).
@@ -65,6 +65,7 @@ class Advertised:
     dialback: bool = False
     dialback_errors: bool = False
     bidi: bool = False
+    sm: bool = False  # XEP-0198 stream management (urn:xmpp:sm:3)
     required: frozenset[str] = field(default_factory=frozenset)  # "{ns}name" of features flagged required
     limits: StreamLimits = StreamLimits()  # XEP-0478: what the peer accepts on this stream
 
@@ -102,6 +103,7 @@ def parse(features: etree._Element) -> Advertised:
         dialback=dialback is not None,
         dialback_errors=dialback is not None and child(dialback, DIALBACK_FEATURE_NS, "errors") is not None,
         bidi=child(features, BIDI_FEATURE_NS, "bidi") is not None,
+        sm=child(features, SM_NS, "sm") is not None,
         required=frozenset(required),
         limits=parse_limits(child(features, STREAM_LIMITS_NS, "limits")),
     )

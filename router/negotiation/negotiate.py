@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from router.negotiation import bidi, dialback, limits, sasl, tls
+from router.negotiation import bidi, dialback, limits, sasl, sm, tls
 from router.negotiation.features import Advertised, Offer
 from router.negotiation.state import CLOSED, DIALBACK, SASL, STARTTLS, Negotiator, Stage
 
@@ -22,7 +22,7 @@ def offers(s: Negotiator) -> list[Offer]:
     if tls_offer is not None and tls_offer.required:
         return [tls_offer]
     sasl_offer = sasl.offer(s)
-    candidates = [tls_offer, sasl_offer, dialback.offer(s, sasl_offer is not None), bidi.offer(s), limits.offer(s)]
+    candidates = [tls_offer, sasl_offer, dialback.offer(s, sasl_offer is not None), bidi.offer(s), sm.offer(s), limits.offer(s)]
     return [offer for offer in candidates if offer is not None]
 
 

@@ -4,7 +4,7 @@
 only through the table in `router.negotiation.state`) and two outboxes:
 bytes (`data_to_send`) and events (`events`). It runs the input loop,
 dispatches negotiation elements to the feature modules (`tls`, `sasl`,
-`dialback`, `bidi`), applies what they report, and closes. Two mixins hold
+`dialback`, `bidi`, `sm`), applies what they report, and closes. Two mixins hold
 the rest of its state: `opening.Opening` (per-stream state, headers and
 features) and `authorization.Authorizations` (the pairs authorized and
 pending). Nothing here does I/O, and nothing raises on bad input: every
@@ -26,7 +26,7 @@ from router._fastparse import ParseError, StreamEnd, StreamHeader, Tokenizer
 from router.wire.errors import STANZA_KINDS, STREAM_CONDITIONS, stream_condition, stream_error
 from router.wire.jid import normalize_domain
 from router.wire.namespaces import CLIENT_NS, SERVER_NS, STREAMS_NS, STREAM_NS
-from router.negotiation import bidi, dialback, sasl, tls
+from router.negotiation import bidi, dialback, sasl, sm, tls
 from router.negotiation.authorization import Authorizations
 from router.negotiation.config import SessionConfig
 from router.negotiation.events import BidiEnabled, Closed, PeerClosed, Stanza, StartTLS
@@ -64,7 +64,7 @@ class Session(Opening, Authorizations):
     __slots__ = (
         "role", "config", "verify_only", "tokenizer", "local_domain", "remote_domain", "_new_id", "stage",
         "encrypted", "peer_chain", "sasl_done", "sasl_failures", "sasl_tried", "sasl_condition",
-        "_out", "_events", "_cert_status", "_tree_cache", "_restarted", "_close_sent", "bidi",
+        "_out", "_events", "_cert_status", "_tree_cache", "_restarted", "_close_sent", "bidi", "sm_enabled",
         *Opening.FIELDS, *Authorizations.FIELDS,
     )
 
@@ -106,6 +106,7 @@ class Session(Opening, Authorizations):
         self._restarted: bytes | None = None
         self._close_sent = False  # we wrote </stream:stream>; a graceful close keeps reading (RFC 6120 §4.4)
         self.bidi = False
+        self.sm_enabled = False  # XEP-0198 (router.negotiation.sm)
         self._reset_stream_state()
         if role == "initiator" and not direct_tls:
             self._send_header()
@@ -137,7 +138,7 @@ class Session(Opening, Authorizations):
         # RFC 6120 §5.4.3.3: everything learned before TLS is forgotten
         if self.role == "receiver":
             self.local_domain = self.remote_domain = None
-        self.bidi = False
+        self.bidi = self.sm_enabled = False
         self._reset_stream_state()
         self._advance(HEADER)
         if self.role == "initiator":
@@ -264,6 +265,12 @@ class Session(Opening, Authorizations):
         self.sasl_failures += 1
         return self.sasl_failures
 
+    def start_stream_management(self) -> None:
+        self.sm_enabled = True
+
+    def stop_stream_management(self) -> None:
+        self.sm_enabled = False
+
     def enable_bidi(self) -> None:
         """XEP-0288 is on for this stream: we sent the request, or accepted the peer's."""
         self.bidi = True
@@ -377,6 +384,7 @@ _HANDLERS = {
     **sasl.HANDLERS,
     **dialback.HANDLERS,
     **bidi.HANDLERS,
+    **sm.HANDLERS,
     (STREAM_NS, "features"): Session._on_features,
     (STREAM_NS, "error"): Session._on_stream_error,
 }

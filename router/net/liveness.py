@@ -107,8 +107,8 @@ class Liveness:
 
     def _send(self, stream, pair: Pair, now: float) -> None:
         ping_id = "ping-" + secrets.token_hex(8)
-        stream.write(f"<iq type='get' from={attr(pair.local)} to={attr(pair.remote)} id={attr(ping_id)}>"
-                     f"<ping xmlns='{PING_NS}'/></iq>".encode())
+        stream.write_chunks([f"<iq type='get' from={attr(pair.local)} to={attr(pair.remote)} id={attr(ping_id)}>"
+                             f"<ping xmlns='{PING_NS}'/></iq>".encode()])  # a stanza: XEP-0198 counts it
         self._pings[ping_id] = Ping(stream, pair, now)
         self._in_flight[stream] = ping_id
         self.awaited.add(ping_id)

@@ -19,6 +19,7 @@ from typing import Any
 from router import _fastroute
 from router.trust import tls
 from router.negotiation import events as ev
+from router.net.acks import StreamAcks
 from router.net.proxy_header import ProxyHeaderError, ProxyHeaderParser
 from router.net.stream import StreamHost, XmlStream
 
@@ -185,6 +186,7 @@ class S2SStream(XmlStream):
         batches: dict[XmlStream, list[Any]] = {}
         for event in self.session.events():
             if isinstance(event, ev.Stanza):
+                self.stanzas_in += 1  # as the compiled router counts its reads' stanzas (XEP-0198 h)
                 self.relay.route(self, event.element, event.from_domain, event.to_domain, view, batches)
                 continue
             if batches:
@@ -233,6 +235,8 @@ class S2SStream(XmlStream):
             self.relay.verifier.verify_key(self, event)
         elif isinstance(event, ev.VerifyResult):
             self.relay.verifier.verify_result(self, event)
+        elif isinstance(event, (ev.SmStarted, ev.SmStopped, ev.AckRequested, ev.Acked)):
+            self._stream_management(event)
         elif isinstance(event, ev.CheckDane):
             self.relay.dane.check_inbound(self, event.domain)
         elif isinstance(event, ev.Closed):
@@ -264,6 +268,24 @@ class S2SStream(XmlStream):
             self.relay.connector.unroute(self)  # its pairs go to another stream at once, TLS close or not
             self._flush_session()
             self.close_transport()
+
+    def _stream_management(self, event: Any) -> None:
+        """XEP-0198: counting starts or stops; the peer asks what we handled, or says what it did."""
+        if isinstance(event, ev.SmStarted):
+            if self.acks is None:
+                self.acks = StreamAcks(self)
+                self.relay.metrics.stream_management.inc("enabled")
+            self.acks.start(event.outbound, event.inbound)
+        elif isinstance(event, ev.SmStopped):
+            self.acks = None
+        elif self.acks is None:
+            return
+        elif isinstance(event, ev.AckRequested):
+            self.write(self.acks.handled())
+        else:
+            problem = self.acks.acknowledged(event.h)
+            if problem is not None:  # XEP-0198 §4: an h beyond what was sent is the peer's error
+                self.fail("undefined-condition", problem)
 
     def _obey_peer_limits(self) -> None:
         """XEP-0478 §3: on our outbound stream, the limits of the peer's last features hold
@@ -329,6 +351,7 @@ class S2SStream(XmlStream):
             self.relay.metrics.negotiations_failed.inc(self.direction, condition)
             self.close_transport()
             return
+        self._final_ack()
         self.session.close(condition, text, cause="local")
         self.pump()
         self.close_transport()
@@ -341,9 +364,15 @@ class S2SStream(XmlStream):
         if self._unframed():
             self.close_transport()
             return
+        self._final_ack()
         self.session.close(condition, text, cause="local")
         self.pump()
         self.abort_after(self.relay.config.s2s.close_timeout)
+
+    def _final_ack(self) -> None:
+        """XEP-0198 §4: tell the peer what we handled before our close, so it re-sends nothing of it."""
+        if self.acks is not None and self.acks.in_base is not None and not self.session.closed:
+            self.write(self.acks.handled())
 
     def _unframed(self) -> bool:
         """Behind a load balancer, nothing XMPP may be written before its PROXY header

@@ -69,6 +69,9 @@ class StreamHost(Protocol):
     connector: Any  # router.net.connector.Connector: pairs, outbound streams
     verifier: Any  # router.net.verifier.DialbackVerifier
     admission: Any  # router.net.admission.Admission
+    dane: Any  # router.net.danecheck.DaneChecker: RFC 7673 checks of peer certificates
+    liveness: Any  # router.net.liveness.Liveness: XEP-0199 pings of quiet streams
+    bus: Any  # router.cluster.bus.Bus, or None without [cluster] nats
 
     def spawn(self, coro) -> asyncio.Task: ...
     def stream_opened(self, stream: XmlStream) -> None: ...
@@ -104,7 +107,7 @@ class XmlStream(asyncio.BufferedProtocol):
     __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
                  "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
                  "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer", "stanzas_in", "stanzas_out", "ctl_id",
-                 "peer_max_bytes")
+                 "peer_max_bytes", "acks")
 
     def __init__(self, relay: StreamHost) -> None:
         self.relay = relay
@@ -130,12 +133,13 @@ class XmlStream(asyncio.BufferedProtocol):
         self.full_since: float | None = None  # when queue_full last refused a stanza while paused
         self.stall: tuple[int, float] | None = None  # while paused: (bytes written, since when)
         self.side_buffer: bytearray | None = None  # where reads go instead of the tokenizer, while set
-        # stanzas forwarded from and to this stream (ctl), counted per read and destination
+        # stanzas received on and written to this stream (ctl, XEP-0198), counted per read and write call
         self.stanzas_in = self.stanzas_out = 0
         self.ctl_id = 0  # numbered by the relay when it opens: how `python -m router ctl` names it
         # XEP-0478: the largest stanza the peer accepts (its features' max-bytes; 0: it said
         # nothing): larger ones take the slow path and bounce with <policy-violation/>
         self.peer_max_bytes = 0
+        self.acks: Any = None  # XEP-0198 on an S2S stream, once enabled (router.net.acks.StreamAcks)
 
     # ------------------------------------------------------------------ transport callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -271,12 +275,10 @@ class XmlStream(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ writing
-    write_chunks = _fastroute.write_chunks  # (chunks) queued for the end of this event-loop iteration
+    write_chunks = _fastroute.write_chunks  # (chunks) stanzas, counted, queued for the end of this event-loop iteration
     flush = _fastroute.flush  # hand the queued chunks to the transport in one call
 
-    def write(self, data: bytes) -> None:
-        if data:
-            self.write_chunks([data])
+    write = _fastroute.write  # (data) bytes that are not a stanza (negotiation, keepalives, acks): not counted
 
     def keepalive(self) -> None:
         """RFC 6120 §4.6.1 whitespace keepalive (only called between stanzas)."""

@@ -135,7 +135,7 @@ class Delivery:
             if target.paused and target.queue_full(len(data)):
                 log.debug("dropping relay-made %s to %s: its stream's write queue is full", name, to_domain)
                 return None
-            target.write(data)
+            target.write_chunks([data])
             return target
         local = to_domain in self.local_domains
         if self.cluster is not None:  # another member's stream, if one holds it
@@ -213,9 +213,34 @@ class Delivery:
             return "policy-violation", self._over_peer_limit(item.to_domain, len(item.data), target.peer_max_bytes)
         if target.paused and target.queue_full(len(item.data)):
             return "resource-constraint", f"{item.to_domain} is not reading what is sent to it"
-        target.write(item.data)
+        target.write_chunks([item.data])
         self.metrics.stanzas_routed.inc(target.kind if target.kind == "component" else "remote")
         return None
+
+    def unacknowledged(self, stream: XmlStream) -> None:
+        """XEP-0198: ``stream`` is gone, and its peer never acknowledged these stanzas:
+        re-sent towards their destination (another stream, or the pair's queue and a new
+        one), or bounced with ``s2s.sm_resend`` off. Never dropped without a word."""
+        resend = self.host.config.s2s.sm_resend
+        count = 0
+        for data, element in stream.acks.stanzas():
+            count += 1
+            if not resend:
+                self.bounce(Queued(data, element.name, element.type, element.from_, element.to, element.id, 0.0),
+                            "remote-server-timeout", f"the stream to {stream.domain_label} ended before its server "
+                            "acknowledged this stanza (XEP-0198)")
+                continue
+            try:
+                from_domain, to_domain = domain_of(element.from_), domain_of(element.to)
+            except (TypeError, ValueError):  # it was routed, so it had both: nothing else can be done
+                log.warning("cannot re-send an unacknowledged %s without valid from/to", element.name)
+                continue
+            self.deliver(data, element.name, element.type, element.from_, element.to, element.id,
+                         from_domain, to_domain)
+        if count:
+            self.metrics.stream_management.inc("resent" if resend else "bounced", by=count)
+            log.warning("s2s peer=%s domain=%s closed with %d stanza(s) unacknowledged (XEP-0198): %s",
+                        stream.peer, stream.domain_label, count, "re-sent" if resend else "bounced")
 
     def bounce_carried(self, item: Carried, condition: str, text: str) -> None:
         """A stanza the bus could not deliver goes back to its sender."""

@@ -20,6 +20,10 @@ DIALBACK_FEATURE_NS = "urn:xmpp:features:dialback"
 # XEP-0288 bidirectional server-to-server connections: its element and its stream feature
 BIDI_NS = "urn:xmpp:bidi"
 BIDI_FEATURE_NS = "urn:xmpp:features:bidi"
+# XEP-0478 stream limits advertisement (a child of <stream:features/>)
+STREAM_LIMITS_NS = "urn:xmpp:stream-limits:0"
+# XEP-0198 stream management (acks; the feature and its elements share it)
+SM_NS = "urn:xmpp:sm:3"
 # XEP-0114 external components
 COMPONENT_NS = "jabber:component:accept"
 # built-in services: XEP-0199 ping, XEP-0030 disco#info

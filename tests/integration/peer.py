@@ -177,9 +177,7 @@ class AuthoritativeServer:
                 session.receive_data(data)
                 for event in session.events():
                     if isinstance(event, ev.VerifyKey):
-                        ok = self._key_matches(self.relay_secret, event.receiving, event.originating,
-                                               event.stream_id, event.key)
-                        session.key_verified(event.token, "valid" if ok else "invalid")
+                        self.verify(session, event)
                     elif isinstance(event, ev.Stanza):
                         element = event.element
                         self.stanzas.put_nowait(bytes(session.tokenizer.buffer[element.start: element.end]))
@@ -187,6 +185,11 @@ class AuthoritativeServer:
                 writer.write(session.data_to_send())
         finally:
             writer.close()
+
+    def verify(self, session: Session, event: ev.VerifyKey) -> None:
+        """Answer the relay's dialback key with the relay's own secret."""
+        ok = self._key_matches(self.relay_secret, event.receiving, event.originating, event.stream_id, event.key)
+        session.key_verified(event.token, "valid" if ok else "invalid")
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -301,14 +301,16 @@ class ProsodyPeer(Peer):
     kind = "prosody"
     log_names = ("debug.log", "console.log")
 
-    def __init__(self, *args, bidi: bool = True, **kwargs):
+    def __init__(self, *args, bidi: bool = True, smacks: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bidi = bidi
+        self.smacks = smacks  # mod_smacks: XEP-0198, on S2S too (smacks_enabled_s2s defaults to true)
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         (self.workdir / "data").mkdir(exist_ok=True)
         (self.workdir / "certs").mkdir(exist_ok=True)  # Prosody indexes it at startup; empty is fine
-        extra_modules = ('"tls";' if self.mode.tls else "") + ('"s2s_bidi";' if self.bidi else "")
+        extra_modules = ('"tls";' if self.mode.tls else "") + ('"s2s_bidi";' if self.bidi else "") \
+            + ('"smacks";' if self.smacks else "")
         routes = "; ".join(
             f"[{_lua_string(domain)}] = {{ {_lua_string(ip)}, {port} }}" for domain, (ip, port) in self.routes.items()
         )
@@ -457,8 +459,8 @@ class Federation:
         self.peers[domain] = peer
         return peer
 
-    def prosody(self, domain: str, ip: str, *, bidi: bool = True) -> ProsodyPeer:
-        return self._add(ProsodyPeer, domain, ip, bidi=bidi)
+    def prosody(self, domain: str, ip: str, *, bidi: bool = True, smacks: bool = False) -> ProsodyPeer:
+        return self._add(ProsodyPeer, domain, ip, bidi=bidi, smacks=smacks)
 
     def ejabberd(self, domain: str, ip: str) -> EjabberdPeer:
         return self._add(EjabberdPeer, domain, ip)

@@ -77,6 +77,35 @@ def test_prosody_secure_external_bidi_one_connection(federation, initiator):
     assert "dialback key" not in log
 
 
+@pytest.mark.parametrize("initiator", ["prosody", "relay"])
+def test_prosody_stream_management_counts_agree_both_ways(federation, initiator):
+    """Prosody 0.12's mod_smacks speaks XEP-0198 on S2S: over one bidi stream each side asks for acks
+    (Prosody after every stanza, the relay with sm_ack_every = 1) and each side's h matches what the
+    other sent, or Prosody would log and close ("The client says it handled ...")."""
+    fed: Federation = federation(SECURE)
+    a = fed.prosody("a.test", "127.0.0.2", smacks=True)
+    r = fed.relay(options={"s2s": {"sm_ack_every": 1}})
+    fed.start()
+
+    async def exchange():
+        async with await a.component() as on_a, await r.component() as on_r:
+            for _ in range(3):
+                if initiator == "prosody":
+                    await deliver(on_a, ALICE, on_r, BOT)
+                    await deliver(on_r, BOT, on_a, ALICE)
+                else:
+                    await deliver(on_r, BOT, on_a, ALICE)
+                    await deliver(on_a, ALICE, on_r, BOT)
+            return a.accepted_s2s_connections() + r.accepted_s2s_connections()
+
+    assert uvloop.run(exchange()) == 1
+    log = a.log_text()
+    assert "Enabling stream management" in log
+    assert re.search(r"Received ack request, acking for [1-9]", log)  # it answers our <r/> with its count
+    assert re.search(r"#queue = 0 \(acked: [1-9]", log)  # our <a h/> acknowledged exactly what it sent
+    assert "says it handled" not in log
+
+
 def test_prosody_dialback_bidi_with_untrusted_certificates(federation):
     """STARTTLS + dialback + bidi: nobody's certificate verifies, dialback authenticates,
     and the reply reuses the stream the first message opened."""

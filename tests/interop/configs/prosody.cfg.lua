@@ -22,7 +22,8 @@ s2s_direct_tls_ports = { }
 http_ports = { }
 https_ports = { }
 
--- extra_modules: "tls" except in plaintext mode (then no STARTTLS at all), "s2s_bidi" unless off
+-- extra_modules: "tls" except in plaintext mode (then no STARTTLS at all), "s2s_bidi" unless off,
+-- "smacks" when asked (XEP-0198, on S2S too)
 modules_enabled = { "dialback"; "saslauth"; "disco"; "ping"; ${extra_modules} "test_s2s_routes" }
 test_s2s_routes = { ${routes} }
 test_s2s_routes_strict = true
