@@ -207,11 +207,10 @@ def cmd_gen_cert(args: argparse.Namespace) -> int:
 
 def cmd_check_dns(args: argparse.Namespace) -> int:
     """What the relay would resolve and try for a remote domain, and whether it answers."""
-    import dns.asyncresolver
     import uvloop
 
     from router.net.dnscheck import report
-    from router.net.resolver import Resolver
+    from router.net.resolver import Resolver, dns_resolver
     from router.wire.jid import normalize_domain
 
     try:
@@ -220,15 +219,14 @@ def cmd_check_dns(args: argparse.Namespace) -> int:
     except (ValueError, ConfigError) as exc:
         print(f"check-dns: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    dns_resolver = None
-    if args.nameserver:  # a resolver of the operator's choosing instead of /etc/resolv.conf's
-        host, port = args.nameserver, "53"
-        if host.count(":") == 1:  # "host:port"; an IPv6 address alone has more colons
-            host, port = host.split(":")
-        dns_resolver = dns.asyncresolver.Resolver(configure=False)
-        dns_resolver.nameservers = [host]
-        dns_resolver.port = int(port)
-    resolver = Resolver(config.routes if config else {}, dns_resolver)
+    # the relay's own resolver: --nameserver, else [tls] nameservers (DNSSEC-aware with [tls] dane), else the system's
+    nameservers = (args.nameserver,) if args.nameserver else config.tls.nameservers if config else ()
+    try:
+        resolver = Resolver(config.routes if config else {},
+                            dns_resolver(nameservers, bool(config and config.tls.dane)))
+    except ValueError as exc:
+        print(f"check-dns: --nameserver must be an IP address with an optional port: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     answered = uvloop.run(report(domain, resolver, print, args.timeout))
     return EXIT_OK if answered else EXIT_INVALID
 

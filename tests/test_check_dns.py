@@ -12,7 +12,7 @@ from pathlib import Path
 import uvloop
 
 from router.net.dnscheck import report
-from dnsserver import run_with_dns
+from dnsserver import run_with_dns, zone_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,3 +92,28 @@ def test_the_command_uses_the_configs_static_route_and_says_whether_it_answers(t
     status, out, port = uvloop.run(scenario())
     assert status == 0, out
     assert f"static route: 127.0.0.1:{port}" in out and "ok: answers with an XMPP stream header" in out
+
+
+def test_the_command_asks_the_configured_validating_resolver_and_shows_what_it_validated(tmp_path):
+    """``[tls] nameservers`` is the resolver check-dns asks, as the relay does; with ``dane`` a target
+    whose SRV and address records came with the AD bit is shown as DNSSEC-validated."""
+
+    async def scenario():
+        listener = await xmpp_listener()
+        port = listener.sockets[0].getsockname()[1]
+        zone = {("_xmpp-server._tcp.peer.example", "SRV"): [f"10 0 {port} host.peer.example."],
+                ("host.peer.example", "A"): ["127.0.0.1"]}
+        async with zone_server(zone, secure=True) as dns_server:
+            config = tmp_path / "relay.toml"
+            config.write_text(f'[server]\ndomains = ["relay.test"]\ndialback_secret = "{"s" * 32}"\n'
+                              f'[tls]\ndane = true\nnameservers = ["127.0.0.1:{dns_server.port}"]\n')
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "router", "check-dns", "peer.example", "--config", str(config),
+                "--timeout", "2", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            out, _ = await asyncio.wait_for(process.communicate(), 30)
+        listener.close()
+        return process.returncode, out.decode(), port
+
+    status, out, port = uvloop.run(scenario())
+    assert status == 0, out
+    assert f"target 1: host.peer.example:{port} (STARTTLS), addresses 127.0.0.1, DNSSEC-validated" in out

@@ -72,7 +72,8 @@ async def report(domain: str, resolver: Resolver, say: Callable[[str], None], ti
     answered = False
     for number, target in enumerate(targets, 1):
         mode = "direct TLS" if target.direct_tls else "STARTTLS"
-        say(f"target {number}: {target.host}:{target.port} ({mode}), addresses {', '.join(target.addresses)}")
+        say(f"target {number}: {target.host}:{target.port} ({mode}), addresses {', '.join(target.addresses)}"
+            + (", DNSSEC-validated (DANE applies)" if target.secure else ""))
         results = await asyncio.gather(*(probe(target, a, domain, timeout) for a in target.addresses))
         for address, (ok, what) in zip(target.addresses, results):
             answered = answered or ok
