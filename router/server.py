@@ -337,8 +337,8 @@ class Relay:
             required_flags=config.s2s.required_flags,
             dane=config.tls.dane,
             dane_exempt=config.tls.dane_exempt,
-            # XEP-0478: the stanza size we accept once authenticated, and how long we let a stream idle
             stream_management=config.s2s.stream_management,
+            # XEP-0478: the stanza size we accept once authenticated, and how long we let a stream idle
             stream_limits=StreamLimits(config.policy.max_stanza_bytes, int(config.s2s.idle_timeout))
             if config.s2s.advertise_limits else None,
         )

@@ -225,15 +225,15 @@ class Delivery:
         count = 0
         for data, element in stream.acks.stanzas():
             count += 1
+            item = Queued(data, element.name, element.type, element.from_, element.to, element.id, 0.0)
             if not resend:
-                self.bounce(Queued(data, element.name, element.type, element.from_, element.to, element.id, 0.0),
-                            "remote-server-timeout", f"the stream to {stream.domain_label} ended before its server "
-                            "acknowledged this stanza (XEP-0198)")
+                self.bounce(item, "remote-server-timeout", f"the stream to {stream.domain_label} ended before "
+                            "its server acknowledged this stanza (XEP-0198)")
                 continue
-            try:
-                from_domain, to_domain = domain_of(element.from_), domain_of(element.to)
-            except (TypeError, ValueError):  # it was routed, so it had both: nothing else can be done
-                log.warning("cannot re-send an unacknowledged %s without valid from/to", element.name)
+            from_domain, to_domain = domain_of(element.from_), domain_of(element.to)  # valid: it was routed
+            heir = self.table.remote.get(Pair(from_domain, to_domain))
+            if heir is not None and heir.paused and heir.queue_full(len(data)):
+                self.bounce(item, "resource-constraint", f"{to_domain} is not reading what is sent to it")
                 continue
             self.deliver(data, element.name, element.type, element.from_, element.to, element.id,
                          from_domain, to_domain)
