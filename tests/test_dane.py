@@ -238,6 +238,26 @@ def test_the_dane_resolver_asks_with_the_do_and_ad_bits_and_reads_nameserver_por
     assert [(s.address, s.port) for s in servers] == [("127.0.0.1", 5353), ("::1", 53), ("::1", 54)]
 
 
+@pytest.mark.parametrize("dnssec", [True, False])
+def test_with_dnssec_a_failed_srv_lookup_never_falls_back_to_address_records(dnssec):
+    """RFC 7673 §3.1: a SERVFAIL (how a validating resolver reports a bogus answer) is not "no
+    SRV record": with DNSSEC the domain is unreachable; without it, A/AAAA as RFC 6120 §3.2.2."""
+    zone = {("peer.example", "A"): ["127.0.0.1"]}
+
+    async def scenario(make, server):
+        dns_resolver = resolver.dns_resolver((f"127.0.0.1:{server.port}",), dnssec=dnssec)
+        try:
+            return await resolver.Resolver(dns_resolver=dns_resolver, lifetime=2.0).resolve("peer.example")
+        except resolver.ResolutionError as exc:
+            return str(exc)
+
+    found = run_with_dns(zone, scenario, fail=["_xmpp-server._tcp.peer.example"])
+    if dnssec:
+        assert "possibly a bogus answer" in found
+    else:
+        assert [(t.host, t.port, t.addresses) for t in found] == [("peer.example", 5269, ("127.0.0.1",))]
+
+
 def test_secure_srv_records_of_an_inbound_peer():
     zone = {**SRV_ZONE, ("_xmpps-server._tcp.peer.example", "SRV"): ["5 0 5270 tls.hosting.example."]}
 

@@ -156,6 +156,11 @@ class Resolver:
             raise ResolutionError(f"{domain} publishes no XMPP server service (SRV target '.')")
         answered = bool(xmpps) or bool(xmpp)
         records = [r for r in (xmpps or []) + (xmpp or []) if r.host != "."]
+        if not answered and xmpp is None and (self.dns.flags or 0) & dns.flags.AD:
+            # RFC 7673 §3.1: with DNSSEC a failed lookup may be a bogus answer (SERVFAIL), which an
+            # attacker could cause to strip DANE: "the initiating server MUST NOT" fall back to A/AAAA
+            raise ResolutionError(f"the SRV lookup for {domain} failed (DNSSEC: possibly a bogus answer); "
+                                  "not falling back to its address records")
         if not answered:
             addresses, _ = await self._addresses(domain)
             if not addresses:
