@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from lxml import etree
 
+from router.negotiation import events as ev
 from router.negotiation import features
 from router.negotiation.features import MAX_ANNOUNCED_LIMIT, StreamLimits
 from router.negotiation.pairs import Pair
@@ -116,3 +117,15 @@ def test_two_sessions_back_to_back_carry_the_receivers_limits_to_the_initiator()
     wire.pump()
     assert RENDERED in bytes(wire.r_bytes)
     assert initiator.advertised.limits == LIMITS
+
+
+@pytest.mark.parametrize("announced", [LIMITS, None])
+def test_a_bidi_request_carries_the_initiators_limits_to_the_receiver(announced):
+    """XEP-0478 §2.2: "the <limits/> element can be included in the <bidi/> element"."""
+    wire = Wire(Session("initiator", config(["a.example"], bidi="always", stream_limits=announced),
+                        "a.example", "b.example"),
+                Session("receiver", config(["b.example"], bidi="always")))
+    wire.pump()
+    request = b"<bidi xmlns='urn:xmpp:bidi'>" + RENDERED + b"</bidi>" if announced else b"<bidi xmlns='urn:xmpp:bidi'/>"
+    assert request in wire.i_bytes
+    assert [e.limits for e in wire.of("r", ev.BidiEnabled)] == [announced or StreamLimits()]

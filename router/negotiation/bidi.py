@@ -24,17 +24,22 @@ did not choose that stream ID, so it lacks classic dialback's replay protection.
 
 Same shape as the other feature modules: `offer`, `choose` (the request to
 send, or None; the session sends it and calls `enable_bidi`) and `HANDLERS`.
+
+XEP-0478 §2.2: the initiator never sees features of ours on a bidi stream, so
+our request carries our ``<limits/>`` and the peer's request carries its own,
+which the receiver obeys on what it sends back (`BidiEnabled.limits`).
 """
 
 from __future__ import annotations
 
 import logging
 
-from router.wire.namespaces import BIDI_FEATURE_NS, BIDI_NS
-from router.negotiation.features import Advertised, Offer
+from router.wire.namespaces import BIDI_FEATURE_NS, BIDI_NS, STREAM_LIMITS_NS
+from router.wire.xml import child
+from router.negotiation import limits
+from router.negotiation.features import Advertised, Offer, parse_limits
 from router.negotiation.state import Negotiator
 
-REQUEST = f"<bidi xmlns='{BIDI_NS}'/>".encode()
 
 log = logging.getLogger("router.negotiation")
 
@@ -53,7 +58,8 @@ def offer(s: Negotiator) -> Offer | None:
 def choose(s: Negotiator, adv: Advertised) -> bytes | None:
     """Initiator: request bidi before authenticating, pipelined (XEP-0288 §2.2)."""
     if adv.bidi and not s.bidi and not s.authenticated and not s.verify_only and allowed(s):
-        return REQUEST
+        announced = limits.element(s.config.stream_limits)
+        return f"<bidi xmlns='{BIDI_NS}'>{announced}</bidi>".encode() if announced else f"<bidi xmlns='{BIDI_NS}'/>".encode()
     return None
 
 
@@ -65,7 +71,7 @@ def handle_request(s: Negotiator, element) -> None:
     if "bidi" not in s.offered or s.authenticated or s.bidi:
         log.info("ignoring a bidi request that was not offered at this stage (stream %s)", s.stream_id)
         return
-    s.enable_bidi()
+    s.enable_bidi(parse_limits(child(s.tree(element), STREAM_LIMITS_NS, "limits")))
 
 
 def handle_feature_as_request(s: Negotiator, element) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from router.negotiation.features import StreamLimits
 from router.negotiation.pairs import Pair
 
 
@@ -50,7 +51,10 @@ class CheckDane:
 
 @dataclass(frozen=True, slots=True)
 class BidiEnabled:
-    """XEP-0288 is on: this one stream carries both directions."""
+    """XEP-0288 is on: this one stream carries both directions. Receiver: ``limits`` are the
+    XEP-0478 limits the initiator put in its request (it sees no features of ours to obey)."""
+
+    limits: StreamLimits = StreamLimits()
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,14 @@ def offer(s: Negotiator) -> Offer | None:
     return _offer_of(limits)
 
 
+def element(limits: StreamLimits | None) -> str:
+    """``<limits/>`` for our XEP-0288 request (XEP-0478 §2.2: "the <limits/> element can be
+    included in the <bidi/> element"), or "" when we announce none."""
+    if limits is None or not (limits.max_bytes or limits.idle_seconds):
+        return ""
+    return f"<limits xmlns='{STREAM_LIMITS_NS}'>{_offer_of(limits).children}</limits>"
+
+
 @lru_cache(maxsize=8)  # one per configuration in use (a reload makes a new one)
 def _offer_of(limits: StreamLimits) -> Offer:
     children = ""

@@ -29,6 +29,7 @@ from router.wire.namespaces import CLIENT_NS, SERVER_NS, STREAMS_NS, STREAM_NS
 from router.negotiation import bidi, dialback, sasl, sm, tls
 from router.negotiation.authorization import Authorizations
 from router.negotiation.config import SessionConfig
+from router.negotiation.features import StreamLimits
 from router.negotiation.events import BidiEnabled, Closed, PeerClosed, Stanza, StartTLS
 from router.negotiation.headers import OUR_VERSION, new_stream_id, parse_version
 from router.negotiation.opening import Opening
@@ -271,10 +272,10 @@ class Session(Opening, Authorizations):
     def stop_stream_management(self) -> None:
         self.sm_enabled = False
 
-    def enable_bidi(self) -> None:
+    def enable_bidi(self, limits: StreamLimits = StreamLimits()) -> None:
         """XEP-0288 is on for this stream: we sent the request, or accepted the peer's."""
         self.bidi = True
-        self.emit(BidiEnabled())
+        self.emit(BidiEnabled(limits))
 
     # ------------------------------------------------------------------ internals
 

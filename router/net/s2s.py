@@ -229,6 +229,8 @@ class S2SStream(XmlStream):
             self.relay.connector.auth_failed(self, event)
         elif isinstance(event, ev.BidiEnabled):
             self.bidi = True
+            if any(event.limits):  # XEP-0478 §2.2: the initiator's limits came in its request
+                self.peer_max_bytes, self.peer_idle_seconds = event.limits
             log.info("s2s bidi enabled peer=%s domain=%s", self.peer, self.domain_label)
             self.relay.connector.routes_changed(self)
         elif isinstance(event, ev.VerifyKey):

@@ -42,7 +42,8 @@ class Peer:
     async def connect(cls, port: int, local: str, remote: str, *, cert: tuple | None, ca_path,
                       secret: str = "peer-dialback-secret-0123", bidi: str = "encrypted",
                       require_encryption: bool = True, other_domains: tuple[str, ...] = (),
-                      lang: str = "en", source_ip: str | None = None, rcvbuf: int | None = None) -> "Peer":
+                      lang: str = "en", source_ip: str | None = None, rcvbuf: int | None = None,
+                      stream_limits=None) -> "Peer":
         """``source_ip``: connect from this loopback address (connection limits count
         per IP); ``rcvbuf``: a small receive buffer, so a peer that stops reading
         makes the relay's write buffer fill at once."""
@@ -50,7 +51,7 @@ class Peer:
             default_lang=lang,
             local_domains=frozenset({local, *other_domains}), dialback_secret=secret,
             trust_store=TrustStore.from_files(ca_path), has_certificate=cert is not None, bidi=bidi,
-            policy=Policy(require_encryption=require_encryption),
+            policy=Policy(require_encryption=require_encryption), stream_limits=stream_limits,
         )
         session = Session("initiator", config, local, remote)
         sock = socket.socket()

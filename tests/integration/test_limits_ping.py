@@ -115,6 +115,31 @@ def test_a_remote_servers_max_bytes_is_obeyed_queued_or_not(relay_spec):
     arun(scenario())
 
 
+def test_a_bidi_peer_announcing_max_bytes_in_its_request_is_obeyed(relay_spec, pki, peers_cert):
+    """XEP-0478 §2.2: on a bidi stream the initiator sees no features of ours and we none of its: its limits
+    come inside its <bidi/> request, and what we send back over that stream keeps to them."""
+    spec = relay_spec("relay", domains=("relay.test",), components={BOT: BOT_SECRET}, s2s={"ping_interval": 0})
+
+    async def scenario():
+        async with running(spec.config()) as relay:
+            bot = await RawComponent.connect(spec.component_port, BOT, BOT_SECRET)
+            peer = await Peer.connect(spec.s2s_port, "p1.peers.test", BOT, cert=peers_cert, ca_path=pki.ca_path,
+                                      stream_limits=StreamLimits(10000, 0))
+            await peer.authenticated()
+            stream = relay.table.remote[(BOT, "p1.peers.test")]
+            assert stream.bidi and not stream.outbound and stream.peer_max_bytes == 10000
+            big = message("big", 20000).replace(b"far.test", b"p1.peers.test")
+            small = message("small", 9000).replace(b"far.test", b"p1.peers.test")
+            bot.send(big + small)
+            assert b"id='small'" in await peer.receive()
+            bounce = parse_component(await bot.read_until(b"</message>"))
+            assert bounce.get("id") == "big" and bounce.find(f".//{{{STANZAS_NS}}}policy-violation") is not None
+            await peer.close()
+            await bot.close()
+
+    arun(scenario())
+
+
 def test_an_echo_too_large_for_the_askers_server_comes_back_as_policy_violation(relay_spec, pki):
     """XEP-0478 §3 for the relay's own answers: the echo service's reply would exceed far.test's max-bytes,
     so the asker gets <policy-violation/> (over the relay's stream to far.test) instead."""
