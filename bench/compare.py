@@ -13,6 +13,7 @@ of docs/benchmarks.md, with a plot beside it.
 
     python -m bench.compare                      # make bench-compare
     python -m bench.compare --targets relay --streams 10,100 --duration 5 --idle-streams 1000
+    python -m bench.compare --targets relay --sm-off --no-floor --idle-streams 0 --rate-points '' --no-doc
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ GOALS = {"prosody": 25.0, "ejabberd": 10.0}  # relay saturation / theirs, at lea
 P99_GOAL_MS = 50.0
 FLOOR_GOAL = 0.8  # relay messages per core / the raw-relay floor's
 IDLE_GOAL_BYTES = 4096
-SWEPT = ("relay", "prosody", "ejabberd", "floor", "relay-hop")  # the saturation sweeps (plotted); other results are single points
+SM_OFF = "relay sm-off"  # the relay's sweep again with [s2s] stream_management = false
+# the saturation sweeps (plotted); other results are single points
+SWEPT = ("relay", "prosody", "ejabberd", "floor", "relay-hop", SM_OFF)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with the relay-hop target: an open-loop point at this rate for relay and relay-hop, "
                         "for the latency a cluster hop adds (0 = skip)")
     p.add_argument("--hop-streams", type=int, default=100, help="streams of that point")
+    p.add_argument("--sm-off", action="store_true",
+                   help="right after the relay's sweep, the same sweep with [s2s] stream_management = false: "
+                        "what XEP-0198 costs per delivered stanza")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip the raw-relay floor (bench.floor) on the sweep's stream counts")
     p.add_argument("--profile", choices=("py-spy", "none"), default="py-spy",
@@ -92,7 +98,8 @@ def run_target(kind: str, opts, workdir: Path, bundle: targets.Pki, **over) -> d
     counts = load.stream_counts(args.streams)
     pki_files = (str(bundle.ca_file), str(bundle.load_cert), str(bundle.load_key))
     profile = over.pop("profile", None)
-    target = targets.make_target(kind, workdir / over.get("tag", kind), bundle, opts.tls, opts.target_cpu, profile)
+    target = targets.make_target(kind, workdir / over.get("tag", kind), bundle, opts.tls, opts.target_cpu, profile,
+                                 args.relay_option)
     try:
         return load.run_on(target, args, counts, pki_files, workdir)
     except Exception as exc:  # one target failing must not lose the others' figures
@@ -139,6 +146,11 @@ def main(argv=None) -> int:
     for kind in kinds:
         print(f"== {kind}: saturation sweep {opts.streams}", file=sys.stderr)
         report["results"][kind] = run_target(kind, opts, workdir, bundle, **profiled(kind, opts))
+        if kind == "relay" and opts.sm_off:  # back to back, so both sweeps see the same machine
+            print(f"== {SM_OFF}: saturation sweep {opts.streams} without XEP-0198", file=sys.stderr)
+            report["results"][SM_OFF] = run_target("relay", opts, workdir, bundle, tag="relay-sm-off",
+                                                   relay_option=["s2s.stream_management=false"],
+                                                   **profiled("relay", opts))
     if opts.floor and "relay" in kinds:
         print(f"== floor: raw byte relay, saturation sweep {opts.streams}", file=sys.stderr)
         report["results"]["floor"] = floor.run(load.stream_counts(opts.streams), window=opts.window,
@@ -237,6 +249,7 @@ def render(report: dict) -> str:
                          f"of each target (delivered/s / its CPU): {_fmt(core_ratio)}x")
     lines += floor_lines(report["results"])
     lines += hop_lines(report["results"])
+    lines += sm_lines(report["results"])
     for kind, result in report["results"].items():
         if not kind.startswith("relay@") or not result.get("points"):
             continue
@@ -336,6 +349,25 @@ def hop_lines(results: dict) -> list[str]:
                          f"{_fmt(b.get('p50'))} -> {_fmt(h.get('p50'))} ms, p99 {_fmt(b.get('p99'))} -> "
                          f"{_fmt(h.get('p99'))} ms; added per hop at p50 {_fmt(added and added / 2)} ms "
                          f"(goal < 1 ms): {verdict}")
+    return lines
+
+
+def sm_lines(results: dict) -> list[str]:
+    """What XEP-0198 acks cost the relay: its CPU per delivered stanza with them and without, per stream count."""
+    without = {p["config"]["streams"]: p for p in results.get(SM_OFF, {}).get("points", [])}
+    lines = []
+    for p in results.get("relay", {}).get("points", []):
+        off = without.get(p["config"]["streams"])
+        if off is None:
+            continue
+        on_us, off_us = cpu_us_per_stanza(p, ["relay"]), cpu_us_per_stanza(off, ["relay"])
+        change = f"{100 * (on_us / off_us - 1):+.1f}%" if on_us and off_us else "n/a"
+        acks = p.get("stream_management") or {}
+        lines.append(
+            f"* XEP-0198 at {p['config']['streams']} streams, saturated: relay CPU per delivered stanza "
+            f"{_fmt(on_us)} µs with acks, {_fmt(off_us)} µs without ({change}); delivered/s {delivered(p):,.0f} with, "
+            f"{delivered(off):,.0f} without; acks enabled on {acks.get('enabled')} streams, "
+            f"h errors {acks.get('h_errors')}, unacknowledged at the end {acks.get('unacknowledged_at_end')}")
     return lines
 
 

@@ -12,6 +12,15 @@ misrouted stanzas.
 
     python -m bench.load --target-port 5269 --target-domain bench.test --streams 50 --rate 2000
     python -m bench.load --start relay --streams 10,100,1000 --saturate --output results/relay.json
+
+XEP-0198 acks are on wherever the target offers them (`--no-sm`: never): every
+stream counts what it receives and answers the target's `<r/>`, asks for acks
+itself every `--sm-ack-every` stanzas and once more after the drain, and the
+summary says whether every `<a h/>` was possible and everything acknowledged.
+`--relay-option s2s.stream_management=false` runs the relay without it, so
+its CPU per delivered stanza can be set against a run with it:
+
+    python -m bench.load --start relay --streams 100 --rate 20000 --relay-option s2s.stream_management=false
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ def parser() -> argparse.ArgumentParser:
                    help="with --start: py-spy the target during each measurement window (any target), "
                         "or run the relay under cProfile (whole run)")
     t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go")
+    t.add_argument("--relay-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --start relay*: a config setting of the relay (TOML value; repeatable), "
+                        "e.g. s2s.stream_management=false")
     g = p.add_argument_group("load")
     g.add_argument("--streams", default="50", help="stream count, or a comma list for a sweep (e.g. 10,100,1000)")
     g.add_argument("--rate", type=float, default=1000.0, help="stanzas/s over all streams; 0 = idle streams")
@@ -77,6 +89,9 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--tls", action="store_true", help="STARTTLS on every stream")
     a.add_argument("--mechanism", choices=("dialback", "external"), default="dialback")
     a.add_argument("--no-bidi", action="store_true", help="do not ask for XEP-0288 bidi")
+    a.add_argument("--sm", action=argparse.BooleanOptionalAction, default=True,
+                   help="XEP-0198 acks where the target offers them, offered to the target's streams to us")
+    a.add_argument("--sm-ack-every", type=int, default=1000, help="ask for an XEP-0198 ack after this many stanzas")
     a.add_argument("--listen-host", default="127.0.0.1", help="the simulated servers' own S2S listener")
     a.add_argument("--listen-port", type=int, default=15269)
     a.add_argument("--secret", default="load-generator-dialback-secret")
@@ -105,6 +120,8 @@ def generator_pki(directory: Path) -> tuple[str, str, str]:
 
 
 def base_config(args, **over) -> runner.LoadConfig:
+    if args.sm_ack_every < 1:
+        raise SystemExit(f"--sm-ack-every needs a positive count, got {args.sm_ack_every}")
     pids = {}
     if args.target_pid:
         pids["target"] = args.target_pid
@@ -117,6 +134,7 @@ def base_config(args, **over) -> runner.LoadConfig:
         window=args.window, sizes=args.sizes, duration=args.duration, warmup=args.warmup, ramp_up=args.ramp_up,
         connect_concurrency=args.connect_concurrency, handshake_timeout=args.handshake_timeout, drain=args.drain, tls=args.tls, mechanism=args.mechanism,
         bidi=not args.no_bidi, echo=not args.sink, secret=args.secret, target_pids=pids, progress=not args.quiet,
+        sm=args.sm, sm_ack_every=args.sm_ack_every,
     )
     fields.update(over)
     return runner.LoadConfig(**fields)
@@ -178,7 +196,8 @@ def main(argv=None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         bundle = targets.Pki(workdir / "certs")
         pki_files = (str(bundle.ca_file), str(bundle.load_cert), str(bundle.load_key))
-        target = targets.make_target(args.start, workdir, bundle, args.tls, args.target_cpu, args.profile)
+        target = targets.make_target(args.start, workdir, bundle, args.tls, args.target_cpu, args.profile,
+                                     args.relay_option)
         report |= run_on(target, args, counts, pki_files, workdir)
         report["workdir"] = str(workdir)
     else:
@@ -203,6 +222,8 @@ def ok(point: dict) -> bool:
     d = point.get("delivery", {})
     h = point.get("handshakes", {})
     bad = (d.get("lost", 0) if point["config"]["echo"] else 0) + d.get("duplicated", 0) + d.get("misrouted", 0)
+    acks = point.get("stream_management", {})
+    bad += acks.get("h_errors", 0) + acks.get("unacknowledged_at_end", 0)
     return bad == 0 and d.get("error_stanzas", 0) == 0 and h.get("failed", 1) == 0
 
 
@@ -216,6 +237,18 @@ def summarize(report: dict) -> None:
               f" | latency p50 {lat.get('p50')} p99 {lat.get('p99')} p99.9 {lat.get('p99.9')} ms"
               f" | lost {d.get('lost')} dup {d.get('duplicated')} misrouted {d.get('misrouted')}"
               f" errors {d.get('error_stanzas')} | cpu {p.get('cpu_percent')} | machine busy {p.get('machine_busy_percent')}")
+        cpu = (p.get("cpu_percent") or {}).get(report["target"])
+        if cpu is not None and t.get("delivered_per_s"):
+            print(f"  {report['target']}: {1e4 * cpu / t['delivered_per_s']:.2f} µs CPU per delivered stanza")
+        acks = p.get("stream_management")
+        if acks:
+            print(f"  XEP-0198: enabled on {acks['enabled']}/{acks['offered']} offering streams"
+                  f" (+{acks['enabled_by_target']} by the target) | acks received {acks['acks_received']}"
+                  f" of {acks['ack_requests_sent']} requests | target's requests answered"
+                  f" {acks['ack_requests_answered']} | h errors {acks['h_errors']}"
+                  f" | unacknowledged at the end {acks['unacknowledged_at_end']}")
+            for sample in acks.get("samples", []):
+                print(f"    {sample}")
         for reason, n in p.get("errors", {}).get("failures", {}).items():
             print(f"  failure x{n}: {reason}")
         for kind, samples in d.get("samples", {}).items():

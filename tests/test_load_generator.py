@@ -1,10 +1,11 @@
 """The synthetic S2S load generator counts right and catches a faulty target.
 
-Unit part: the ledger and the XEP-0185 key (no sockets). Integration part: a
-real Prosody serves `bench.test` through the generator's echo component; once
-the component is honest (everything must come back exactly once), once it is
-made to drop, duplicate, misroute and bounce chosen stanzas, which the
-generator must report one for one.
+Unit part: the ledger, the XEP-0185 key, XEP-0198 h checks and the relay
+config options (no sockets). Integration part: a real Prosody serves
+`bench.test` through the generator's echo component; once the component is
+honest (everything must come back exactly once), once it is made to drop,
+duplicate, misroute and bounce chosen stanzas, which the generator must report
+one for one. And the relay itself, with XEP-0198 acks on every stream.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 
 import pytest
 
-from bench.loadlib import echo, procstat, runner, targets, wire
+from bench.loadlib import echo, procstat, runner, sm, targets, wire
 from bench.loadlib.tracker import Tracker, percentiles
 from tests.interop import harness
 
@@ -53,6 +54,27 @@ def test_tracker_counts_loss_duplicates_misrouting_and_windowed_latency():
     assert (totals["duplicated"], totals["misrouted"], totals["unparseable"]) == (1, 2, 1)
     assert tracker.latencies_us == [200] and tracker.delivered_in_window == 1
     assert percentiles([1000, 2000, 3000, 4000])["p50"] == 2.0
+
+
+def test_an_ack_beyond_what_was_sent_is_an_error_and_h_wraps_at_2_to_the_32():
+    acks = sm.StreamAcks(counting_in=False)
+    acks.sent = 5
+    assert acks.acknowledge(3) is None and acks.acked == 3
+    assert "acknowledges 6 stanzas but 5 were sent" in acks.acknowledge(6)
+    assert acks.acknowledge(2) is not None and acks.acked == 3  # going back is no ack of 2^32 - 1 more
+    acks.sent, acks.acked = sm.H_MODULUS + 2, sm.H_MODULUS - 1
+    assert acks.acknowledge(1) is None and acks.acked == sm.H_MODULUS + 1  # XEP-0198 §4: h wraps
+    assert sm.ack(sm.H_MODULUS + 7) == b"<a xmlns='urn:xmpp:sm:3' h='7'/>"
+
+
+def test_relay_options_replace_add_and_create_config_settings():
+    config = '[s2s]\nbidi = "always"\n\n[log]\nlevel = "WARNING"\n'
+    changed = targets.with_options(config, ["s2s.stream_management=false", "s2s.bidi=never", "log.level=INFO",
+                                            "cluster.workers=2"])
+    assert __import__("tomllib").loads(changed) == {
+        "s2s": {"stream_management": False, "bidi": "never"}, "log": {"level": "INFO"}, "cluster": {"workers": 2}}
+    with pytest.raises(ValueError, match="SECTION.KEY=VALUE"):
+        targets.relay_option("stream_management=false")
 
 
 def test_proc_sampling_sees_this_process():
@@ -120,10 +142,10 @@ async def _component(component_cls, target):
     return transport, component
 
 
-async def _run_with(component_cls, target, listen_port) -> dict:
+async def _run_with(component_cls, target, listen_port, cfg: runner.LoadConfig | None = None) -> dict:
     transport, _ = await _component(component_cls, target)
     try:
-        return await asyncio.wait_for(runner.run_point(_config(target, listen_port)), 60)
+        return await asyncio.wait_for(runner.run_point(cfg or _config(target, listen_port)), 60)
     finally:
         transport.close()
 
@@ -177,3 +199,41 @@ def test_a_sweep_that_reuses_domains_loses_nothing(prosody):
     for point in (first, second):
         d = point["delivery"]
         assert d["sent"] > 20 and (d["lost"], d["duplicated"], d["misrouted"]) == (0, 0, 0), d
+
+
+# --- against the relay, XEP-0198 on ------------------------------------------------
+
+
+@pytest.fixture
+def relay(tmp_path):
+    bundle = targets.Pki(tmp_path / "certs")
+    # the relay asks for an ack every 10 stanzas it sends, so its <r/> come within a short point
+    target = targets.make_target("relay", tmp_path, bundle, tls=False, cpu=None, relay_options=["s2s.sm_ack_every=10"])
+    listen_port = harness.free_port("127.0.0.1")
+    target.start(targets.load_routes(STREAMS, "127.0.0.1", listen_port))
+    yield target, listen_port
+    target.stop()
+
+
+@pytest.mark.parametrize("bidi", [True, False], ids=["echoes-on-our-streams", "echoes-on-the-relays-streams"])
+@pytest.mark.timeout(120)
+def test_xep_0198_acks_count_every_stanza_both_ways_against_the_relay(relay, bidi):
+    """Our streams enable XEP-0198 and ask for acks; the relay's <r/> are answered on whichever stream
+    carries the echoes (ours with bidi, the ones it opens to us without); every h is possible and in
+    the end covers everything, on both sides."""
+    target, listen_port = relay
+    cfg = dataclasses.replace(_config(target, listen_port), target_pids={"relay": target.pid}, bidi=bidi,
+                              sm_ack_every=20)
+    result = asyncio.run(_run_with(echo.EchoComponent, target, listen_port, cfg))
+    h, d, acks = result["handshakes"], result["delivery"], result["stream_management"]
+    assert (h["established"], h["bidi"]) == (STREAMS, STREAMS if bidi else 0)
+    assert (acks["offered"], acks["enabled"], acks["refused"]) == (STREAMS, STREAMS, 0)
+    assert acks["enabled_by_target"] == (0 if bidi else 1)  # one stream of the relay's carries all three pairs
+    assert acks["ack_requests_sent"] > 2 * STREAMS and acks["acks_received"] >= acks["ack_requests_sent"]
+    assert acks["ack_requests_answered"] > 0
+    assert (acks["h_errors"], acks["unacknowledged_at_end"], acks["final_requests_unanswered"]) == (0, 0, 0)
+    assert acks["acknowledged"] == d["sent"] > 100
+    assert (d["lost"], d["duplicated"], d["misrouted"], d["error_stanzas"], d["unparseable"]) == (0, 0, 0, 0, 0)
+    target.stop()  # its log is complete: our answers left the relay nothing to re-send, and no h it refused
+    logs = target.logs()
+    assert "unacknowledged (XEP-0198)" not in logs and "undefined-condition" not in logs, logs

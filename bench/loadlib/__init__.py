@@ -3,6 +3,7 @@
 `wire` holds the pre-built byte templates and the XEP-0185 key, `tracker` the
 loss/duplication/misrouting/latency accounting, `streams` the simulated remote
 servers' outbound S2S streams and the connections the target opens to them,
+`sm` their XEP-0198 counters and ack checks, `progress` the live status line,
 `procstat` the /proc sampling, `profile` the py-spy summaries, `runner` one
 load point end to end, `targets` the servers under test (relay, Prosody,
 ejabberd), `plot` the sweep plot and `echo` the XEP-0114 echo/sink component

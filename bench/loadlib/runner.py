@@ -2,7 +2,8 @@
 
 Phases: `connect` (ramped, bounded concurrency) -> `warmup` -> `measure`
 (the window whose deliveries and latencies count) -> `drain` (stop sending,
-wait for the echoes still in flight) -> `close`.
+wait for the echoes still in flight) -> `acks` (with XEP-0198: one last ack
+request per stream, every answer awaited) -> `close`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import procstat, profile, wire
+from . import procstat, profile, sm, wire
+from .progress import Progress
 from .streams import InboundStream, OutboundStream, bare_domain
 from .tracker import Tracker, handshake_stats, percentiles
 
 TICK_S = 0.002  # rate scheduler period
-STATUS_S = 0.5  # progress line period
 DRAIN_MAX_S = 60.0  # a saturated target's backlog drains within this, or counts as lost
 
 
@@ -57,6 +58,8 @@ class LoadConfig:
     profile_pid: int | None = None  # py-spy this process during the measurement window
     profile_prefix: str | None = None  # ... into <prefix>-<streams>.txt (collapsed stacks)
     progress: bool = True
+    sm: bool = True  # XEP-0198 acks where the target offers them (and offered to its streams to us)
+    sm_ack_every: int = 1000  # ask for an ack after this many stanzas sent unasked
 
 
 class LoadContext:
@@ -69,6 +72,7 @@ class LoadContext:
         self.tls, self.mechanism, self.bidi, self.secret = cfg.tls, cfg.mechanism, cfg.bidi, cfg.secret
         self.size_cycle = wire.size_cycle(wire.parse_size_mix(cfg.sizes))
         self.tracker = Tracker(cfg.streams)
+        self.acks = sm.AckTotals()
         self.streams: list[OutboundStream | None] = [None] * cfg.streams
         self.inbound: set[InboundStream] = set()  # connections the target opened to us, closed with the point
         self.failures: dict[str, int] = {}
@@ -175,44 +179,6 @@ async def _connect_all(ctx: LoadContext, loop) -> tuple[list[float], float]:
     return durations, time.perf_counter() - start
 
 
-class Progress:
-    """A refreshing one-line status on stderr."""
-
-    def __init__(self, ctx: LoadContext, label: str):
-        self.ctx, self.label, self.phase = ctx, label, "connect"
-        self.last = (time.perf_counter(), 0)
-        self.task = asyncio.ensure_future(self.run()) if ctx.cfg.progress else None
-
-    async def run(self):
-        while True:
-            await asyncio.sleep(STATUS_S)
-            self.show()
-
-    def show(self):
-        ctx = self.ctx
-        totals = sum(l.received for l in ctx.tracker.ledgers)
-        sent = sum(l.sent for l in ctx.tracker.ledgers)
-        now = time.perf_counter()
-        rate = (totals - self.last[1]) / max(1e-6, now - self.last[0])
-        self.last = (now, totals)
-        target = ""
-        for label, pid in ctx.cfg.target_pids.items():
-            s = procstat.sample(pid)
-            if s:
-                target += f" | {label} rss {s.rss_bytes / 2**20:.1f}MiB"
-        ready = sum(1 for s in ctx.streams if s is not None and s.ready)
-        line = (f"[{self.label} {self.phase}] ready {ready}/{ctx.cfg.streams} fail {sum(ctx.failures.values())}"
-                f" | sent {sent} recv {totals} | {rate:,.0f}/s{target}")
-        sys.stderr.write("\r" + line[:160].ljust(160))
-        sys.stderr.flush()
-
-    def stop(self):
-        if self.task:
-            self.task.cancel()
-            self.show()
-            sys.stderr.write("\n")
-
-
 def _samples(cfg: LoadConfig) -> dict[str, procstat.Sample | None]:
     out = {label: procstat.sample(pid) for label, pid in cfg.target_pids.items()}
     out["generator"] = procstat.sample(os.getpid())
@@ -259,6 +225,9 @@ async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
             if slab_held is not None and slab_before is not None else None,
         }
         await _load(ctx, progress, result)
+        if cfg.sm:
+            progress.phase = "acks"
+            result["stream_management"] = await sm.settle(ctx.streams, ctx.acks)
     finally:
         progress.phase = "close"
         ctx.stopping = True
@@ -301,6 +270,7 @@ async def _load(ctx: LoadContext, progress: Progress, result: dict):
     sent1 = sum(l.sent for l in ctx.tracker.ledgers)
     ctx.sending = False
     await sender
+    sm.request_all(streams, ctx.acks)  # XEP-0198: what the window sent, acknowledged during the drain
     if profiler is not None:
         result["profile"] = await _finish_profiler(profiler, cfg)
     progress.phase = "drain"

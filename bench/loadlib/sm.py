@@ -7,9 +7,11 @@ the two other counters. Either side asks with ``<r/>`` and is told
 generator one integer increment per stanza received and one addition per
 write; nothing is kept per stanza (there is no resumption to re-send for).
 
-An ``<a h/>`` acknowledging more than was sent is the target's error: it is
-counted (``h_errors``, with a sample) rather than ending the stream, so the
-point's other figures stay whole and the report says what went wrong.
+An ``<a h/>`` acknowledging more than was sent is the target's error (XEP-0198
+§6: an "'h' value that is too high"; the local entity SHOULD end the stream
+with undefined-condition): the generator counts it (``h_errors``, with a
+sample) instead, so the point's other figures stay whole and the report says
+what went wrong.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ FEATURE = b"<sm xmlns='urn:xmpp:sm:3'/>"
 ENABLE = b"<enable xmlns='urn:xmpp:sm:3'/>"
 ENABLED = b"<enabled xmlns='urn:xmpp:sm:3'/>"
 REQUEST = b"<r xmlns='urn:xmpp:sm:3'/>"
-# XEP-0198 §3: "If the server does not support stream management, it MUST return <failed/>"
+# XEP-0198 §6 "Error Handling": <enable/> refused with <failed/> and a stanza error condition
 REFUSED = (b"<failed xmlns='urn:xmpp:sm:3'>"
            b"<feature-not-implemented xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>")
 H_MODULUS = 1 << 32  # XEP-0198 §4: h is an unsigned 32-bit integer that wraps

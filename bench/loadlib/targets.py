@@ -4,17 +4,21 @@ Prosody and ejabberd are started with the interop harness's peer classes
 (tests/interop/harness.py), with logging lowered to warnings so a debug log is
 not what gets measured; the relay is started from a TOML config written here.
 Each target routes every simulated server's domain (`gNNNN.load.test`) to the
-generator's listener and can be pinned to a CPU.
+generator's listener and can be pinned to a CPU. The relay's config can be
+changed per run with `SECTION.KEY=VALUE` options (`relay_options`), e.g.
+`s2s.stream_management=false` to measure it without XEP-0198.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -44,6 +48,35 @@ def taskset(cpu: str | None) -> list[str]:
 
 def load_routes(count: int, host: str, port: int) -> dict[str, tuple[str, int]]:
     return {wire.load_domain(i): (host, port) for i in range(count)}
+
+
+def relay_option(text: str) -> tuple[str, str, str]:
+    """'s2s.stream_management=false' -> ('s2s', 'stream_management', 'false'): a TOML value, or a bare word quoted."""
+    path, equals, value = text.partition("=")
+    section, dot, key = path.strip().rpartition(".")
+    if not equals or not dot or not section or not key:
+        raise ValueError(f"a relay option is SECTION.KEY=VALUE, got {text!r}")
+    value = value.strip()
+    try:
+        tomllib.loads(f"v = {value}")
+    except tomllib.TOMLDecodeError:
+        value = json.dumps(value)  # a JSON string is a TOML basic string
+    return section, key, value
+
+
+def with_options(config: str, options: list[str]) -> str:
+    """``config`` (TOML text) with each option set: replaced in its section, added to it, or a new section."""
+    config = "\n" + config  # every section header follows a newline, the first one too
+    for section, key, value in map(relay_option, options):
+        header = f"\n[{section}]\n"
+        if header not in config:
+            config += f"{header}{key} = {value}\n"
+            continue
+        head, body = config.split(header, 1)
+        block, next_header, rest = body.partition("\n[")
+        lines = [line for line in block.split("\n") if not re.match(rf"{re.escape(key)}\s*=", line)]
+        config = head + header + "\n".join([f"{key} = {value}"] + lines) + next_header + rest
+    return config[1:]
 
 
 class Pki:
@@ -148,8 +181,11 @@ class RelayTarget(Target):
     name = "relay"
 
     def __init__(self, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None,
-                 secret_dialback: str = "relay-bench-dialback-secret-0123456789"):
+                 secret_dialback: str = "relay-bench-dialback-secret-0123456789", options: list[str] = ()):
         self.workdir, self.pki, self.tls, self.cpu, self.profile = workdir, pki_, tls, cpu, profile
+        self.options = list(options)  # SECTION.KEY=VALUE settings over the config written here
+        for option in self.options:
+            relay_option(option)  # a malformed one fails here, before anything starts
         self.dialback_secret = secret_dialback
         self.secret = "relay-bench-component-secret"
         self.process: subprocess.Popen | None = None
@@ -218,7 +254,7 @@ level = "WARNING"
     def _spawn(self, name: str, config_text: str) -> subprocess.Popen:
         """The relay serving ``config_text`` (written to ``<name>.toml``), its output in console.log."""
         config = self.workdir / f"{name}.toml"
-        config.write_text(config_text)
+        config.write_text(with_options(config_text, self.options))
         with open(self.workdir / "console.log", "ab") as console:
             return subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
                                     stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
@@ -340,13 +376,13 @@ class WorkersTarget(HopTarget):
         self.extra_pids["nats"] = self.others[-1].pid
 
 
-def make_target(kind: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None) -> Target:
-    if kind == "relay":
-        return RelayTarget(workdir / "relay", pki_, tls, cpu, profile)
-    if kind == "relay-hop":
-        return HopTarget(workdir / "relay-hop", pki_, tls, cpu, profile)
-    if kind == "relay-w2":
-        return WorkersTarget(workdir / "relay-w2", pki_, tls, cpu, profile)
+def make_target(kind: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None,
+                relay_options: list[str] = ()) -> Target:
+    relays = {"relay": RelayTarget, "relay-hop": HopTarget, "relay-w2": WorkersTarget}
+    if kind in relays:
+        return relays[kind](workdir / kind, pki_, tls, cpu, profile, options=relay_options)
+    if relay_options:
+        raise ValueError(f"relay options apply to the relay targets only, not {kind!r}")
     if kind == "prosody":
         return PeerTarget(BenchProsody, "prosody", workdir / "prosody", pki_, tls, cpu, bidi=True)
     if kind == "ejabberd":
