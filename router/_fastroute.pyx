@@ -42,6 +42,7 @@ raw_log = logging.getLogger("router.raw")
 
 cdef str SERVER_NS = "jabber:server"
 cdef str COMPONENT_NS = "jabber:component:accept"
+cdef str SM_NS = "urn:xmpp:sm:3"  # XEP-0198
 # A write queue this large gains nothing from waiting for the end of the loop
 # iteration: it goes out at once, so flow control sees it as before.
 FLUSH_AT = 65536
@@ -114,7 +115,7 @@ cdef class Router:
             events = tok.buffer_updated(nbytes)
         except ParseError as exc:
             events, error = exc.events, exc
-        cdef Py_ssize_t i = 0, n = len(events)
+        cdef Py_ssize_t i = 0, n = len(events), routed = 0
         cdef Element el
         cdef dict batches = None
         cdef str content_ns = SERVER_NS if pairs is not None else COMPONENT_NS
@@ -126,6 +127,16 @@ cdef class Router:
             el = <Element>event
             if el.ns != content_ns or el.prefix is not None or not is_stanza(el.name) \
                     or el.to is None or el.from_ is None:
+                if el.ns == SM_NS and pairs is not None and (el.name == "r" or el.name == "a"):
+                    # XEP-0198 <r/> or <a/> between stanzas: the session answers it, with the
+                    # stanzas counted so far, and the rest of the read stays on this path
+                    stream.stanzas_in += routed
+                    routed = 0
+                    stream.take_events([el], 0, None)
+                    i += 1
+                    if stream.closing:
+                        break
+                    continue
                 break
             if self.awaited_ids and el.id in self.awaited_ids:
                 break  # an answer the relay waits for (Delivery takes it)
@@ -145,9 +156,10 @@ cdef class Router:
                 header = tok.header_ev
                 src_lang = header.lang if header is not None else None
             self._route(stream, el, from_dom, to_dom, view, batches, src_lang)
+            routed += 1
             i += 1
-        if i:
-            stream.stanzas_in += i  # once per read: ctl's count and XEP-0198's h
+        if routed:
+            stream.stanzas_in += routed  # once per read: ctl's count and XEP-0198's h
         if batches:
             stream.forward(batches)
         if i < n or error is not None:
