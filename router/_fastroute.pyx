@@ -43,6 +43,7 @@ raw_log = logging.getLogger("router.raw")
 cdef str SERVER_NS = "jabber:server"
 cdef str COMPONENT_NS = "jabber:component:accept"
 cdef str SM_NS = "urn:xmpp:sm:3"  # XEP-0198
+cdef Py_ssize_t MIN_STANZA_LIMIT = 10000  # RFC 6120 §13.12: no stanza size limit below this
 # A write queue this large gains nothing from waiting for the end of the loop
 # iteration: it goes out at once, so flow control sees it as before.
 FLUSH_AT = 65536
@@ -194,7 +195,11 @@ cdef class Router:
 
     cdef inline bint _fits(self, object target, Py_ssize_t size):
         """Whether a stanza of ``size`` bytes is within the ``max-bytes`` the
-        destination's peer announced (XEP-0478; 0: none announced)."""
+        destination's peer announced (XEP-0478; 0: none announced). RFC 6120 §13.12
+        lets no server accept less than 10,000 bytes: smaller stanzas, nearly all,
+        fit without a look at the destination."""
+        if size <= MIN_STANZA_LIMIT:
+            return True
         cdef Py_ssize_t limit = target.peer_max_bytes
         return limit == 0 or size <= limit
 
