@@ -72,6 +72,13 @@ def test_absent_limits_say_nothing():
     assert session.advertised.limits == StreamLimits(0, 0)
 
 
+def test_a_max_bytes_below_rfc_6120s_floor_counts_as_the_floor():
+    """RFC 6120 §13.12: a stanza size limit "MUST NOT be less than 10000 bytes"."""
+    element = etree.fromstring("<limits xmlns='urn:xmpp:stream-limits:0'><max-bytes>5000</max-bytes>"
+                               "<idle-seconds>5</idle-seconds></limits>")
+    assert features.parse_limits(element) == StreamLimits(10000, 5)
+
+
 @pytest.mark.parametrize("text, value", [
     ("10000", 10000), (" 10000\n", 10000), ("", 0), ("abc", 0), ("-5", 0), ("+5", 0), ("1.5", 0), ("1e4", 0),
     ("0", 0), ("\u0663", 0), (str(MAX_ANNOUNCED_LIMIT), MAX_ANNOUNCED_LIMIT), (str(MAX_ANNOUNCED_LIMIT + 1), 0),

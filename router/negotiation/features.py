@@ -26,6 +26,9 @@ from router.wire.xml import child
 MAX_ANNOUNCED_LIMIT = 2**31 - 1
 
 
+MIN_MAX_BYTES = 10000  # RFC 6120 §13.12: no stanza size limit is below this
+
+
 class StreamLimits(NamedTuple):
     """XEP-0478 ``<limits/>``: what the announcing receiver accepts; 0 where nothing (valid) was said."""
 
@@ -114,7 +117,10 @@ def parse_limits(limits: etree._Element | None) -> StreamLimits:
     one that is not a positive decimal number of sane size says nothing."""
     if limits is None:
         return StreamLimits()
-    return StreamLimits(_positive(child(limits, STREAM_LIMITS_NS, "max-bytes")),
+    max_bytes = _positive(child(limits, STREAM_LIMITS_NS, "max-bytes"))
+    # RFC 6120 §13.12: a limit "MUST NOT be less than 10000 bytes"; a peer announcing less is held
+    # to that floor, which is also where the compiled router starts looking (router._fastroute)
+    return StreamLimits(max(max_bytes, MIN_MAX_BYTES) if max_bytes else 0,
                         _positive(child(limits, STREAM_LIMITS_NS, "idle-seconds")))
 
 
