@@ -1,9 +1,9 @@
 """XEP-0198 acks of one S2S stream at run time: what was sent and not yet acknowledged, and when to ask.
 
-The compiled router counts stanzas per stream (``stanzas_in`` per read,
-``stanzas_out`` per ``write_chunks`` call); `StreamAcks` keeps the counter
-values at which XEP-0198 counting started, so ``h`` is a subtraction, and
-what was written since the last ``<a/>``: one bytes copy per ``write_chunks``
+The compiled router counts the stanzas each stream receives (``stanzas_in``,
+once per read); `StreamAcks` keeps the value at which XEP-0198 counting
+started, so our ``h`` is a subtraction, and, from each ``write_chunks`` call
+after ours started, what was written since the last ``<a/>``: one bytes copy per ``write_chunks``
 call, with its stanza count. Copies, not the views of the source's buffer that
 were written: a view would keep the source's whole read buffer alive, and
 hundreds of thousands of views held for a round trip are objects the cyclic
@@ -39,7 +39,7 @@ _REPLAY_HEADER = f"<stream:stream xmlns='{SERVER_NS}' xmlns:stream='{STREAM_NS}'
 class StreamAcks:
     """XEP-0198 counters and the re-send buffer of one stream (``stream.acks`` while enabled)."""
 
-    __slots__ = ("stream", "blobs", "counts", "pending", "skip", "acked", "out_base", "in_base", "requested_at",
+    __slots__ = ("stream", "blobs", "counts", "pending", "skip", "acked", "keeping", "in_base", "requested_at",
                  "waiting_since", "overflow_noted", "ack_every", "max_unacked")
 
     def __init__(self, stream: Any) -> None:
@@ -49,7 +49,7 @@ class StreamAcks:
         self.pending = 0  # stanzas sent and not acknowledged
         self.skip = 0  # stanzas at the start of blobs[0] already acknowledged
         self.acked = 0  # the peer's last h
-        self.out_base: int | None = None  # stream.stanzas_out when we started counting what we send
+        self.keeping = False  # what we send is counted and kept from now on
         self.in_base: int | None = None  # stream.stanzas_in when we started counting what we receive
         self.requested_at: float | None = None  # our <r/> not answered yet, sent then
         self.waiting_since: float | None = None  # when the oldest unacknowledged stanza was sent
@@ -59,15 +59,14 @@ class StreamAcks:
 
     # ------------------------------------------------------------------ counting starts (SmStarted)
     def start(self, outbound: bool, inbound: bool) -> None:
-        if outbound and self.out_base is None:
-            self.out_base = self.stream.stanzas_out
+        self.keeping = self.keeping or outbound
         if inbound and self.in_base is None:
             self.in_base = self.stream.stanzas_in
 
     # ------------------------------------------------------------------ what we send
     def sent(self, chunks: list) -> None:
         """``chunks`` (one stanza each) were queued after the counter started: keep them until acknowledged."""
-        if self.out_base is None:
+        if not self.keeping:
             return
         if not self.pending:
             self.waiting_since = self.stream.loop.time()

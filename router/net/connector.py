@@ -233,7 +233,7 @@ class Connector:
             if not table.add_remote(pair, stream):
                 continue
             # XEP-0478 §3: what the peer announced it would refuse bounces instead
-            items = self.host.delivery.fitting(table.take_queue(pair), pair.remote, stream.peer_max_bytes)
+            items = self.host.delivery.fitting(table.take_queue(pair), pair.remote, stream)
             if items:
                 stream.write_chunks([item.data for item in items])
                 waited, now = self.host.metrics.queue_wait_seconds.labels("sent"), self.host.loop.time()

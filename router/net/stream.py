@@ -211,6 +211,11 @@ class XmlStream(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------ forwarding
     forward = _fastroute.forward  # (batches: {dest: [chunk, ...]}) queue each, pin our buffer, wait for a paused one
 
+    def too_large(self, size: int) -> bool:
+        """Whether a stanza of ``size`` bytes is above the ``max-bytes`` our peer announced
+        (XEP-0478 §3: it "SHOULD NOT be sent on that stream")."""
+        return 0 < self.peer_max_bytes < size
+
     def may_wait_for(self, dest: XmlStream) -> bool:
         """Whether pausing our reads until ``dest`` drains hurts only the peers
         involved: not when we are shared and ``dest`` is one remote server."""

@@ -102,7 +102,7 @@ class Delivery:
         else:
             kind = "component"
         size = element.end - element.start
-        if target.peer_max_bytes and size > target.peer_max_bytes:
+        if target.too_large(size):
             self._bounce_element(source, element, "policy-violation",
                                  self._over_peer_limit(to_domain, size, target.peer_max_bytes))
             return
@@ -127,7 +127,7 @@ class Delivery:
         elif not isinstance(target, XmlStream) or target.closing:
             return None  # a service does not answer a service; a closing component gets nothing
         if target is not None:
-            if target.peer_max_bytes and len(data) > target.peer_max_bytes:
+            if target.too_large(len(data)):
                 self.metrics.limits_hit.inc("peer_max_bytes")
                 log.info("dropping relay-made %s to %s: %d bytes, its server announced max-bytes %d (XEP-0478)",
                          name, to_domain, len(data), target.peer_max_bytes)
@@ -159,7 +159,7 @@ class Delivery:
             return
         to_domain = domain_of(element.from_)
         link = self.table.remote.get((service.domain, to_domain))
-        if link is not None and link.peer_max_bytes and len(reply) > link.peer_max_bytes:
+        if link is not None and link.too_large(len(reply)):
             # XEP-0478 §3: an answer (an echo) too large for the asker's server: the asker learns why instead
             text = self._over_peer_limit(to_domain, len(reply), link.peer_max_bytes)
             reply = errors.bounce(element.name, element.from_, element.to, element.id, element.type,
@@ -209,7 +209,7 @@ class Delivery:
             self._push(Queued(item.data, item.name, item.type, item.from_, item.to, item.id, self.host.loop.time()),
                        Pair(item.from_domain, item.to_domain))
             return None
-        if target.peer_max_bytes and len(item.data) > target.peer_max_bytes:
+        if target.too_large(len(item.data)):
             return "policy-violation", self._over_peer_limit(item.to_domain, len(item.data), target.peer_max_bytes)
         if target.paused and target.queue_full(len(item.data)):
             return "resource-constraint", f"{item.to_domain} is not reading what is sent to it"
@@ -279,15 +279,14 @@ class Delivery:
         self.metrics.queued_stanzas.set(sum(len(q.items) for q in self.table.pending.values()))
         self.metrics.outbound_queues.set(len(self.table.pending))
 
-    def fitting(self, items: list[Queued], remote: str, limit: int) -> list[Queued]:
-        """The queued ``items`` within the ``max-bytes`` ``remote`` announced (0: any);
+    def fitting(self, items: list[Queued], remote: str, stream: XmlStream) -> list[Queued]:
+        """The queued ``items`` within the ``max-bytes`` ``remote`` announced on ``stream``;
         the others bounce with ``<policy-violation/>`` (XEP-0478 §3)."""
-        if not limit or all(len(item.data) <= limit for item in items):
-            return items
         kept = []
         for item in items:
-            if len(item.data) > limit:
-                self.bounce(item, "policy-violation", self._over_peer_limit(remote, len(item.data), limit))
+            if stream.too_large(len(item.data)):
+                self.bounce(item, "policy-violation",
+                            self._over_peer_limit(remote, len(item.data), stream.peer_max_bytes))
             else:
                 kept.append(item)
         return kept

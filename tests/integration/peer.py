@@ -179,13 +179,20 @@ class AuthoritativeServer:
                 for event in session.events():
                     if isinstance(event, ev.VerifyKey):
                         self.verify(session, event)
-                    elif isinstance(event, ev.Stanza):
-                        element = event.element
-                        self.stanzas.put_nowait(bytes(session.tokenizer.buffer[element.start: element.end]))
+                    elif not self.take(session, event, writer):
+                        return  # the connection was dropped
                 session.events()  # drop what key_verified reported; its answer is in data_to_send
                 writer.write(session.data_to_send())
         finally:
             writer.close()
+
+    def take(self, session: Session, event, writer) -> bool:
+        """A session event other than a key to verify: a stanza is recorded. False when the
+        connection is gone (a subclass may drop it)."""
+        if isinstance(event, ev.Stanza):
+            element = event.element
+            self.stanzas.put_nowait(bytes(session.tokenizer.buffer[element.start: element.end]))
+        return True
 
     def verify(self, session: Session, event: ev.VerifyKey) -> None:
         """Answer the relay's dialback key with the relay's own secret."""

@@ -14,7 +14,7 @@ from router.negotiation import sm
 from router.negotiation.session import Session
 
 from .conftest import arun, running
-from .peer import READ_SIZE, AuthoritativeServer
+from .peer import AuthoritativeServer
 from .rawstream import RawComponent
 
 BOT, BOT_SECRET = "bot.relay.test", "bot-secret"
@@ -34,39 +34,27 @@ class AckingServer(AuthoritativeServer):
         self.config = replace(self.config, stream_management=True)
         self.crash_after, self.silent_first = crash_after, silent_first
         self.delivered: list[int] = []
-        self.connections = 0
-        self.acks_sent = 0
+        # session -> (its connection is the first, [stanzas handled], stanzas not yet acknowledged)
+        self._connections: dict[Session, tuple[bool, list[int], list[int]]] = {}
 
-    async def _serve(self, reader, writer) -> None:
-        self.connections += 1
-        first = self.connections == 1
-        session = Session("receiver", self.config)
-        handled, pending = 0, []
-        try:
-            while not session.closed:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    break
-                session.receive_data(data)
-                for event in session.events():
-                    if isinstance(event, ev.VerifyKey):
-                        self.verify(session, event)
-                    elif isinstance(event, ev.Stanza):
-                        element = event.element
-                        pending.append(int(ID.search(session.tokenizer.buffer[element.start:element.end])[1]))
-                        handled += 1
-                        if first and handled == self.crash_after:
-                            writer.transport.abort()  # what it did not acknowledge is lost with it
-                            return
-                    elif isinstance(event, ev.AckRequested) and not (first and self.silent_first):
-                        writer.write(session.data_to_send() + sm.ack(handled))
-                        self.acks_sent += 1
-                        self.delivered += pending
-                        pending.clear()
-                session.events()
-                writer.write(session.data_to_send())
-        finally:
-            writer.close()
+    def take(self, session: Session, event, writer) -> bool:
+        first, handled, pending = self._connections.setdefault(session, (not self._connections, [0], []))
+        if isinstance(event, ev.Stanza):
+            element = event.element
+            pending.append(int(ID.search(session.tokenizer.buffer[element.start:element.end])[1]))
+            handled[0] += 1
+            if first and handled[0] == self.crash_after:
+                writer.transport.abort()  # what it did not acknowledge is lost with it
+                return False
+        elif isinstance(event, ev.AckRequested) and not (first and self.silent_first):
+            writer.write(session.data_to_send() + sm.ack(handled[0]))
+            self.delivered += pending
+            pending.clear()
+        return True
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
 
 
 def relay_to(relay_spec, port: int, **s2s):

@@ -30,9 +30,9 @@ def ejabberd_accepted(log: str, direction: str, mechanism: str, transport: str, 
     return re.search(pattern, log) is not None
 
 
-def prosody_relay(federation, mode, **relay_options):
+def prosody_relay(federation, mode, *, smacks: bool = False, **relay_options):
     fed: Federation = federation(mode)
-    a = fed.prosody("a.test", "127.0.0.2")
+    a = fed.prosody("a.test", "127.0.0.2", smacks=smacks)
     r = fed.relay(**relay_options)
     fed.start()
     return a, r
@@ -49,6 +49,16 @@ def ejabberd_relay(federation, mode, **relay_options):
 # --- Prosody <-> relay ------------------------------------------------------------------
 
 
+async def round_trip(on_a, on_r, initiator: str) -> None:
+    """A message each way between alice@a.test and bot@r.test, ``initiator``'s side first."""
+    if initiator == "prosody":
+        await deliver(on_a, ALICE, on_r, BOT)
+        await deliver(on_r, BOT, on_a, ALICE)
+    else:
+        await deliver(on_r, BOT, on_a, ALICE)
+        await deliver(on_a, ALICE, on_r, BOT)
+
+
 @pytest.mark.parametrize("initiator", ["prosody", "relay"])
 def test_prosody_secure_external_bidi_one_connection(federation, initiator):
     """STARTTLS + SASL EXTERNAL + XEP-0288: whoever opens the stream, the reply comes back
@@ -57,12 +67,7 @@ def test_prosody_secure_external_bidi_one_connection(federation, initiator):
 
     async def exchange():
         async with await a.component() as on_a, await r.component() as on_r:
-            if initiator == "prosody":
-                await deliver(on_a, ALICE, on_r, BOT)
-                await deliver(on_r, BOT, on_a, ALICE)
-            else:
-                await deliver(on_r, BOT, on_a, ALICE)
-                await deliver(on_a, ALICE, on_r, BOT)
+            await round_trip(on_a, on_r, initiator)
             await deliver(on_a, ALICE, on_r, "other@r.test")
             return a.accepted_s2s_connections() + r.accepted_s2s_connections()
 
@@ -82,20 +87,12 @@ def test_prosody_stream_management_counts_agree_both_ways(federation, initiator)
     """Prosody 0.12's mod_smacks speaks XEP-0198 on S2S: over one bidi stream each side asks for acks
     (Prosody after every stanza, the relay with sm_ack_every = 1) and each side's h matches what the
     other sent, or Prosody would log and close ("The client says it handled ...")."""
-    fed: Federation = federation(SECURE)
-    a = fed.prosody("a.test", "127.0.0.2", smacks=True)
-    r = fed.relay(options={"s2s": {"sm_ack_every": 1}})
-    fed.start()
+    a, r = prosody_relay(federation, SECURE, smacks=True, options={"s2s": {"sm_ack_every": 1}})
 
     async def exchange():
         async with await a.component() as on_a, await r.component() as on_r:
             for _ in range(3):
-                if initiator == "prosody":
-                    await deliver(on_a, ALICE, on_r, BOT)
-                    await deliver(on_r, BOT, on_a, ALICE)
-                else:
-                    await deliver(on_r, BOT, on_a, ALICE)
-                    await deliver(on_a, ALICE, on_r, BOT)
+                await round_trip(on_a, on_r, initiator)
             return a.accepted_s2s_connections() + r.accepted_s2s_connections()
 
     assert uvloop.run(exchange()) == 1
