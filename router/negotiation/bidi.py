@@ -71,7 +71,10 @@ def handle_request(s: Negotiator, element) -> None:
     if "bidi" not in s.offered or s.authenticated or s.bidi:
         log.info("ignoring a bidi request that was not offered at this stage (stream %s)", s.stream_id)
         return
-    s.enable_bidi(parse_limits(child(s.tree(element), STREAM_LIMITS_NS, "limits")))
+    if s.tokenizer.buffer[element.end - 2:element.end] == b"/>":  # empty, as nearly every request: no tree
+        s.enable_bidi()
+    else:  # XEP-0478 §2.2: the initiator's limits may be inside
+        s.enable_bidi(parse_limits(child(s.tree(element), STREAM_LIMITS_NS, "limits")))
 
 
 def handle_feature_as_request(s: Negotiator, element) -> None:

@@ -86,18 +86,19 @@ def parse(features: etree._Element) -> Advertised:
     against RFC 6120 §6.4.1) offers nothing.
     """
     required = set()
+    present: dict[str, etree._Element] = {}  # tag -> the first child of that tag: one pass, not a find each
     for feature in features:
         if not isinstance(feature.tag, str):
             continue
+        present.setdefault(feature.tag, feature)
         ns = etree.QName(feature).namespace
         if ns is not None and feature.find(f"{{{ns}}}required") is not None:
             required.add(feature.tag)
-    starttls = child(features, TLS_NS, "starttls")
-    mechanisms = child(features, SASL_NS, "mechanisms")
-    dialback = child(features, DIALBACK_FEATURE_NS, "dialback")
+    mechanisms = present.get(_MECHANISMS)
+    dialback = present.get(_DIALBACK)
     return Advertised(
-        starttls=starttls is not None,
-        starttls_required=f"{{{TLS_NS}}}starttls" in required,
+        starttls=_STARTTLS in present,
+        starttls_required=_STARTTLS in required,
         mechanisms=tuple(
             (m.text or "").strip().upper() for m in mechanisms.iterfind(f"{{{SASL_NS}}}mechanism")
         )
@@ -105,11 +106,15 @@ def parse(features: etree._Element) -> Advertised:
         else (),
         dialback=dialback is not None,
         dialback_errors=dialback is not None and child(dialback, DIALBACK_FEATURE_NS, "errors") is not None,
-        bidi=child(features, BIDI_FEATURE_NS, "bidi") is not None,
-        sm=child(features, SM_NS, "sm") is not None,
+        bidi=_BIDI in present,
+        sm=_SM in present,
         required=frozenset(required),
-        limits=parse_limits(child(features, STREAM_LIMITS_NS, "limits")),
+        limits=parse_limits(present.get(_LIMITS)),
     )
+
+
+_STARTTLS, _MECHANISMS, _DIALBACK = f"{{{TLS_NS}}}starttls", f"{{{SASL_NS}}}mechanisms", f"{{{DIALBACK_FEATURE_NS}}}dialback"
+_BIDI, _SM, _LIMITS = f"{{{BIDI_FEATURE_NS}}}bidi", f"{{{SM_NS}}}sm", f"{{{STREAM_LIMITS_NS}}}limits"
 
 
 def parse_limits(limits: etree._Element | None) -> StreamLimits:
