@@ -13,11 +13,13 @@ import dns.asyncresolver
 from router.config import parse_config
 from router.net.s2s import S2SStream
 from router.wire.namespaces import STANZAS_NS
-from test_eyeballs import closed_port, connecting_to, stalled_listener
+from test_eyeballs import closed_port, connecting_to, needs_ipv6, stalled_listener
 from dnsserver import ZoneServer
 
 from .conftest import arun, running
 from .test_s2s import component, error_condition, opened
+
+pytestmark = needs_ipv6
 
 
 @asynccontextmanager
