@@ -7,6 +7,25 @@ cimport cython
 from router._fastparse cimport Element, Tokenizer
 
 
+@cython.final
+cdef class Outbox:
+    cdef readonly str member  # the cluster member these stanzas go to
+    cdef readonly Py_ssize_t count  # stanzas gathered since the last take()
+    cdef object due  # called with the outbox at its first stanza after a take()
+    cdef Py_ssize_t max_bytes  # stanza bytes per batch at most (MAX_BATCH_BYTES)
+    cdef bytes head  # the sender's name, framed: every batch starts with it
+    cdef bytearray frames  # the batch being filled: its first ``used`` bytes
+    cdef Py_ssize_t used
+    cdef Py_ssize_t current  # its stanzas
+    cdef Py_ssize_t current_bytes  # and their bytes
+    cdef list sealed  # full batches: (frames, stanzas)
+
+    cdef int _restart(self) except -1
+    cdef bytearray _seal(self)
+    cdef int add(self, object name, object type_, object from_, object to, object id_, object from_dom,
+                 object to_dom, object data) except -1
+
+
 @cython.final  # direct calls to its cdef methods, no vtable
 cdef class Router:
     cdef dict local  # RouteTable.local: domain -> component stream or built-in service
@@ -22,6 +41,10 @@ cdef class Router:
     # ids of stanzas the relay itself waits for an answer to (XEP-0199 pings): a stanza
     # with one of them leaves the compiled path for the session's, which hands it to Delivery
     cdef public set awaited_ids
+    # the cluster bus's routes (router.cluster.bus; None without a connected bus): a
+    # component's domain, or a pair (from, to) held by other members, -> (the output
+    # profile its bytes are fixed up for, the candidate members' Outboxes)
+    cdef public dict bus_routes
 
     # counters, read at scrape time (index 0: S2S links, 1: component links)
     cdef unsigned long long routed[2]  # stanzas forwarded on the compiled path, by destination kind
@@ -35,5 +58,7 @@ cdef class Router:
     cdef object _domain(self, object jid)
     cdef inline object _open_target(self, object from_dom, object to_dom, int* kind)
     cdef inline bint _fits(self, object target, Py_ssize_t size)
+    cdef bint _to_bus(self, object source, Element el, object from_dom, object to_dom, object view,
+                      object src_lang) except -1
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
                     dict batches, object src_lang) except -1

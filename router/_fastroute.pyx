@@ -20,15 +20,24 @@ The stream objects stay Python (``router.net.stream.XmlStream``): the
 functions after ``Router`` are its per-read methods (``get_buffer``,
 ``buffer_updated``, the S2S and component ``_received``, ``forward``,
 ``write_chunks``, ``flush``), so each has one implementation.
-Counters are C integers that the metrics collector reads when scraped. The
-cluster bus's batches (``router.cluster.frames``) are framed and parsed here
-too: a stanza that crosses the bus is framed once and parsed once.
+Counters are C integers that the metrics collector reads when scraped.
+
+The cluster bus (``router.cluster``) is half compiled too. A stanza whose
+destination another member holds, once ``Router.bus_routes`` knows that
+destination, is framed straight from the read buffer into that member's
+``Outbox`` (``router.cluster.frames``); Python sees only the batches. A batch
+that arrives is read in place (``Router.take_batch``): per stanza two domains
+are decoded and the bytes join their stream's writes, and only the stanzas for
+the slow path become ``Carried`` tuples.
 """
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport (PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_GET_SIZE,
+                                PyByteArray_Resize)
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.string cimport memchr, memcpy
 
 from router._fastparse cimport Element, Tokenizer
@@ -49,8 +58,9 @@ cdef Py_ssize_t MIN_STANZA_LIMIT = 10000  # RFC 6120 §13.12: no stanza size lim
 FLUSH_AT = 65536
 cdef Py_ssize_t C_FLUSH_AT = FLUSH_AT
 cdef tuple LINKS = ("s2s", "component")  # counter index -> metrics label
-cdef bytes ABSENT = b"\x01"  # a bus frame's absent attribute (XML text never holds \x00 or \x01)
-cdef int CARRIED_FIELDS = 7  # a bus frame's header fields before the stanza's bytes
+cdef const char* ABSENT_FIELD = b"\x01"  # a bus frame's absent attribute (XML text never holds \x00 or \x01)
+cdef enum:
+    CARRIED_FIELDS = 7  # a bus frame's header fields before the stanza's bytes
 cdef tuple DESTINATIONS = ("remote", "component")
 
 
@@ -66,6 +76,14 @@ cdef inline int add_to_batch(dict batches, object target, object chunk) except -
     else:
         (<list>found).append(chunk)
     return 0
+
+
+cdef inline bint needs_copy(Element el, object content_ns, object out_lang, object src_lang):
+    """RFC 6120 §4.7.4, §4.8.3, §4.8.5: a borrowed prefix, a missing xml:lang or its own
+    content namespace needs a fixed-up copy for a destination with ``content_ns`` and
+    ``out_lang``; everything else is forwarded as a view."""
+    return el.header_prefix or (el.own_xmlns and el.ns != content_ns) \
+        or (el.lang is None and src_lang is not None and src_lang != out_lang)
 
 
 cdef inline int link_of(object stream) except -1:
@@ -89,6 +107,7 @@ cdef class Router:
         self.service_type = service_type
         self.closed_stages = closed_stages
         self.local_domains = frozenset()
+        self.bus_routes = None
 
     # ------------------------------------------------------------------ reads
 
@@ -180,13 +199,15 @@ cdef class Router:
     cdef inline object _open_target(self, object from_dom, object to_dom, int* kind):
         """The open, unpaused stream a stanza from ``from_dom`` to ``to_dom`` goes to
         (``kind``: 1 a component, 0 a remote server's stream), or None when it is the
-        slow path's: a built-in service, no route yet, a closing or paused stream."""
+        slow path's: a built-in service, a closing or paused stream, or no route here
+        (``kind`` 2)."""
         kind[0] = 1
         cdef PyObject* found = PyDict_GetItem(self.local, to_dom)
         if found is NULL:
             found = PyDict_GetItem(self.remote, (from_dom, to_dom))  # Pair(local, remote): a tuple finds it
             kind[0] = 0
             if found is NULL:
+                kind[0] = 2
                 return None
         target = <object>found
         if type(target) is self.service_type or target.closing or target.paused:
@@ -207,19 +228,41 @@ cdef class Router:
                     dict batches, object src_lang) except -1:
         cdef int kind
         target = self._open_target(from_dom, to_dom, &kind)
-        if target is None or not self._fits(target, el.end - el.start):
+        if target is None:
+            if kind == 2 and self.bus_routes is not None \
+                    and self._to_bus(source, el, from_dom, to_dom, view, src_lang):
+                return 0
             self.slow_route(source, el, from_dom, to_dom, view, batches)
             return 0
-        # RFC 6120 §4.7.4, §4.8.3, §4.8.5: a borrowed prefix, a missing xml:lang or its own
-        # content namespace needs a fixed-up copy; everything else is forwarded as a view
-        if el.header_prefix or (el.own_xmlns and el.ns != target.content_ns) \
-                or (el.lang is None and src_lang is not None and src_lang != target.out_lang):
+        if not self._fits(target, el.end - el.start):
+            self.slow_route(source, el, from_dom, to_dom, view, batches)
+            return 0
+        if needs_copy(el, target.content_ns, target.out_lang, src_lang):
             chunk = source.chunk_for(target, el, view)
         else:
             chunk = view[el.start:el.end]
         add_to_batch(batches, target, chunk)
         self.routed[kind] += 1
         return 0
+
+    cdef bint _to_bus(self, object source, Element el, object from_dom, object to_dom, object view,
+                      object src_lang) except -1:
+        """Frame the stanza into the Outbox of the member that holds its destination,
+        when ``bus_routes`` knows one (the bus's Python side fills it at the first
+        stanza for a destination); False leaves it to the slow path."""
+        key = to_dom if to_dom in self.local_domains else (from_dom, to_dom)
+        cdef PyObject* found = PyDict_GetItem(self.bus_routes, key)
+        if found is NULL:
+            return False
+        profile, outboxes = <tuple>found
+        cdef Py_ssize_t n = len(outboxes)
+        cdef Outbox outbox = <Outbox>outboxes[pick_of(el.from_, n) if n > 1 else 0]
+        if needs_copy(el, profile.content_ns, profile.out_lang, src_lang):
+            chunk = source.chunk_for(profile, el, view)
+        else:
+            chunk = view[el.start:el.end]
+        outbox.add(el.name, el.type, el.from_, el.to, el.id, from_dom, to_dom, chunk)
+        return True
 
     # ------------------------------------------------------------------ writes
 
@@ -243,27 +286,43 @@ cdef class Router:
 
     # ------------------------------------------------------------------ the cluster bus
 
-    def take_carried(self, list items, slow_take):
-        """Stanzas another member sent (``router.cluster.frames.Carried``): each one
-        whose route is an open, unpaused stream here joins that stream's writes;
-        ``slow_take(item)`` (``Delivery.take_from_bus``) answers the others. Returns
-        one answer per item: None (taken) or (condition, text)."""
+    def take_batch(self, bytes payload, slow_take, make):
+        """A batch another member sent (``router.cluster.frames``), read in place:
+        each stanza whose route is an open, unpaused stream here joins that stream's
+        writes; for the others ``slow_take(make(...))`` (``Delivery.take_from_bus``
+        with a ``Carried``) answers. Returns (the sender, one answer per stanza: None
+        when taken, else (condition, text)); ValueError when the frames do not add up."""
+        cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop, data_start, data_stop
+        cdef Py_ssize_t starts[CARRIED_FIELDS]
+        cdef Py_ssize_t sizes[CARRIED_FIELDS]
+        cdef int kind
+        check_batch(b, end)
+        pos = next_part(b, 0, end, &start, &stop)
+        sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
         cdef list answers = []
         cdef dict batches = {}
-        cdef int kind
-        cdef tuple item
-        for obj in items:
-            item = <tuple>obj
-            target = self._open_target(item[5], item[6], &kind)
-            if target is None or not self._fits(target, len(item[7])):
-                answers.append(slow_take(item))
+        while pos < end:
+            pos = next_part(b, pos, end, &start, &stop)
+            header_fields(b, start, stop, starts, sizes)
+            pos = next_part(b, pos, end, &data_start, &data_stop)
+            data = PyBytes_FromStringAndSize(<const char*>b + data_start, data_stop - data_start)
+            try:
+                from_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[5], sizes[5], NULL)
+                to_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[6], sizes[6], NULL)
+                target = self._open_target(from_dom, to_dom, &kind)
+                if target is None or not self._fits(target, data_stop - data_start):
+                    answers.append(slow_take(carried(b, starts, sizes, data, make)))
+                    continue
+            except UnicodeDecodeError:
+                answers.append(("bad-request", "a cluster bus frame that is not UTF-8"))
                 continue
-            add_to_batch(batches, target, item[7])
+            add_to_batch(batches, target, data)
             self.routed[kind] += 1
             answers.append(None)
         for target, chunks in batches.items():
             write_chunks(target, chunks)
-        return answers
+        return sender, answers
 
     # ------------------------------------------------------------------ counters
 
@@ -403,77 +462,204 @@ cdef extern from *:
     static inline Py_ssize_t fr_get_u32(const unsigned char* p) {
         return ((Py_ssize_t)p[0] << 24) | ((Py_ssize_t)p[1] << 16) | ((Py_ssize_t)p[2] << 8) | (Py_ssize_t)p[3];
     }
+    static inline uint32_t fr_fnv1a(const char* p, Py_ssize_t n) {
+        uint32_t h = 2166136261u;
+        while (n-- > 0) { h ^= (unsigned char)*p++; h *= 16777619u; }
+        return h;
+    }
     """
     void fr_put_u32(char* p, unsigned int v) noexcept
+    unsigned int fr_fnv1a(const char* p, Py_ssize_t n) noexcept
     Py_ssize_t fr_get_u32(const unsigned char* p) noexcept
 
 
-cdef inline bytes utf8_of(object value):
-    return ABSENT if value is None else (<str>value).encode("utf-8")
+cdef inline Py_ssize_t pick_of(str sender, Py_ssize_t n) except -1:
+    cdef Py_ssize_t size
+    cdef const char* p = PyUnicode_AsUTF8AndSize(sender, &size)
+    return <Py_ssize_t>(fr_fnv1a(p, size) % <unsigned int>n)
 
 
-def encode_batch(str sender, list items):
-    """``router.cluster.frames.encode_batch``: the sender's name, then for each
-    item its seven header fields joined by NUL and its bytes, every part after
-    its 4-byte big-endian length."""
-    cdef list parts = [sender.encode("utf-8")]
-    cdef Py_ssize_t total = 0, size, k
-    cdef tuple item
-    for obj in items:
-        item = <tuple>obj
-        parts.append(b"\0".join([utf8_of(item[k]) for k in range(CARRIED_FIELDS)]))
-        parts.append(<bytes>item[CARRIED_FIELDS])
-    for part in parts:
-        total += 4 + PyBytes_GET_SIZE(part)
-    out = PyBytes_FromStringAndSize(NULL, total)
-    cdef char* o = PyBytes_AS_STRING(out)
-    for part in parts:
-        size = PyBytes_GET_SIZE(part)
-        fr_put_u32(o, <unsigned int>size)
-        memcpy(o + 4, PyBytes_AS_STRING(part), size)
-        o += 4 + size
-    return out
+def pick_index(str sender, Py_ssize_t n):
+    """Which of ``n`` sorted candidates carries ``sender``'s stanzas: the same one
+    while ``n`` is, which keeps one sender's stanzas in order (FNV-1a of its JID)."""
+    return pick_of(sender, n) if n > 1 else 0
 
 
-def decode_batch(bytes payload, make):
-    """``router.cluster.frames.decode_batch``: (sender, [make(fields..., data), ...])
-    with ``make`` a tuple subclass (``Carried``); ValueError when the frames do not
-    add up."""
-    cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
-    cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos = 0, size, start, stop
+cdef class Outbox:
+    """One cluster member's stanzas of this event-loop iteration, framed as they
+    come (``router.cluster.frames``) into batches of at most ``max_bytes`` of stanza
+    bytes, ready for NATS as they are. ``due(outbox)`` is called at its first
+    stanza after a ``take()``, so the bus sends it at the end of the iteration."""
+
+    def __init__(self, str sender, str member, due, Py_ssize_t max_bytes):
+        self.member = member
+        self.due = due
+        self.max_bytes = max_bytes
+        name = sender.encode("utf-8")
+        self.head = PyBytes_FromStringAndSize(NULL, 4 + len(name))
+        fr_put_u32(PyBytes_AS_STRING(self.head), <unsigned int>len(name))
+        memcpy(PyBytes_AS_STRING(self.head) + 4, PyBytes_AS_STRING(name), len(name))
+        self.sealed = []
+        self.count = 0
+        self.used = 0
+        self._restart()
+
+    cdef int _restart(self) except -1:
+        """A new batch, with room for as many bytes as the last one had: a batch
+        grows without being copied again and again."""
+        cdef Py_ssize_t head = PyBytes_GET_SIZE(self.head)
+        self.frames = PyByteArray_FromStringAndSize(NULL, max(self.used, head))
+        memcpy(PyByteArray_AS_STRING(self.frames), PyBytes_AS_STRING(self.head), head)
+        self.used = head
+        self.current = 0
+        self.current_bytes = 0
+        return 0
+
+    cdef bytearray _seal(self):
+        """The batch being filled, cut to its bytes, and a new one started."""
+        frames = self.frames
+        PyByteArray_Resize(frames, self.used)
+        self._restart()
+        return frames
+
+    cdef int add(self, object name, object type_, object from_, object to, object id_, object from_dom,
+                 object to_dom, object data) except -1:
+        """Frame one stanza: its seven header fields, joined by NUL, and ``data`` (any buffer)."""
+        cdef tuple fields = (name, type_, from_, to, id_, from_dom, to_dom)
+        cdef const char* ptrs[CARRIED_FIELDS]
+        cdef Py_ssize_t sizes[CARRIED_FIELDS]
+        cdef Py_ssize_t header = CARRIED_FIELDS - 1, k, at
+        cdef char* o
+        for k in range(CARRIED_FIELDS):
+            field = fields[k]
+            if field is None:
+                ptrs[k], sizes[k] = ABSENT_FIELD, 1
+            else:
+                ptrs[k] = PyUnicode_AsUTF8AndSize(<str>field, &sizes[k])
+            header += sizes[k]
+        cdef Py_buffer buf
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            if self.current and self.current_bytes + buf.len > self.max_bytes:
+                count = self.current
+                self.sealed.append((self._seal(), count))
+            at = self.used
+            self.used += 8 + header + buf.len
+            if self.used > PyByteArray_GET_SIZE(self.frames):
+                PyByteArray_Resize(self.frames, max(self.used, 2 * PyByteArray_GET_SIZE(self.frames)))
+            o = PyByteArray_AS_STRING(self.frames) + at
+            fr_put_u32(o, <unsigned int>header)
+            o += 4
+            for k in range(CARRIED_FIELDS):
+                if k:
+                    o[0] = 0
+                    o += 1
+                memcpy(o, ptrs[k], sizes[k])
+                o += sizes[k]
+            fr_put_u32(o, <unsigned int>buf.len)
+            memcpy(o + 4, buf.buf, buf.len)
+            self.current_bytes += buf.len
+        finally:
+            PyBuffer_Release(&buf)
+        self.current += 1
+        self.count += 1
+        if self.count == 1:
+            self.due(self)
+        return 0
+
+    def put(self, item):
+        """Frame a ``Carried`` (a stanza the slow path or the relay itself sends)."""
+        self.add(item[0], item[1], item[2], item[3], item[4], item[5], item[6], item[7])
+
+    def take(self):
+        """The batches gathered since the last call, in order: [(payload, stanzas)]."""
+        batches, self.sealed = self.sealed, []
+        if self.current:
+            count = self.current
+            batches.append((self._seal(), count))
+        self.count = 0
+        return batches
+
+
+cdef Py_ssize_t next_part(const unsigned char* b, Py_ssize_t pos, Py_ssize_t end, Py_ssize_t* start,
+                          Py_ssize_t* stop) except -1:
+    """The part at ``pos`` (its 4-byte length, then its bytes): its range, and where the next one starts."""
+    if end - pos < 4:
+        raise ValueError("truncated length")
+    cdef Py_ssize_t size = fr_get_u32(b + pos)
+    if size > end - pos - 4:
+        raise ValueError("truncated part")
+    start[0], stop[0] = pos + 4, pos + 4 + size
+    return stop[0]
+
+
+cdef int header_fields(const unsigned char* b, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t* starts,
+                       Py_ssize_t* sizes) except -1:
+    """The ranges of a stanza header's seven NUL-separated fields; the two domains must be present."""
     cdef const unsigned char* hit
-    cdef list parts = []
+    cdef Py_ssize_t k = 0
+    while True:
+        if k == CARRIED_FIELDS:
+            raise ValueError("a stanza header has seven fields")
+        hit = <const unsigned char*>memchr(b + start, 0, stop - start)
+        starts[k] = start
+        sizes[k] = (hit - (b + start)) if hit != NULL else stop - start
+        k += 1
+        if hit == NULL:
+            break
+        start += sizes[k - 1] + 1
+    if k != CARRIED_FIELDS or absent(b, starts[5], sizes[5]) or absent(b, starts[6], sizes[6]):
+        raise ValueError("a stanza header has seven fields, two domains among them")
+    return 0
+
+
+cdef inline bint absent(const unsigned char* b, Py_ssize_t start, Py_ssize_t size) noexcept:
+    return size == 1 and b[start] == 1
+
+
+cdef int check_batch(const unsigned char* b, Py_ssize_t end) except -1:
+    """Every part of a batch in bounds, a header and bytes per stanza, every header whole:
+    checked before any stanza of it is delivered."""
+    cdef Py_ssize_t pos, start, stop, parts = 1
+    cdef Py_ssize_t starts[CARRIED_FIELDS]
+    cdef Py_ssize_t sizes[CARRIED_FIELDS]
+    pos = next_part(b, 0, end, &start, &stop)
     while pos < end:
-        if end - pos < 4:
-            raise ValueError("truncated length")
-        size = fr_get_u32(b + pos)
-        if size > end - pos - 4:
-            raise ValueError("truncated part")
-        parts.append((pos + 4, pos + 4 + size))
-        pos += 4 + size
-    if not parts or len(parts) % 2 != 1:
+        pos = next_part(b, pos, end, &start, &stop)
+        if parts % 2:
+            header_fields(b, start, stop, starts, sizes)
+        parts += 1
+    if parts % 2 != 1:
         raise ValueError("a batch is its sender, then a header and the bytes of each stanza")
-    start, stop = parts[0]
+    return 0
+
+
+cdef object carried(const unsigned char* b, Py_ssize_t* starts, Py_ssize_t* sizes, object data, object make):
+    """``make(fields..., data)``: a ``Carried`` of one framed stanza."""
+    cdef list fields = []
+    cdef Py_ssize_t k
+    for k in range(CARRIED_FIELDS):
+        fields.append(None if absent(b, starts[k], sizes[k])
+                      else PyUnicode_DecodeUTF8(<const char*>b + starts[k], sizes[k], NULL))
+    fields.append(data)
+    return tuple.__new__(make, fields)  # a NamedTuple without its Python-level __new__
+
+
+def decode_batch(payload, make):
+    """``router.cluster.frames.decode_batch``: (sender, [make(fields..., data), ...]);
+    ValueError when the frames do not add up."""
+    payload = bytes(payload)
+    cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop
+    cdef Py_ssize_t starts[CARRIED_FIELDS]
+    cdef Py_ssize_t sizes[CARRIED_FIELDS]
+    check_batch(b, end)
+    pos = next_part(b, 0, end, &start, &stop)
     sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
     cdef list items = []
-    cdef list fields
-    cdef Py_ssize_t i
-    for i in range(1, len(parts), 2):
-        start, stop = parts[i]
-        fields = []
-        while True:
-            hit = <const unsigned char*>memchr(b + start, 0, stop - start)
-            size = (hit - (b + start)) if hit != NULL else stop - start
-            if size == 1 and b[start] == 1:
-                fields.append(None)
-            else:
-                fields.append(PyUnicode_DecodeUTF8(<const char*>b + start, size, NULL))
-            if hit == NULL:
-                break
-            start += size + 1
-        if len(fields) != CARRIED_FIELDS or fields[5] is None or fields[6] is None:
-            raise ValueError("a stanza header has seven fields, two domains among them")
-        start, stop = parts[i + 1]
-        fields.append(payload[start:stop])
-        items.append(tuple.__new__(make, fields))  # a NamedTuple without its Python-level __new__
+    while pos < end:
+        pos = next_part(b, pos, end, &start, &stop)
+        header_fields(b, start, stop, starts, sizes)
+        pos = next_part(b, pos, end, &start, &stop)
+        items.append(carried(b, starts, sizes, PyBytes_FromStringAndSize(<const char*>b + start, stop - start), make))
     return sender, items

@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from router.cluster.frames import (
-    MAX_BATCH_BYTES,
-    Carried,
-    FrameError,
-    decode_answer,
-    decode_batch,
-    encode_answer,
-    encode_batch,
-    split,
-)
-from router.cluster.members import MAX_MEMBERS, Announcement, Members
+from router.cluster.frames import MAX_BATCH_BYTES, Carried, FrameError, decode_answer, decode_batch, encode_answer, outbox
+from router.cluster.members import MAX_MEMBERS, Announcement, Members, pick
 
 
 def announce(member: str, components=(), pairs=()) -> Announcement:
@@ -26,18 +17,17 @@ def test_a_component_connected_on_two_members_is_spread_by_sender_and_stable():
     members = Members("n3.0", "n3", ttl=3.0)
     members.update(announce("n1.0", ["c.test"]), 0.0)
     members.update(announce("n2.0", ["c.test"]), 0.0)
-    chosen = {members.component_holder("c.test", f"u{k}@s.test") for k in range(50)}
-    assert chosen == {"n1.0", "n2.0"}
-    assert all(members.component_holder("c.test", "u7@s.test") == members.component_holder("c.test", "u7@s.test")
-               for _ in range(5))
-    assert members.component_holder("other.test", "u@s.test") is None
+    holders = members.component_holders("c.test")
+    assert {pick(holders, f"u{k}@s.test") for k in range(50)} == {"n1.0", "n2.0"}
+    assert len({pick(members.component_holders("c.test"), "u7@s.test") for _ in range(5)}) == 1
+    assert members.component_holders("other.test") == ()
 
 
 def test_a_pair_held_on_this_node_is_preferred():
     members = Members("n1.0", "n1", ttl=3.0)
     members.update(announce("n2.0", pairs=[("c.test", "r.test")]), 0.0)
     members.update(announce("n1.1", pairs=[("c.test", "r.test")]), 0.0)
-    assert {members.pair_holder(("c.test", "r.test"), f"u{k}") for k in range(30)} == {"n1.1"}
+    assert members.pair_holders(("c.test", "r.test")) == ("n1.1",)
 
 
 def test_owners_of_a_remote_domain_are_the_same_for_every_worker_of_a_node():
@@ -57,10 +47,21 @@ def test_silent_members_are_forgotten_with_their_routes():
     members.update(announce("n2.0", ["b.test"], [("b.test", "r.test")]), 0.0)
     members.update(announce("n3.0", ["b.test"]), 2.0)
     assert members.expire(4.0) == ["n2.0"]
-    assert members.component_holder("b.test", "x") == "n3.0"
-    assert members.pair_holder(("b.test", "r.test"), "x") is None
+    assert members.component_holders("b.test") == ("n3.0",)
+    assert members.pair_holders(("b.test", "r.test")) == ()
     members.update(announce("n3.0", []), 4.5)  # a new announcement replaces the old one
-    assert members.component_holder("b.test", "x") is None
+    assert members.component_holders("b.test") == ()
+
+
+def test_every_change_of_the_table_is_told_and_a_heartbeat_is_not():
+    told = []
+    members = Members("n1.0", "n1", ttl=3.0, on_change=lambda: told.append(1))
+    members.update(announce("n2.0", ["b.test"]), 0.0)
+    members.update(announce("n2.0", ["b.test"]), 1.0)  # a heartbeat
+    assert len(told) == 1
+    members.update(announce("n2.0", ["c.test"]), 2.0)
+    members.expire(9.0)
+    assert len(told) == 3
 
 
 def test_the_table_of_members_is_bounded_and_ignores_us():
@@ -83,22 +84,49 @@ def carried(i: int, size: int = 10) -> Carried:
                    b"<message>" + b"x" * size + b"</message>")
 
 
+def framed(sender: str, items: list[Carried]) -> list[tuple[bytearray, int]]:
+    """``items`` through one member's outbox, as one event-loop iteration sends them."""
+    due = []
+    box = outbox(sender, "n2.0", due.append)
+    for item in items:
+        box.put(item)
+    assert due == [box]  # told once, at the first stanza
+    return box.take()
+
+
 def test_a_batch_round_trips_whole_and_refuses_truncation():
     items = [carried(i) for i in range(5)]
-    payload = encode_batch("n1.0", items)
+    [(payload, count)] = framed("n1.0", items)
+    assert count == 5
     assert decode_batch(payload) == ("n1.0", items)
     with pytest.raises(FrameError):
         decode_batch(payload[:-3])
     with pytest.raises(FrameError):
         decode_batch(payload[:12] + b"\xff" + payload[13:])
+    with pytest.raises(FrameError):  # a domain absent (\x01)
+        decode_batch(payload.replace(b"\0a.test\0", b"\0\x01\0", 1))
 
 
 def test_batches_are_split_under_the_payload_limit_in_order():
     items = [carried(i, size=200_000) for i in range(7)]
-    batches = split(items)
-    assert [item for batch in batches for item in batch] == items
-    assert all(sum(len(i.data) for i in batch) <= MAX_BATCH_BYTES or len(batch) == 1 for batch in batches)
+    batches = framed("n1.0", items)
+    decoded = [decode_batch(payload)[1] for payload, _ in batches]
+    assert [item for batch in decoded for item in batch] == items
+    assert [count for _, count in batches] == [len(batch) for batch in decoded]
+    assert all(sum(len(i.data) for i in batch) <= MAX_BATCH_BYTES or len(batch) == 1 for batch in decoded)
     assert len(batches) > 1
+
+
+def test_an_outbox_starts_anew_after_each_take():
+    due = []
+    box = outbox("n1.0", "n2.0", due.append)
+    box.put(carried(0))
+    assert len(box.take()) == 1 and box.count == 0
+    assert box.take() == []
+    box.put(carried(1))
+    assert due == [box, box]
+    [(payload, _)] = box.take()
+    assert decode_batch(payload)[1] == [carried(1)]
 
 
 def test_answers_round_trip_and_must_match_the_batch():

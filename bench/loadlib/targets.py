@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -332,9 +333,11 @@ class HopTarget(RelayTarget):
         """A nats-server on a free port, beside the relay on its CPUs; returns the port."""
         port = harness.free_port("127.0.0.1")
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        # pinned to the target's CPU, the Go runtime gets as many threads as it has CPUs there
+        env = dict(os.environ, GOMAXPROCS=str(len(self.cpu.split(",")))) if self.cpu else None
         self.others.append(subprocess.Popen(taskset(self.cpu) + [binary, "-a", "127.0.0.1", "-p", str(port)],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                            start_new_session=True))
+                                            start_new_session=True, env=env))
         return port
 
     def _spawn(self, name: str, config_text: str) -> subprocess.Popen:

@@ -7,7 +7,12 @@ member's announcement (at start, on every change of its route table, and each
 ``ANNOUNCE_INTERVAL`` as a heartbeat; a member silent for ``TTL`` is
 forgotten, one that stops says so); ``<prefix>.member.<node>.<worker>`` is one
 member's inbox. The stanzas for one member of one event-loop iteration go in
-one NATS request (``router.cluster.frames``); the member answers per stanza,
+one NATS request (``router.cluster.frames``), framed as they are routed: once
+this member chose where a destination's stanzas go, the compiled router frames
+the next ones itself (``Router.bus_routes``, forgotten whenever the members or
+the connection change). A batch is published with a reply subject of our
+own, ``<prefix>.answer.<node>.<worker>.<sequence>``, and waits in a table
+with a timer (no task or future per batch). The member answers per stanza,
 and a stanza not answered within ``bus_timeout``, or refused, bounces to its
 sender: nothing sent over the bus vanishes. While NATS is unreachable local
 delivery goes on, the stanzas that need another member bounce with that
@@ -23,9 +28,11 @@ from typing import Any
 
 import nats
 import nats.errors
+from nats.aio.client import NO_RESPONDERS_STATUS
+from nats.js.api import Header
 
-from router.cluster.frames import Carried, FrameError, decode_answer, decode_batch, encode_answer, encode_batch, split
-from router.cluster.members import Announcement, Members, pick
+from router.cluster.frames import Carried, FrameError, decode_answer, decode_batch, encode_answer, outbox
+from router.cluster.members import MAX_CHOICES, Announcement, Members, pick
 
 log = logging.getLogger("router.cluster.bus")
 
@@ -50,11 +57,17 @@ class Bus:
         self.node = cluster.node
         self.member = f"{cluster.node}.{worker}"
         self.prefix = cluster.subject_prefix
-        self.members = Members(self.member, self.node, TTL)
+        self.members = Members(self.member, self.node, TTL, self.forget_routes)
         self.nc: Any = None
         self.connected = False
         self.in_flight = 0
-        self._batches: dict[str, list[Carried]] = {}
+        self._outboxes: dict[str, Any] = {}  # member -> its frames.outbox
+        self._due: list[Any] = []  # the outboxes with stanzas to send at the end of this iteration
+        self._answers = f"{self.prefix}.answer.{self.member}"  # our batches' reply subjects: this, "." sequence
+        self._sequence = 0
+        # batches sent and not answered yet (max_bus_in_flight bounds their stanzas):
+        # sequence -> (member, payload, stanzas, the timer that bounces them at bus_timeout)
+        self._waiting: dict[int, tuple[str, bytearray, int, asyncio.TimerHandle]] = {}
         self._stopping = False
         self._announce_pending = False
         self._runner: asyncio.Task | None = None
@@ -71,7 +84,8 @@ class Bus:
         self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
-        nc, connected, self.connected = self.nc, self.connected, False
+        nc, connected = self.nc, self.connected
+        self._set_connected(False)
         if nc is None:
             return
         try:  # bounded: a NATS that is away or reconnecting must not hold up the relay's stop
@@ -102,7 +116,8 @@ class Bus:
         await self.nc.subscribe(self.subject(self.member), cb=self._on_batch,
                                 pending_msgs_limit=INBOX_PENDING_MESSAGES, pending_bytes_limit=INBOX_PENDING_BYTES)
         await self.nc.subscribe(f"{self.prefix}.routes", cb=self._on_routes)
-        self.connected = True
+        await self.nc.subscribe(f"{self._answers}.*", cb=self._on_answer)
+        self._set_connected(True)
         log.info("cluster bus: member %s connected to NATS %s", self.member, self.nc.connected_url.netloc)
         while not self._stopping:
             self.announce()
@@ -112,16 +127,28 @@ class Bus:
 
     async def _disconnected(self) -> None:
         if not self._stopping:
-            self.connected = False
+            self._set_connected(False)
             log.warning("cluster bus: lost NATS; stanzas for other members bounce until it is back")
 
     async def _reconnected(self) -> None:
-        self.connected = True
+        self._set_connected(True)
         log.info("cluster bus: NATS is back (%s)", self.nc.connected_url.netloc)
         self.announce()
 
     async def _error(self, exc: Exception) -> None:
         log.warning("cluster bus: NATS error: %s", exc)
+
+    def _set_connected(self, connected: bool) -> None:
+        """While NATS is away the compiled router knows no bus routes: the slow path bounces."""
+        self.connected = connected
+        self.host.router.bus_routes = {} if connected else None
+
+    def forget_routes(self) -> None:
+        """The members, or the output profiles (a reload), changed: choices are made anew."""
+        if self.host.router.bus_routes:
+            self.host.router.bus_routes = {}
+        for member in [m for m, box in self._outboxes.items() if m not in self.members and not box.count]:
+            del self._outboxes[member]
 
     # ------------------------------------------------------------------ announcements
     def routes_changed(self) -> None:
@@ -165,24 +192,32 @@ class Bus:
     # ------------------------------------------------------------------ sending
     def to_component(self, item: Carried) -> bool:
         """Send a stanza for a component connected elsewhere; False when none is."""
-        member = self.members.component_holder(item.to_domain, item.from_ or "")
-        if member is None:
-            return False
-        self.send(member, item)
-        return True
+        holders = self.members.component_holders(item.to_domain)
+        return self._send_by(item.to_domain, holders, self.host.delivery.component_output, item)
 
     def to_remote(self, item: Carried) -> bool:
         """Send a stanza for a remote pair to the member holding its stream, else to
         this node's owner of the remote domain; False when this member is that owner
         (it connects itself)."""
-        sender = item.from_ or ""
-        member = self.members.pair_holder((item.from_domain, item.to_domain), sender)
-        if member is None:
-            owners = self.members.owners(item.to_domain, self.config.streams_per_domain)
-            if self.member in owners:
+        pair = (item.from_domain, item.to_domain)
+        candidates = self.members.pair_holders(pair)
+        if not candidates:
+            candidates = self.members.owners(item.to_domain, self.config.streams_per_domain)
+            if self.member in candidates:
                 return False
-            member = pick(owners, sender)
-        self.send(member, item)
+        return self._send_by(pair, candidates, self.host.delivery.s2s_output, item)
+
+    def _send_by(self, key: object, candidates: tuple[str, ...], profile: Any, item: Carried) -> bool:
+        """Send ``item`` to its sender's member among ``candidates``, and let the
+        compiled router send the next stanzas for ``key`` (a domain or a pair) the same way."""
+        if not candidates:
+            return False
+        routes = self.host.router.bus_routes
+        if routes is not None:
+            if len(routes) >= MAX_CHOICES:
+                routes.clear()
+            routes[key] = (profile, tuple(self._outbox(m) for m in candidates))
+        self.send(pick(candidates, item.from_ or ""), item)
         return True
 
     def send(self, member: str, item: Carried) -> None:
@@ -190,50 +225,95 @@ class Bus:
         if not self.connected:
             self._lost([item], "the cluster bus (NATS) is unreachable")
             return
-        if self.in_flight >= self.config.max_bus_in_flight:
-            self.host.metrics.limits_hit.inc("max_bus_in_flight")
-            self.host.delivery.bounce_carried(
-                item, "resource-constraint", "too many stanzas are in flight on the cluster bus (cluster.max_bus_in_flight)")
-            return
-        self.in_flight += 1
-        batch = self._batches.get(member)
-        if batch is None:
-            if not self._batches:
-                self.host.loop.call_soon(self._flush)
-            self._batches[member] = [item]
-        else:
-            batch.append(item)
+        self._outbox(member).put(item)
+
+    def _outbox(self, member: str) -> Any:
+        box = self._outboxes.get(member)
+        if box is None:
+            box = self._outboxes[member] = outbox(self.member, member, self._became_due)
+        return box
+
+    def _became_due(self, box: Any) -> None:
+        if not self._due:
+            self.host.loop.call_soon(self._flush)
+        self._due.append(box)
 
     def _flush(self) -> None:
-        batches, self._batches = self._batches, {}
-        for member, items in batches.items():
-            for chunk in split(items):
-                self.host.spawn(self._request(member, chunk))
+        """One message per batch of each outbox: unless NATS is away, or the bus has
+        ``max_bus_in_flight`` stanzas waiting for answers (then the batch bounces)."""
+        due, self._due = self._due, []
+        sending = []
+        for box in due:
+            for payload, count in box.take():
+                if not self.connected:
+                    self._lost(decode_batch(payload)[1], "the cluster bus (NATS) is unreachable")
+                elif self.in_flight + count > self.config.max_bus_in_flight:
+                    self.host.metrics.limits_hit.inc("max_bus_in_flight", by=count)
+                    for item in decode_batch(payload)[1]:
+                        self.host.delivery.bounce_carried(item, "resource-constraint", "too many stanzas are in "
+                                                          "flight on the cluster bus (cluster.max_bus_in_flight)")
+                else:
+                    self.in_flight += count
+                    self._sequence += 1
+                    timer = self.host.loop.call_later(self.config.bus_timeout, self._timed_out, self._sequence)
+                    self._waiting[self._sequence] = (box.member, payload, count, timer)
+                    sending.append(self._sequence)
+        if sending:
+            self.host.spawn(self._send_batches(sending))
 
-    async def _request(self, member: str, items: list[Carried]) -> None:
-        hop = self._hop(member)
-        self.host.metrics.bus_batches.inc("sent")
+    async def _send_batches(self, sequences: list[int]) -> None:
+        for sequence in sequences:
+            waiting = self._waiting.get(sequence)
+            if waiting is None:  # timed out already
+                continue
+            try:
+                await self.nc.publish(self.subject(waiting[0]), waiting[1], reply=f"{self._answers}.{sequence}")
+            except (nats.errors.Error, OSError) as exc:
+                self._failed(sequence, "unreachable",
+                             f"cluster bus failure sending to {waiting[0]}: {exc or type(exc).__name__}")
+            else:
+                self.host.metrics.bus_batches.inc("sent")
+
+    async def _on_answer(self, msg) -> None:
         try:
-            reply = await self.nc.request(self.subject(member), encode_batch(self.member, items),
-                                          timeout=self.config.bus_timeout)
-            answers = decode_answer(reply.data, len(items))
-        except nats.errors.NoRespondersError:
-            reason, failure = "unreachable", f"cluster member {member} is gone"
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            reason, failure = "timeout", f"cluster member {member} did not answer within {self.config.bus_timeout:g} s"
-        except (nats.errors.Error, FrameError, OSError) as exc:
-            reason, failure = "unreachable", f"cluster bus failure sending to {member}: {exc or type(exc).__name__}"
-        else:
-            self.host.metrics.bus_stanzas.inc("sent", hop, by=len(items))
-            for item, answer in zip(items, answers):
+            sequence = int(msg.subject.rpartition(".")[2])
+        except ValueError:
+            return
+        waiting = self._waiting.get(sequence)
+        if waiting is None:
+            return  # it timed out: its stanzas bounced already
+        member, payload, count, _ = waiting
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            self._failed(sequence, "unreachable", f"cluster member {member} is gone")
+            return
+        try:
+            answers = decode_answer(msg.data, count)
+        except FrameError as exc:
+            self._failed(sequence, "unreachable", f"cluster member {member} answered: {exc}")
+            return
+        self._done(sequence)
+        self.host.metrics.bus_stanzas.inc("sent", self._hop(member), by=count)
+        if any(answers):
+            for item, answer in zip(decode_batch(payload)[1], answers):
                 if answer:  # the member refused it: its (condition, text)
                     self.host.delivery.bounce_carried(item, *answer)
-            return
-        finally:
-            self.in_flight -= len(items)
-        log.warning("cluster bus: %d stanza(s) bounce: %s", len(items), failure)
-        self.host.metrics.bus_failures.inc(reason, by=len(items))
-        self._lost(items, failure)
+
+    def _timed_out(self, sequence: int) -> None:
+        member = self._waiting[sequence][0]
+        self._failed(sequence, "timeout", f"cluster member {member} did not answer within {self.config.bus_timeout:g} s")
+
+    def _failed(self, sequence: int, reason: str, failure: str) -> None:
+        payload, count = self._done(sequence)
+        log.warning("cluster bus: %d stanza(s) bounce: %s", count, failure)
+        self.host.metrics.bus_failures.inc(reason, by=count)
+        self._lost(decode_batch(payload)[1], failure)
+
+    def _done(self, sequence: int) -> tuple[bytearray, int]:
+        """The batch is answered or failed: out of the table; its payload and stanzas."""
+        _, payload, count, timer = self._waiting.pop(sequence)
+        timer.cancel()
+        self.in_flight -= count
+        return payload, count
 
     def _lost(self, items: list[Carried], text: str) -> None:
         """Stanzas no member took bounce as if their destination were unreachable here:
@@ -249,12 +329,11 @@ class Bus:
     # ------------------------------------------------------------------ receiving
     async def _on_batch(self, msg) -> None:
         try:
-            sender, items = decode_batch(msg.data)
-        except FrameError as exc:
+            sender, answers = self.host.router.take_batch(msg.data, self.host.delivery.take_from_bus, Carried)
+        except ValueError as exc:
             log.warning("cluster bus: refusing a malformed batch: %s", exc)
             return  # the sender times out and bounces
-        answers = self.host.router.take_carried(items, self.host.delivery.take_from_bus)
-        self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(items))
+        self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(answers))
         self.host.metrics.bus_batches.inc("received")
         try:
             await msg.respond(encode_answer(answers))

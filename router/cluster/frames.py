@@ -5,16 +5,17 @@ then holds for each stanza a header (its name, type, from, to, id, and its
 normalized from and to domains, joined by NUL; \x01 for an absent one) and its
 bytes, ready for the destination stream's namespace; every part is preceded
 by its 4-byte big-endian length. The framing itself is compiled
-(``router._fastroute``): every stanza that crosses the bus goes through it twice. The answer has one entry per record, in
-order: ``null`` when the receiving member took the stanza (delivered, or
-queued while it connects: a later failure bounces from there), else
-``[condition, text]`` for the sender to bounce it with.
+(``router._fastroute``): a stanza is framed once, from its read buffer, and
+read in place once. The answer has one entry per record, in order: ``null``
+when the receiving member took the stanza (delivered, or queued while it
+connects: a later failure bounces from there), else ``[condition, text]`` for
+the sender to bounce it with.
 """
 
 from __future__ import annotations
 
 import json
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from router import _fastroute
 
@@ -40,30 +41,19 @@ class FrameError(ValueError):
     """A batch or answer that is not what a member sends."""
 
 
-def encode_batch(sender: str, items: list[Carried]) -> bytes:
-    return _fastroute.encode_batch(sender, items)
+def outbox(sender: str, member: str, due: Callable[[Any], None]) -> Any:
+    """The stanzas ``sender`` gathers for ``member`` in one event-loop iteration,
+    framed as they come (``put(Carried)``, or by the compiled router); ``take()``
+    gives the batches, each with at most ``MAX_BATCH_BYTES`` of stanza bytes."""
+    return _fastroute.Outbox(sender, member, due, MAX_BATCH_BYTES)
 
 
 def decode_batch(payload: bytes) -> tuple[str, list[Carried]]:
     """(the sending member, its stanzas); FrameError when malformed."""
     try:
-        return _fastroute.decode_batch(bytes(payload), Carried)
+        return _fastroute.decode_batch(payload, Carried)
     except ValueError as exc:  # UnicodeDecodeError included
         raise FrameError(f"malformed batch: {exc}") from None
-
-
-def split(items: list[Carried]) -> list[list[Carried]]:
-    """``items`` in batches of at most ``MAX_BATCH_BYTES`` of stanza bytes each, in order."""
-    batches, current, size = [], [], 0
-    for item in items:
-        if current and size + len(item.data) > MAX_BATCH_BYTES:
-            batches.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += len(item.data)
-    if current:
-        batches.append(current)
-    return batches
 
 
 def encode_answer(answers: list[tuple[str, str] | None]) -> bytes:

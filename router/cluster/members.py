@@ -14,8 +14,10 @@ most ``streams_per_domain`` of them however many workers it has.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
+from typing import Callable
+
+from router._fastroute import pick_index
 
 # An announcement names at most this many pairs (a member with more announces the first
 # ones; the others are still reached through the node's owner of their domain).
@@ -57,15 +59,16 @@ def _score(key: str, member: str) -> bytes:
 
 def pick(members: tuple[str, ...], sender: str) -> str:
     """One of ``members`` (sorted) for ``sender``'s stanzas, the same one while the
-    list is (a CRC per stanza: this runs for every stanza that crosses the bus)."""
-    return members[zlib.crc32(sender.encode()) % len(members)] if len(members) > 1 else members[0]
+    list is: the compiled router's choice for the stanzas it frames itself."""
+    return members[pick_index(sender, len(members))]
 
 
 class Members:
     """The other members' announcements, indexed; ``me`` is this process."""
 
-    def __init__(self, me: str, node: str, ttl: float) -> None:
+    def __init__(self, me: str, node: str, ttl: float, on_change: Callable[[], None] = lambda: None) -> None:
         self.me = me
+        self.on_change = on_change  # who caches choices made from this table (the bus's routes)
         self.node = node
         self.ttl = ttl
         self._seen: dict[str, tuple[Announcement, float]] = {}
@@ -110,6 +113,7 @@ class Members:
 
     def _unindex(self, member: str) -> None:
         self._choices.clear()
+        self.on_change()
         previous = self._seen.get(member)
         if previous is None:
             return
@@ -127,23 +131,23 @@ class Members:
                     del self._pairs[pair]
 
     # ------------------------------------------------------------------ choices
-    def component_holder(self, domain: str, sender: str) -> str | None:
-        """The member to send ``sender``'s stanza for component ``domain`` to, if any holds it."""
+    def component_holders(self, domain: str) -> tuple[str, ...]:
+        """The members holding component ``domain`` (sorted; ``pick`` one per sender)."""
         choices = self._choices.get(domain)
         if choices is None:
             choices = self._remember(domain, tuple(sorted(self._components.get(domain, ()))))
-        return pick(choices, sender) if choices else None
+        return choices
 
-    def pair_holder(self, pair: tuple[str, str], sender: str) -> str | None:
-        """A member holding a stream for ``pair``: one of this node first, else any."""
+    def pair_holders(self, pair: tuple[str, str]) -> tuple[str, ...]:
+        """The members holding a stream for ``pair``: those of this node if any, else all (sorted)."""
         choices = self._choices.get(pair)
         if choices is None:
             holders = self._pairs.get(pair, ())
             near = [m for m in holders if self._seen[m][0].node == self.node]
             choices = self._remember(pair, tuple(sorted(near or holders)))
-        return pick(choices, sender) if choices else None
+        return choices
 
-    def owners(self, domain: str, count: int) -> list[str]:
+    def owners(self, domain: str, count: int) -> tuple[str, ...]:
         """The members of this node (us included) that open streams to remote ``domain``."""
         choices = self._choices.get(("owners", domain))
         if choices is None:

@@ -76,6 +76,8 @@ class Delivery:
         self.services = Services.from_config(config, self.metrics)
         # queued stanzas are fixed up for the outbound stream they will most likely take
         self.s2s_output = OutputProfile(SERVER_NS, default_lang)
+        if self.cluster is not None:  # its routes hold the output profiles
+            self.cluster.forget_routes()
 
     # ------------------------------------------------------------------ hot path
     def route(self, source: XmlStream, element, from_domain: str, to_domain: str,
