@@ -22,8 +22,10 @@ cdef class Outbox:
 
     cdef int _restart(self) except -1
     cdef bytearray _seal(self)
+    cdef int add_object(self, object name, object type_, object from_, object to, object id_, object from_dom,
+                        object to_dom, object data) except -1
     cdef int add(self, object name, object type_, object from_, object to, object id_, object from_dom,
-                 object to_dom, object data) except -1
+                 object to_dom, const char* data, Py_ssize_t size) except -1
 
 
 @cython.final  # direct calls to its cdef methods, no vtable
@@ -43,7 +45,8 @@ cdef class Router:
     cdef public set awaited_ids
     # the cluster bus's routes (router.cluster.bus; None without a connected bus): a
     # component's domain, or a pair (from, to) held by other members, -> (the output
-    # profile its bytes are fixed up for, the candidate members' Outboxes)
+    # profile its bytes are fixed up for, as (content_ns, out_lang, profile), then the
+    # candidate members' Outboxes)
     cdef public dict bus_routes
 
     # counters, read at scrape time (index 0: S2S links, 1: component links)
@@ -59,6 +62,6 @@ cdef class Router:
     cdef inline object _open_target(self, object from_dom, object to_dom, int* kind)
     cdef inline bint _fits(self, object target, Py_ssize_t size)
     cdef bint _to_bus(self, object source, Element el, object from_dom, object to_dom, object view,
-                      object src_lang) except -1
+                      const char* base, object src_lang) except -1
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
-                    dict batches, object src_lang) except -1
+                    const char* base, dict batches, object src_lang) except -1

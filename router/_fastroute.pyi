@@ -8,8 +8,9 @@ FLUSH_AT: int
 class Router:
     local_domains: frozenset[str]
     awaited_ids: set[str]  # ids of answers the relay waits for (XEP-0199 pings): they leave the compiled path
-    # the cluster bus's routes: a component domain or a (from, to) pair -> (output profile, candidate Outboxes)
-    bus_routes: dict[Any, tuple[Any, tuple[Outbox, ...]]] | None
+    # the cluster bus's routes: a component domain or a (from, to) pair ->
+    # (content_ns, out_lang, the output profile, candidate Outboxes)
+    bus_routes: dict[Any, tuple[str, str | None, Any, tuple[Outbox, ...]]] | None
     def __init__(self, local: dict[str, Any], remote: dict[Any, Any], slow_route: Callable[..., None],
                  domain_of: Callable[[str], str], recent: dict[str, str], service_type: type,
                  closed_stages: tuple[Any, ...]) -> None: ...

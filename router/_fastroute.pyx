@@ -38,7 +38,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
-from libc.string cimport memchr, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 from router._fastparse cimport Element, Tokenizer
 
@@ -140,6 +140,7 @@ cdef class Router:
         cdef dict batches = None
         cdef str content_ns = SERVER_NS if pairs is not None else COMPONENT_NS
         view = src_lang = None
+        cdef const char* base = NULL
         while i < n:
             event = events[i]
             if type(event) is not Element:
@@ -172,10 +173,11 @@ cdef class Router:
                 break
             if batches is None:
                 batches = {}
-                view = memoryview(tok.buf)
+                view = memoryview(tok.buf)  # also keeps tok.buf, and so ``base``, where it is
+                base = PyByteArray_AS_STRING(tok.buf)
                 header = tok.header_ev
                 src_lang = header.lang if header is not None else None
-            self._route(stream, el, from_dom, to_dom, view, batches, src_lang)
+            self._route(stream, el, from_dom, to_dom, view, base, batches, src_lang)
             routed += 1
             i += 1
         if routed:
@@ -225,12 +227,12 @@ cdef class Router:
         return limit == 0 or size <= limit
 
     cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
-                    dict batches, object src_lang) except -1:
+                    const char* base, dict batches, object src_lang) except -1:
         cdef int kind
         target = self._open_target(from_dom, to_dom, &kind)
         if target is None:
             if kind == 2 and self.bus_routes is not None \
-                    and self._to_bus(source, el, from_dom, to_dom, view, src_lang):
+                    and self._to_bus(source, el, from_dom, to_dom, view, base, src_lang):
                 return 0
             self.slow_route(source, el, from_dom, to_dom, view, batches)
             return 0
@@ -246,7 +248,7 @@ cdef class Router:
         return 0
 
     cdef bint _to_bus(self, object source, Element el, object from_dom, object to_dom, object view,
-                      object src_lang) except -1:
+                      const char* base, object src_lang) except -1:
         """Frame the stanza into the Outbox of the member that holds its destination,
         when ``bus_routes`` knows one (the bus's Python side fills it at the first
         stanza for a destination); False leaves it to the slow path."""
@@ -254,14 +256,14 @@ cdef class Router:
         cdef PyObject* found = PyDict_GetItem(self.bus_routes, key)
         if found is NULL:
             return False
-        profile, outboxes = <tuple>found
+        content_ns, out_lang, profile, outboxes = <tuple>found
         cdef Py_ssize_t n = len(outboxes)
         cdef Outbox outbox = <Outbox>outboxes[pick_of(el.from_, n) if n > 1 else 0]
-        if needs_copy(el, profile.content_ns, profile.out_lang, src_lang):
-            chunk = source.chunk_for(profile, el, view)
+        if needs_copy(el, content_ns, out_lang, src_lang):
+            outbox.add_object(el.name, el.type, el.from_, el.to, el.id, from_dom, to_dom,
+                              source.chunk_for(profile, el, view))
         else:
-            chunk = view[el.start:el.end]
-        outbox.add(el.name, el.type, el.from_, el.to, el.id, from_dom, to_dom, chunk)
+            outbox.add(el.name, el.type, el.from_, el.to, el.id, from_dom, to_dom, base + el.start, el.end - el.start)
         return True
 
     # ------------------------------------------------------------------ writes
@@ -296,7 +298,9 @@ cdef class Router:
         cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop, data_start, data_stop
         cdef Py_ssize_t starts[CARRIED_FIELDS]
         cdef Py_ssize_t sizes[CARRIED_FIELDS]
+        cdef Py_ssize_t from_at = 0, from_size = 0, to_at = 0, to_size = 0
         cdef int kind
+        from_dom = to_dom = None
         check_batch(b, end)
         pos = next_part(b, 0, end, &start, &stop)
         sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
@@ -308,8 +312,13 @@ cdef class Router:
             pos = next_part(b, pos, end, &data_start, &data_stop)
             data = PyBytes_FromStringAndSize(<const char*>b + data_start, data_stop - data_start)
             try:
-                from_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[5], sizes[5], NULL)
-                to_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[6], sizes[6], NULL)
+                # a batch holds runs of stanzas between the same domains: decoded once a run
+                if from_dom is None or not same(b, starts[5], sizes[5], from_at, from_size):
+                    from_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[5], sizes[5], NULL)
+                    from_at, from_size = starts[5], sizes[5]
+                if to_dom is None or not same(b, starts[6], sizes[6], to_at, to_size):
+                    to_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[6], sizes[6], NULL)
+                    to_at, to_size = starts[6], sizes[6]
                 target = self._open_target(from_dom, to_dom, &kind)
                 if target is None or not self._fits(target, data_stop - data_start):
                     answers.append(slow_take(carried(b, starts, sizes, data, make)))
@@ -522,9 +531,20 @@ cdef class Outbox:
         self._restart()
         return frames
 
+    cdef int add_object(self, object name, object type_, object from_, object to, object id_, object from_dom,
+                        object to_dom, object data) except -1:
+        """``add`` with ``data`` any buffer (bytes, a view)."""
+        cdef Py_buffer buf
+        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
+        try:
+            self.add(name, type_, from_, to, id_, from_dom, to_dom, <const char*>buf.buf, buf.len)
+        finally:
+            PyBuffer_Release(&buf)
+        return 0
+
     cdef int add(self, object name, object type_, object from_, object to, object id_, object from_dom,
-                 object to_dom, object data) except -1:
-        """Frame one stanza: its seven header fields, joined by NUL, and ``data`` (any buffer)."""
+                 object to_dom, const char* data, Py_ssize_t size) except -1:
+        """Frame one stanza: its seven header fields, joined by NUL, and its ``size`` bytes at ``data``."""
         cdef tuple fields = (name, type_, from_, to, id_, from_dom, to_dom)
         cdef const char* ptrs[CARRIED_FIELDS]
         cdef Py_ssize_t sizes[CARRIED_FIELDS]
@@ -537,30 +557,25 @@ cdef class Outbox:
             else:
                 ptrs[k] = PyUnicode_AsUTF8AndSize(<str>field, &sizes[k])
             header += sizes[k]
-        cdef Py_buffer buf
-        PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
-        try:
-            if self.current and self.current_bytes + buf.len > self.max_bytes:
-                count = self.current
-                self.sealed.append((self._seal(), count))
-            at = self.used
-            self.used += 8 + header + buf.len
-            if self.used > PyByteArray_GET_SIZE(self.frames):
-                PyByteArray_Resize(self.frames, max(self.used, 2 * PyByteArray_GET_SIZE(self.frames)))
-            o = PyByteArray_AS_STRING(self.frames) + at
-            fr_put_u32(o, <unsigned int>header)
-            o += 4
-            for k in range(CARRIED_FIELDS):
-                if k:
-                    o[0] = 0
-                    o += 1
-                memcpy(o, ptrs[k], sizes[k])
-                o += sizes[k]
-            fr_put_u32(o, <unsigned int>buf.len)
-            memcpy(o + 4, buf.buf, buf.len)
-            self.current_bytes += buf.len
-        finally:
-            PyBuffer_Release(&buf)
+        if self.current and self.current_bytes + size > self.max_bytes:
+            count = self.current
+            self.sealed.append((self._seal(), count))
+        at = self.used
+        self.used += 8 + header + size
+        if self.used > PyByteArray_GET_SIZE(self.frames):
+            PyByteArray_Resize(self.frames, max(self.used, 2 * PyByteArray_GET_SIZE(self.frames)))
+        o = PyByteArray_AS_STRING(self.frames) + at
+        fr_put_u32(o, <unsigned int>header)
+        o += 4
+        for k in range(CARRIED_FIELDS):
+            if k:
+                o[0] = 0
+                o += 1
+            memcpy(o, ptrs[k], sizes[k])
+            o += sizes[k]
+        fr_put_u32(o, <unsigned int>size)
+        memcpy(o + 4, data, size)
+        self.current_bytes += size
         self.current += 1
         self.count += 1
         if self.count == 1:
@@ -569,7 +584,7 @@ cdef class Outbox:
 
     def put(self, item):
         """Frame a ``Carried`` (a stanza the slow path or the relay itself sends)."""
-        self.add(item[0], item[1], item[2], item[3], item[4], item[5], item[6], item[7])
+        self.add_object(item[0], item[1], item[2], item[3], item[4], item[5], item[6], item[7])
 
     def take(self):
         """The batches gathered since the last call, in order: [(payload, stanzas)]."""
@@ -611,6 +626,12 @@ cdef int header_fields(const unsigned char* b, Py_ssize_t start, Py_ssize_t stop
     if k != CARRIED_FIELDS or absent(b, starts[5], sizes[5]) or absent(b, starts[6], sizes[6]):
         raise ValueError("a stanza header has seven fields, two domains among them")
     return 0
+
+
+cdef inline bint same(const unsigned char* b, Py_ssize_t start, Py_ssize_t size, Py_ssize_t other,
+                      Py_ssize_t other_size) noexcept:
+    """Whether two fields of one batch hold the same bytes."""
+    return size == other_size and memcmp(b + start, b + other, size) == 0
 
 
 cdef inline bint absent(const unsigned char* b, Py_ssize_t start, Py_ssize_t size) noexcept:

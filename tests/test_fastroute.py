@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from relay_objects import DOMAIN, REMOTE_SECRET, make_world, message, read
+from router.cluster.frames import Carried, decode_batch, outbox
 from router.negotiation.dialback import dialback_key
 from router.negotiation.pairs import Pair
 from router.negotiation.session import Session
@@ -110,3 +111,47 @@ def test_bytes_read_and_written_are_counted(world):
     relay.router.flush_writes()
     assert relay.metrics.bytes_received.get("s2s") - received == len(message("a.test", 1))
     assert relay.metrics.bytes_sent.get("component") - written == len(message("a.test", 1))
+
+
+def test_a_stanza_for_a_destination_another_member_holds_is_framed_into_its_outbox(world):
+    """Once the bus knows who holds a destination (``bus_routes``), the compiled path frames
+    the stanza into that member's outbox itself (without it, the slow path would queue it)."""
+    relay, _, _ = world
+    component = relay.table.local[DOMAIN]
+    due = []
+    box = outbox("n1.0", "n2.0", due.append)
+    profile = relay.delivery.s2s_output
+    relay.router.bus_routes = {(DOMAIN, "c.test"): (profile.content_ns, profile.out_lang, profile, (box,))}
+    held = f"<message from='bot@{DOMAIN}' to='u@c.test' id='h1'><body>x</body></message>".encode()
+    read(component, held)
+    assert due == [box]
+    [(payload, count)] = box.take()
+    assert count == 1
+    assert decode_batch(payload) == ("n1.0", [Carried("message", None, f"bot@{DOMAIN}", "u@c.test", "h1", DOMAIN,
+                                                      "c.test", held)])
+    assert not relay.table.pending
+
+
+def test_a_batch_from_another_member_is_delivered_in_place_stanza_by_stanza(world):
+    """Runs of stanzas for the same pair, interleaved with others, and one for a
+    destination with no stream here (answered by the slow path), each where it belongs."""
+    relay, _, (a, b) = world
+    relay.table.add_remote(Pair("svc.test", "a.test"), a)
+    relay.table.add_remote(Pair("svc.test", "b.test"), b)
+    before = {s: len(s.transport.calls) for s in (a, b)}
+    box = outbox("n2.0", "n1.0", lambda _: None)
+    sent_to = {"a.test": [], "b.test": []}
+    for n, remote in enumerate(["a.test", "a.test", "b.test", "a.test", "x.test", "b.test", "b.test"]):
+        data = f"<message from='bot@svc.test' to='u@{remote}' id='m{n}'/>".encode()
+        sent_to.setdefault(remote, []).append(data)
+        box.put(Carried("message", None, "bot@svc.test", f"u@{remote}", f"m{n}", "svc.test", remote, data))
+    [(payload, _)] = box.take()
+    slow = []
+    sender, answers = relay.router.take_batch(bytes(payload), lambda item: slow.append(item) or ("gone", "x"),
+                                              Carried)
+    relay.router.flush_writes()
+    assert sender == "n2.0"
+    assert answers == [None, None, None, None, ("gone", "x"), None, None]
+    assert [item.id for item in slow] == ["m4"]
+    for stream, remote in ((a, "a.test"), (b, "b.test")):
+        assert b"".join(stream.transport.calls[before[stream]:]) == b"".join(sent_to[remote])
