@@ -22,10 +22,8 @@ cdef class Outbox:
 
     cdef int _restart(self) except -1
     cdef bytearray _seal(self)
-    cdef int add_object(self, object name, object type_, object from_, object to, object id_, object from_dom,
-                        object to_dom, object data) except -1
-    cdef int add(self, object name, object type_, object from_, object to, object id_, object from_dom,
-                 object to_dom, const char* data, Py_ssize_t size) except -1
+    cdef int add_object(self, str from_dom, str to_dom, object data) except -1
+    cdef int add(self, str from_dom, str to_dom, const char* data, Py_ssize_t size) except -1
 
 
 @cython.final  # direct calls to its cdef methods, no vtable

@@ -58,9 +58,6 @@ cdef Py_ssize_t MIN_STANZA_LIMIT = 10000  # RFC 6120 §13.12: no stanza size lim
 FLUSH_AT = 65536
 cdef Py_ssize_t C_FLUSH_AT = FLUSH_AT
 cdef tuple LINKS = ("s2s", "component")  # counter index -> metrics label
-cdef const char* ABSENT_FIELD = b"\x01"  # a bus frame's absent attribute (XML text never holds \x00 or \x01)
-cdef enum:
-    CARRIED_FIELDS = 7  # a bus frame's header fields before the stanza's bytes
 cdef tuple DESTINATIONS = ("remote", "component")
 
 
@@ -260,10 +257,9 @@ cdef class Router:
         cdef Py_ssize_t n = len(outboxes)
         cdef Outbox outbox = <Outbox>outboxes[pick_of(el.from_, n) if n > 1 else 0]
         if needs_copy(el, content_ns, out_lang, src_lang):
-            outbox.add_object(el.name, el.type, el.from_, el.to, el.id, from_dom, to_dom,
-                              source.chunk_for(profile, el, view))
+            outbox.add_object(from_dom, to_dom, source.chunk_for(profile, el, view))
         else:
-            outbox.add(el.name, el.type, el.from_, el.to, el.id, from_dom, to_dom, base + el.start, el.end - el.start)
+            outbox.add(from_dom, to_dom, base + el.start, el.end - el.start)
         return True
 
     # ------------------------------------------------------------------ writes
@@ -288,19 +284,18 @@ cdef class Router:
 
     # ------------------------------------------------------------------ the cluster bus
 
-    def take_batch(self, bytes payload, slow_take, make):
+    def take_batch(self, bytes payload, slow_take):
         """A batch another member sent (``router.cluster.frames``), read in place:
         each stanza whose route is an open, unpaused stream here joins that stream's
-        writes; for the others ``slow_take(make(...))`` (``Delivery.take_from_bus``
-        with a ``Carried``) answers. Returns (the sender, one answer per stanza: None
-        when taken, else (condition, text)); ValueError when the frames do not add up."""
+        writes; for the others ``slow_take(from_domain, to_domain, data)``
+        (``Delivery.take_from_bus``) answers. Returns (the sender, one answer per
+        stanza: None when taken, else (condition, text)); ValueError when the frames
+        do not add up."""
         cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
         cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop, data_start, data_stop
-        cdef Py_ssize_t starts[CARRIED_FIELDS]
-        cdef Py_ssize_t sizes[CARRIED_FIELDS]
-        cdef Py_ssize_t from_at = 0, from_size = 0, to_at = 0, to_size = 0
+        cdef Py_ssize_t from_at, from_size, to_at, to_size
+        cdef Py_ssize_t last_from_at = 0, last_from_size = -1, last_to_at = 0, last_to_size = -1
         cdef int kind
-        from_dom = to_dom = None
         check_batch(b, end)
         pos = next_part(b, 0, end, &start, &stop)
         sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
@@ -308,23 +303,24 @@ cdef class Router:
         cdef dict batches = {}
         while pos < end:
             pos = next_part(b, pos, end, &start, &stop)
-            header_fields(b, start, stop, starts, sizes)
+            domains(b, start, stop, &from_at, &from_size, &to_at, &to_size)
             pos = next_part(b, pos, end, &data_start, &data_stop)
             data = PyBytes_FromStringAndSize(<const char*>b + data_start, data_stop - data_start)
             try:
                 # a batch holds runs of stanzas between the same domains: decoded once a run
-                if from_dom is None or not same(b, starts[5], sizes[5], from_at, from_size):
-                    from_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[5], sizes[5], NULL)
-                    from_at, from_size = starts[5], sizes[5]
-                if to_dom is None or not same(b, starts[6], sizes[6], to_at, to_size):
-                    to_dom = PyUnicode_DecodeUTF8(<const char*>b + starts[6], sizes[6], NULL)
-                    to_at, to_size = starts[6], sizes[6]
-                target = self._open_target(from_dom, to_dom, &kind)
-                if target is None or not self._fits(target, data_stop - data_start):
-                    answers.append(slow_take(carried(b, starts, sizes, data, make)))
-                    continue
+                if not same(b, from_at, from_size, last_from_at, last_from_size):
+                    from_dom = PyUnicode_DecodeUTF8(<const char*>b + from_at, from_size, NULL)
+                    last_from_at, last_from_size = from_at, from_size
+                if not same(b, to_at, to_size, last_to_at, last_to_size):
+                    to_dom = PyUnicode_DecodeUTF8(<const char*>b + to_at, to_size, NULL)
+                    last_to_at, last_to_size = to_at, to_size
             except UnicodeDecodeError:
-                answers.append(("bad-request", "a cluster bus frame that is not UTF-8"))
+                last_from_size = last_to_size = -1
+                answers.append(("bad-request", "a cluster bus frame whose domains are not UTF-8"))
+                continue
+            target = self._open_target(from_dom, to_dom, &kind)
+            if target is None or not self._fits(target, data_stop - data_start):
+                answers.append(slow_take(from_dom, to_dom, data))
                 continue
             add_to_batch(batches, target, data)
             self.routed[kind] += 1
@@ -531,32 +527,22 @@ cdef class Outbox:
         self._restart()
         return frames
 
-    cdef int add_object(self, object name, object type_, object from_, object to, object id_, object from_dom,
-                        object to_dom, object data) except -1:
+    cdef int add_object(self, str from_dom, str to_dom, object data) except -1:
         """``add`` with ``data`` any buffer (bytes, a view)."""
         cdef Py_buffer buf
         PyObject_GetBuffer(data, &buf, PyBUF_SIMPLE)
         try:
-            self.add(name, type_, from_, to, id_, from_dom, to_dom, <const char*>buf.buf, buf.len)
+            self.add(from_dom, to_dom, <const char*>buf.buf, buf.len)
         finally:
             PyBuffer_Release(&buf)
         return 0
 
-    cdef int add(self, object name, object type_, object from_, object to, object id_, object from_dom,
-                 object to_dom, const char* data, Py_ssize_t size) except -1:
-        """Frame one stanza: its seven header fields, joined by NUL, and its ``size`` bytes at ``data``."""
-        cdef tuple fields = (name, type_, from_, to, id_, from_dom, to_dom)
-        cdef const char* ptrs[CARRIED_FIELDS]
-        cdef Py_ssize_t sizes[CARRIED_FIELDS]
-        cdef Py_ssize_t header = CARRIED_FIELDS - 1, k, at
-        cdef char* o
-        for k in range(CARRIED_FIELDS):
-            field = fields[k]
-            if field is None:
-                ptrs[k], sizes[k] = ABSENT_FIELD, 1
-            else:
-                ptrs[k] = PyUnicode_AsUTF8AndSize(<str>field, &sizes[k])
-            header += sizes[k]
+    cdef int add(self, str from_dom, str to_dom, const char* data, Py_ssize_t size) except -1:
+        """Frame one stanza: its domains, joined by NUL, and its ``size`` bytes at ``data``."""
+        cdef Py_ssize_t from_size, to_size, at
+        cdef const char* from_ = PyUnicode_AsUTF8AndSize(from_dom, &from_size)
+        cdef const char* to = PyUnicode_AsUTF8AndSize(to_dom, &to_size)
+        cdef Py_ssize_t header = from_size + 1 + to_size
         if self.current and self.current_bytes + size > self.max_bytes:
             count = self.current
             self.sealed.append((self._seal(), count))
@@ -564,15 +550,12 @@ cdef class Outbox:
         self.used += 8 + header + size
         if self.used > PyByteArray_GET_SIZE(self.frames):
             PyByteArray_Resize(self.frames, max(self.used, 2 * PyByteArray_GET_SIZE(self.frames)))
-        o = PyByteArray_AS_STRING(self.frames) + at
+        cdef char* o = PyByteArray_AS_STRING(self.frames) + at
         fr_put_u32(o, <unsigned int>header)
-        o += 4
-        for k in range(CARRIED_FIELDS):
-            if k:
-                o[0] = 0
-                o += 1
-            memcpy(o, ptrs[k], sizes[k])
-            o += sizes[k]
+        memcpy(o + 4, from_, from_size)
+        o[4 + from_size] = 0
+        memcpy(o + 5 + from_size, to, to_size)
+        o += 4 + header
         fr_put_u32(o, <unsigned int>size)
         memcpy(o + 4, data, size)
         self.current_bytes += size
@@ -584,7 +567,7 @@ cdef class Outbox:
 
     def put(self, item):
         """Frame a ``Carried`` (a stanza the slow path or the relay itself sends)."""
-        self.add_object(item[0], item[1], item[2], item[3], item[4], item[5], item[6], item[7])
+        self.add_object(item.from_domain, item.to_domain, item.data)
 
     def take(self):
         """The batches gathered since the last call, in order: [(payload, stanzas)]."""
@@ -608,23 +591,15 @@ cdef Py_ssize_t next_part(const unsigned char* b, Py_ssize_t pos, Py_ssize_t end
     return stop[0]
 
 
-cdef int header_fields(const unsigned char* b, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t* starts,
-                       Py_ssize_t* sizes) except -1:
-    """The ranges of a stanza header's seven NUL-separated fields; the two domains must be present."""
-    cdef const unsigned char* hit
-    cdef Py_ssize_t k = 0
-    while True:
-        if k == CARRIED_FIELDS:
-            raise ValueError("a stanza header has seven fields")
-        hit = <const unsigned char*>memchr(b + start, 0, stop - start)
-        starts[k] = start
-        sizes[k] = (hit - (b + start)) if hit != NULL else stop - start
-        k += 1
-        if hit == NULL:
-            break
-        start += sizes[k - 1] + 1
-    if k != CARRIED_FIELDS or absent(b, starts[5], sizes[5]) or absent(b, starts[6], sizes[6]):
-        raise ValueError("a stanza header has seven fields, two domains among them")
+cdef int domains(const unsigned char* b, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t* from_at,
+                 Py_ssize_t* from_size, Py_ssize_t* to_at, Py_ssize_t* to_size) except -1:
+    """The ranges of a stanza header's two domains (from, NUL, to); both must be there."""
+    cdef const unsigned char* hit = <const unsigned char*>memchr(b + start, 0, stop - start)
+    if hit == NULL or hit == b + start or hit == b + stop - 1 \
+            or memchr(hit + 1, 0, (b + stop) - (hit + 1)) != NULL:
+        raise ValueError("a stanza header is its from and to domains, joined by NUL")
+    from_at[0], from_size[0] = start, hit - (b + start)
+    to_at[0], to_size[0] = start + from_size[0] + 1, stop - start - from_size[0] - 1
     return 0
 
 
@@ -634,53 +609,36 @@ cdef inline bint same(const unsigned char* b, Py_ssize_t start, Py_ssize_t size,
     return size == other_size and memcmp(b + start, b + other, size) == 0
 
 
-cdef inline bint absent(const unsigned char* b, Py_ssize_t start, Py_ssize_t size) noexcept:
-    return size == 1 and b[start] == 1
-
-
 cdef int check_batch(const unsigned char* b, Py_ssize_t end) except -1:
     """Every part of a batch in bounds, a header and bytes per stanza, every header whole:
     checked before any stanza of it is delivered."""
-    cdef Py_ssize_t pos, start, stop, parts = 1
-    cdef Py_ssize_t starts[CARRIED_FIELDS]
-    cdef Py_ssize_t sizes[CARRIED_FIELDS]
+    cdef Py_ssize_t pos, start, stop, parts = 1, from_at, from_size, to_at, to_size
     pos = next_part(b, 0, end, &start, &stop)
     while pos < end:
         pos = next_part(b, pos, end, &start, &stop)
         if parts % 2:
-            header_fields(b, start, stop, starts, sizes)
+            domains(b, start, stop, &from_at, &from_size, &to_at, &to_size)
         parts += 1
     if parts % 2 != 1:
         raise ValueError("a batch is its sender, then a header and the bytes of each stanza")
     return 0
 
 
-cdef object carried(const unsigned char* b, Py_ssize_t* starts, Py_ssize_t* sizes, object data, object make):
-    """``make(fields..., data)``: a ``Carried`` of one framed stanza."""
-    cdef list fields = []
-    cdef Py_ssize_t k
-    for k in range(CARRIED_FIELDS):
-        fields.append(None if absent(b, starts[k], sizes[k])
-                      else PyUnicode_DecodeUTF8(<const char*>b + starts[k], sizes[k], NULL))
-    fields.append(data)
-    return tuple.__new__(make, fields)  # a NamedTuple without its Python-level __new__
-
-
-def decode_batch(payload, make):
-    """``router.cluster.frames.decode_batch``: (sender, [make(fields..., data), ...]);
-    ValueError when the frames do not add up."""
+def decode_batch(payload):
+    """``router.cluster.frames.decode_batch``'s frames: (sender, [(from domain, to
+    domain, bytes), ...]); ValueError when they do not add up."""
     payload = bytes(payload)
     cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
-    cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop
-    cdef Py_ssize_t starts[CARRIED_FIELDS]
-    cdef Py_ssize_t sizes[CARRIED_FIELDS]
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop, from_at, from_size, to_at, to_size
     check_batch(b, end)
     pos = next_part(b, 0, end, &start, &stop)
     sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
-    cdef list items = []
+    cdef list records = []
     while pos < end:
         pos = next_part(b, pos, end, &start, &stop)
-        header_fields(b, start, stop, starts, sizes)
+        domains(b, start, stop, &from_at, &from_size, &to_at, &to_size)
         pos = next_part(b, pos, end, &start, &stop)
-        items.append(carried(b, starts, sizes, PyBytes_FromStringAndSize(<const char*>b + start, stop - start), make))
-    return sender, items
+        records.append((PyUnicode_DecodeUTF8(<const char*>b + from_at, from_size, NULL),
+                        PyUnicode_DecodeUTF8(<const char*>b + to_at, to_size, NULL),
+                        PyBytes_FromStringAndSize(<const char*>b + start, stop - start)))
+    return sender, records

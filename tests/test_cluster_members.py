@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from router.cluster.frames import MAX_BATCH_BYTES, Carried, FrameError, decode_answer, decode_batch, encode_answer, outbox
+from router.cluster.frames import carried as carried_from  # the tests' carried() makes them
 from router.cluster.members import MAX_MEMBERS, Announcement, Members, pick
 
 
@@ -80,8 +81,10 @@ def test_malformed_announcements_are_refused(bad):
 
 
 def carried(i: int, size: int = 10) -> Carried:
-    return Carried("message", None if i % 2 else "chat", f"u{i}@a.test", "b@b.test", f"id{i}", "a.test", "b.test",
-                   b"<message>" + b"x" * size + b"</message>")
+    kind = None if i % 2 else "chat"
+    data = (f"<message from='u{i}@a.test' to='b@b.test' id='id{i}'" + (f" type='{kind}'" if kind else "")
+            + ">" + "x" * size + "</message>").encode()
+    return Carried("message", kind, f"u{i}@a.test", "b@b.test", f"id{i}", "a.test", "b.test", data)
 
 
 def framed(sender: str, items: list[Carried]) -> list[tuple[bytearray, int]]:
@@ -103,8 +106,8 @@ def test_a_batch_round_trips_whole_and_refuses_truncation():
         decode_batch(payload[:-3])
     with pytest.raises(FrameError):
         decode_batch(payload[:12] + b"\xff" + payload[13:])
-    with pytest.raises(FrameError):  # a domain absent (\x01)
-        decode_batch(payload.replace(b"\0a.test\0", b"\0\x01\0", 1))
+    with pytest.raises(FrameError):  # a header without its to domain
+        decode_batch(payload.replace(b"a.test\0b.test", b"a.test\0\0\0\0\0\0\0", 1))
 
 
 def test_batches_are_split_under_the_payload_limit_in_order():
@@ -115,6 +118,14 @@ def test_batches_are_split_under_the_payload_limit_in_order():
     assert [count for _, count in batches] == [len(batch) for batch in decoded]
     assert all(sum(len(i.data) for i in batch) <= MAX_BATCH_BYTES or len(batch) == 1 for batch in decoded)
     assert len(batches) > 1
+
+
+def test_what_a_bounce_needs_is_read_back_from_the_stanza():
+    assert carried_from("a.test", "b.test", carried(3).data) == carried(3)
+    prefixed = b"<x:iq xmlns:x='jabber:server' type='get' id='p1' from='a.test' to='b.test'/>"
+    assert carried_from("a.test", "b.test", prefixed)[:5] == ("iq", "get", "a.test", "b.test", "p1")
+    with pytest.raises(FrameError):
+        carried_from("a.test", "b.test", b"<message to='b.test'")
 
 
 def test_an_outbox_starts_anew_after_each_take():

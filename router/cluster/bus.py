@@ -329,7 +329,7 @@ class Bus:
     # ------------------------------------------------------------------ receiving
     async def _on_batch(self, msg) -> None:
         try:
-            sender, answers = self.host.router.take_batch(msg.data, self.host.delivery.take_from_bus, Carried)
+            sender, answers = self.host.router.take_batch(msg.data, self.host.delivery.take_from_bus)
         except ValueError as exc:
             log.warning("cluster bus: refusing a malformed batch: %s", exc)
             return  # the sender times out and bounces

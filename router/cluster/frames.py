@@ -1,10 +1,12 @@
 """The bytes of the bus: a batch of stanzas as one NATS message, and its answer (no I/O).
 
 A batch names its sender (a 4-byte big-endian length, then the member's name),
-then holds for each stanza a header (its name, type, from, to, id, and its
-normalized from and to domains, joined by NUL; \x01 for an absent one) and its
-bytes, ready for the destination stream's namespace; every part is preceded
-by its 4-byte big-endian length. The framing itself is compiled
+then holds for each stanza a header (its normalized from and to domains,
+joined by NUL) and its bytes, ready for the destination stream's namespace;
+every part is preceded by its 4-byte big-endian length. What a bounce needs
+(the stanza's name, type, from, to and id) is read back from those bytes, on
+the slow path only: every byte on the bus is paid for by the sender, NATS and
+the receiver. The framing itself is compiled
 (``router._fastroute``): a stanza is framed once, from its read buffer, and
 read in place once. The answer has one entry per record, in order: ``null``
 when the receiving member took the stanza (delivered, or queued while it
@@ -17,7 +19,10 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, NamedTuple
 
+from lxml import etree
+
 from router import _fastroute
+from router.wire.xml import parse_element
 
 # A batch carries at most this many bytes of stanzas (NATS refuses messages over its
 # max_payload, 1 MiB by default); a bigger batch is split.
@@ -48,12 +53,25 @@ def outbox(sender: str, member: str, due: Callable[[Any], None]) -> Any:
     return _fastroute.Outbox(sender, member, due, MAX_BATCH_BYTES)
 
 
+def carried(from_domain: str, to_domain: str, data: bytes) -> Carried:
+    """A framed stanza with what a bounce or a queue needs, read from its start tag;
+    FrameError when its bytes are not one element."""
+    try:
+        element = parse_element(data, {})
+    except etree.XMLSyntaxError as exc:
+        raise FrameError(f"a stanza on the bus that is not XML: {exc}") from None
+    get = element.get
+    return Carried(etree.QName(element).localname, get("type"), get("from"), get("to"), get("id"), from_domain,
+                   to_domain, bytes(data))
+
+
 def decode_batch(payload: bytes) -> tuple[str, list[Carried]]:
     """(the sending member, its stanzas); FrameError when malformed."""
     try:
-        return _fastroute.decode_batch(payload, Carried)
+        sender, records = _fastroute.decode_batch(payload)
     except ValueError as exc:  # UnicodeDecodeError included
         raise FrameError(f"malformed batch: {exc}") from None
+    return sender, [carried(*record) for record in records]
 
 
 def encode_answer(answers: list[tuple[str, str] | None]) -> bytes:

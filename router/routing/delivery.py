@@ -22,7 +22,7 @@ from router.wire.jid import domain_of
 from router.routing.limits import Refusals
 from router.negotiation.pairs import Pair
 from router.routing.routes import Queued, RouteTable
-from router.cluster.frames import Carried
+from router.cluster.frames import Carried, FrameError, carried
 from router.routing.services import Services
 from router.net.stream import StreamHost, XmlStream
 from router.wire.namespaces import COMPONENT_NS, SERVER_NS
@@ -198,24 +198,28 @@ class Delivery:
                             self.host.loop.time())
             self._push(queued, Pair(from_domain, to_domain), source)
 
-    def take_from_bus(self, item: Carried) -> tuple[str, str] | None:
+    def take_from_bus(self, from_domain: str, to_domain: str, data: bytes) -> tuple[str, str] | None:
         """A stanza another member sent: delivered here, queued while this member
         connects, or refused with the (condition, text) its sender bounces it with.
         It never goes back on the bus (one hop)."""
-        target = self.table.local.get(item.to_domain)
+        target = self.table.local.get(to_domain)
         if target is None:
-            target = self.table.remote.get((item.from_domain, item.to_domain))
+            target = self.table.remote.get((from_domain, to_domain))
         if target is None or not isinstance(target, XmlStream) or target.closing:
-            if item.to_domain in self.local_domains:
-                return "service-unavailable", f"{item.to_domain} is not connected to {self.cluster.member}"
-            self._push(Queued(item.data, item.name, item.type, item.from_, item.to, item.id, self.host.loop.time()),
-                       Pair(item.from_domain, item.to_domain))
+            if to_domain in self.local_domains:
+                return "service-unavailable", f"{to_domain} is not connected to {self.cluster.member}"
+            try:
+                item = carried(from_domain, to_domain, data)
+            except FrameError as exc:
+                return "bad-request", str(exc)
+            self._push(Queued(data, item.name, item.type, item.from_, item.to, item.id, self.host.loop.time()),
+                       Pair(from_domain, to_domain))
             return None
-        if target.too_large(len(item.data)):
-            return "policy-violation", self._over_peer_limit(item.to_domain, len(item.data), target.peer_max_bytes)
-        if target.paused and target.queue_full(len(item.data)):
-            return "resource-constraint", f"{item.to_domain} is not reading what is sent to it"
-        target.write_chunks([item.data])
+        if target.too_large(len(data)):
+            return "policy-violation", self._over_peer_limit(to_domain, len(data), target.peer_max_bytes)
+        if target.paused and target.queue_full(len(data)):
+            return "resource-constraint", f"{to_domain} is not reading what is sent to it"
+        target.write_chunks([data])
         self.metrics.stanzas_routed.inc(target.kind if target.kind == "component" else "remote")
         return None
 
