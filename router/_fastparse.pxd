@@ -119,6 +119,12 @@ cdef class Tokenizer:
     cdef bint t_restart  # the element ends the XML document (TLS proceed/starttls, SASL success)
     cdef bint paused  # scanning stopped after such an element, until restart() or the next call
 
+    # the per-read calls, direct from the compiled router (cpdef on a final class)
+    cpdef object get_buffer(self, Py_ssize_t sizehint=*)
+    cpdef list buffer_updated(self, Py_ssize_t nbytes)
+    cpdef release(self)
+    cpdef pin(self)
+
     cdef void _reset_stream(self)
     cdef int _fail(self, str condition, str what, Py_ssize_t idx) except -1
     cdef int _nwf(self, str what, Py_ssize_t idx) except -1

@@ -721,12 +721,12 @@ cdef class Tokenizer:
             PyBuffer_Release(&view)
         return self._run()
 
-    def get_buffer(self, Py_ssize_t sizehint=-1):
+    cpdef object get_buffer(self, Py_ssize_t sizehint=-1):
         """A writable memoryview of free space at the end of the buffer (BufferedProtocol)."""
         self._prepare(sizehint if sizehint > 0 else READ_SIZE)
         return memoryview(self.buf)[self.fill:]
 
-    def buffer_updated(self, Py_ssize_t nbytes):
+    cpdef list buffer_updated(self, Py_ssize_t nbytes):
         """``nbytes`` were written at the start of the last ``get_buffer()`` view: scan them."""
         if self.error is not None:
             raise self.error
@@ -735,7 +735,7 @@ cdef class Tokenizer:
         self.fill += nbytes
         return self._run()
 
-    def release(self):
+    cpdef release(self):
         """Give the receive buffer back when no construct is in progress.
 
         Call it after acting on a read's events: an idle stream then holds no
@@ -763,7 +763,7 @@ cdef class Tokenizer:
                     self.arena = shrunk
                     self.arena_cap = IDLE_ARENA
 
-    def pin(self):
+    cpdef pin(self):
         """Somebody holds a view of the current buffer: never write to it again."""
         self.pinned = True
 

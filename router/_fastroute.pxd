@@ -6,6 +6,9 @@ cimport cython
 
 from router._fastparse cimport Element, Tokenizer
 
+cdef class StreamCore
+cdef class Router
+
 
 @cython.final
 cdef class Outbox:
@@ -33,7 +36,6 @@ cdef class Router:
     cdef dict recent  # router.wire.jid's JID -> domain cache
     cdef object domain_of  # router.wire.jid.domain_of, for JIDs the cache does not hold
     cdef object slow_route  # Delivery.route: services, queues, bounces, paused or closing targets
-    cdef object service_type  # targets of that type are built-in services (slow path)
     cdef tuple closed_stages  # session stages in which input goes to the session alone
     cdef public frozenset local_domains
     cdef public object schedule  # loop.call_soon: runs flush_writes at the end of the iteration
@@ -43,8 +45,7 @@ cdef class Router:
     cdef public set awaited_ids
     # the cluster bus's routes (router.cluster.bus; None without a connected bus): a
     # component's domain, or a pair (from, to) held by other members, -> (the output
-    # profile its bytes are fixed up for, as (content_ns, out_lang, profile), then the
-    # candidate members' Outboxes)
+    # profile its bytes are fixed up for, the candidate members' Outboxes)
     cdef public dict bus_routes
 
     # counters, read at scrape time (index 0: S2S links, 1: component links)
@@ -52,14 +53,46 @@ cdef class Router:
     cdef unsigned long long received[2]  # bytes read
     cdef unsigned long long sent[2]  # bytes handed to transports
 
-    cdef int s2s_read(self, object stream, Py_ssize_t nbytes) except -1
-    cdef int component_read(self, object stream, Py_ssize_t nbytes) except -1
-    cdef int _read(self, object stream, Py_ssize_t nbytes, object pairs, object domain) except -1
-    cdef int flush_soon(self, object stream) except -1
+    cdef int s2s_read(self, StreamCore stream, Py_ssize_t nbytes) except -1
+    cdef int component_read(self, StreamCore stream, Py_ssize_t nbytes) except -1
+    cdef int _read(self, StreamCore stream, Py_ssize_t nbytes, object pairs, object domain) except -1
+    cdef int flush_soon(self, StreamCore stream) except -1
     cdef object _domain(self, object jid)
-    cdef inline object _open_target(self, object from_dom, object to_dom, int* kind)
-    cdef inline bint _fits(self, object target, Py_ssize_t size)
-    cdef bint _to_bus(self, object source, Element el, object from_dom, object to_dom, object view,
+    cdef inline StreamCore _open_target(self, object from_dom, object to_dom, int* kind)
+    cdef bint _to_bus(self, StreamCore source, Element el, object from_dom, object to_dom, object view,
                       const char* base, object src_lang) except -1
-    cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
+    cdef int _route(self, StreamCore source, Element el, object from_dom, object to_dom, object view,
                     const char* base, dict batches, object src_lang) except -1
+
+
+cdef class StreamCore:
+    # What the compiled per-read path reads and writes of a stream (router.net.stream.XmlStream
+    # is the Python class on top): C fields, not attribute look-ups. Set by XmlStream.__init__
+    # and its subclasses; Python code reads and writes them as attributes.
+    cdef public object relay  # the relay that owns the stream (router.net.stream.StreamHost)
+    cdef public Router router  # relay.router
+    cdef public object loop
+    cdef public object transport
+    cdef public Tokenizer tokenizer
+    cdef public object session  # an S2S stream's negotiation (router.negotiation.session.Session)
+    cdef public object side_buffer  # where reads go instead of the tokenizer, while set
+    cdef public object acks  # XEP-0198 (router.net.acks.StreamAcks), once enabled
+    cdef public object _unsent  # chunks queued in this event-loop iteration (a list), or None
+    cdef public Py_ssize_t _unsent_bytes
+    cdef public Py_ssize_t handed  # bytes given to the transport so far
+    cdef public Py_ssize_t stanzas_in  # stanzas received and written (ctl, XEP-0198), per read and write call
+    cdef public Py_ssize_t stanzas_out
+    cdef public Py_ssize_t peer_max_bytes  # XEP-0478 max-bytes of the peer (0: none said)
+    cdef public double last_rx  # loop.time() of the last read and of the last write
+    cdef public double last_tx
+    cdef public bint closing
+    cdef public bint paused  # the transport's write buffer is above its high-water mark
+    cdef public bint raw_xml  # log.raw_xml
+    cdef public int link  # 0: S2S, 1: a component (the counters' index)
+
+    cdef int read(self, Py_ssize_t nbytes) except -1
+    cdef int forward_batches(self, dict batches) except -1
+    cdef int queue_stanzas(self, list chunks) except -1
+    cdef int queue(self, list chunks) except -1
+    cdef int flush_queue(self) except -1
+    cdef inline bint fits(self, Py_ssize_t size)

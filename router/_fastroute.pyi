@@ -8,12 +8,11 @@ FLUSH_AT: int
 class Router:
     local_domains: frozenset[str]
     awaited_ids: set[str]  # ids of answers the relay waits for (XEP-0199 pings): they leave the compiled path
-    # the cluster bus's routes: a component domain or a (from, to) pair ->
-    # (content_ns, out_lang, the output profile, candidate Outboxes)
-    bus_routes: dict[Any, tuple[str, str | None, Any, tuple[Outbox, ...]]] | None
+    # the cluster bus's routes: a component domain or a (from, to) pair -> (output profile, candidate Outboxes)
+    bus_routes: dict[Any, tuple[Any, tuple[Outbox, ...]]] | None
     def __init__(self, local: dict[str, Any], remote: dict[Any, Any], slow_route: Callable[..., None],
-                 domain_of: Callable[[str], str], recent: dict[str, str], service_type: type,
-                 closed_stages: tuple[Any, ...]) -> None: ...
+                 domain_of: Callable[[str], str], recent: dict[str, str], closed_stages: tuple[Any, ...],
+                 schedule: Callable[..., Any]) -> None: ...
     def stanzas_routed(self) -> Mapping[tuple[str], int]: ...
     def bytes_received(self) -> Mapping[tuple[str], int]: ...
     def bytes_sent(self) -> Mapping[tuple[str], int]: ...
@@ -21,17 +20,35 @@ class Router:
                    ) -> tuple[str, list[tuple[str, str] | None]]: ...
     def flush_writes(self) -> None: ...
 
-# XmlStream methods (bound in router.net.stream, router.net.s2s, router.net.components)
-def get_buffer(self: Any, sizehint: int) -> memoryview: ...
-def buffer_updated(self: Any, nbytes: int) -> None: ...
-def s2s_received(self: Any, nbytes: int) -> None: ...
-def component_received(self: Any, nbytes: int) -> None: ...
-def forward(self: Any, batches: dict[Any, list[Any]]) -> None: ...
-def write_chunks(self: Any, chunks: list[Any]) -> None: ...  # stanzas: counted, kept by XEP-0198
-def write(self: Any, data: bytes) -> None: ...  # not a stanza: not counted
-def flush(self: Any) -> None: ...
+class StreamCore:
+    """The compiled base of router.net.stream.XmlStream: its per-read path's fields and methods."""
+    relay: Any
+    router: Router
+    loop: Any
+    transport: Any
+    tokenizer: Any  # router._fastparse.Tokenizer
+    session: Any
+    side_buffer: bytearray | None
+    acks: Any
+    _unsent: list[Any] | None
+    _unsent_bytes: int
+    handed: int
+    stanzas_in: int
+    stanzas_out: int
+    peer_max_bytes: int
+    last_rx: float
+    last_tx: float
+    closing: bool
+    paused: bool
+    raw_xml: bool
+    link: int  # 0: S2S, 1: component
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+    def buffer_updated(self, nbytes: int) -> None: ...
+    def forward(self, batches: dict[Any, list[Any]]) -> None: ...
+    def write_chunks(self, chunks: list[Any]) -> None: ...  # stanzas: counted, kept by XEP-0198
+    def write(self, data: bytes) -> None: ...  # not a stanza: not counted
+    def flush(self) -> None: ...
 
-# cluster bus frames (router.cluster.frames is the contract)
 class Outbox:
     member: str
     count: int

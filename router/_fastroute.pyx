@@ -75,24 +75,19 @@ cdef inline int add_to_batch(dict batches, object target, object chunk) except -
     return 0
 
 
-cdef inline bint needs_copy(Element el, object content_ns, object out_lang, object src_lang):
+cdef inline bint needs_copy(Element el, object dest, object src_lang) except -1:
     """RFC 6120 §4.7.4, §4.8.3, §4.8.5: a borrowed prefix, a missing xml:lang or its own
-    content namespace needs a fixed-up copy for a destination with ``content_ns`` and
-    ``out_lang``; everything else is forwarded as a view."""
-    return el.header_prefix or (el.own_xmlns and el.ns != content_ns) \
-        or (el.lang is None and src_lang is not None and src_lang != out_lang)
-
-
-cdef inline int link_of(object stream) except -1:
-    """Counter index of a stream: 0 for S2S, 1 for a component."""
-    return 0 if stream.remote else 1
+    content namespace needs a fixed-up copy for ``dest`` (a stream, or an output
+    profile: its ``content_ns`` and ``out_lang``, looked up only when they matter);
+    everything else is forwarded as a view."""
+    return el.header_prefix or (el.own_xmlns and el.ns != dest.content_ns) \
+        or (el.lang is None and src_lang is not None and src_lang != dest.out_lang)
 
 
 cdef class Router:
     """The compiled half of one relay's routing (``router.routing.delivery`` is the other)."""
 
-    def __init__(self, dict local, dict remote, slow_route, domain_of, dict recent, service_type,
-                 tuple closed_stages, schedule):
+    def __init__(self, dict local, dict remote, slow_route, domain_of, dict recent, tuple closed_stages, schedule):
         self.schedule = schedule
         self.unflushed = []
         self.awaited_ids = set()
@@ -101,14 +96,13 @@ cdef class Router:
         self.slow_route = slow_route
         self.domain_of = domain_of
         self.recent = recent
-        self.service_type = service_type
         self.closed_stages = closed_stages
         self.local_domains = frozenset()
         self.bus_routes = None
 
     # ------------------------------------------------------------------ reads
 
-    cdef int s2s_read(self, object stream, Py_ssize_t nbytes) except -1:
+    cdef int s2s_read(self, StreamCore stream, Py_ssize_t nbytes) except -1:
         """Scan ``nbytes`` new bytes of an S2S stream and route its stanzas."""
         session = stream.session
         if session.stage in self.closed_stages:  # the session refuses or ignores input
@@ -117,12 +111,12 @@ cdef class Router:
             return 0
         return self._read(stream, nbytes, session.inbound_pairs, None)
 
-    cdef int component_read(self, object stream, Py_ssize_t nbytes) except -1:
+    cdef int component_read(self, StreamCore stream, Py_ssize_t nbytes) except -1:
         """Scan ``nbytes`` new bytes of a component stream and route its stanzas."""
         authenticated = stream.authenticated and not stream.closing
         return self._read(stream, nbytes, None, stream.domain if authenticated else None)
 
-    cdef int _read(self, object stream, Py_ssize_t nbytes, object pairs, object domain) except -1:
+    cdef int _read(self, StreamCore stream, Py_ssize_t nbytes, object pairs, object domain) except -1:
         """The loop of one read: an S2S stream's stanzas may carry the ``pairs`` its
         session authorized; a component's (``pairs`` None) come from its ``domain``,
         which is None until its handshake succeeded (XEP-0114)."""
@@ -180,7 +174,7 @@ cdef class Router:
         if routed:
             stream.stanzas_in += routed  # once per read: ctl's count and XEP-0198's h
         if batches:
-            stream.forward(batches)
+            stream.forward_batches(batches)
         if i < n or error is not None:
             stream.take_events(events, i, error)
         return 0
@@ -195,7 +189,7 @@ cdef class Router:
         except ValueError:
             return None
 
-    cdef inline object _open_target(self, object from_dom, object to_dom, int* kind):
+    cdef inline StreamCore _open_target(self, object from_dom, object to_dom, int* kind):
         """The open, unpaused stream a stanza from ``from_dom`` to ``to_dom`` goes to
         (``kind``: 1 a component, 0 a remote server's stream), or None when it is the
         slow path's: a built-in service, a closing or paused stream, or no route here
@@ -208,35 +202,27 @@ cdef class Router:
             if found is NULL:
                 kind[0] = 2
                 return None
-        target = <object>found
-        if type(target) is self.service_type or target.closing or target.paused:
+        if not isinstance(<object>found, StreamCore):  # a built-in service
+            return None
+        cdef StreamCore target = <StreamCore>found
+        if target.closing or target.paused:
             return None
         return target
 
-    cdef inline bint _fits(self, object target, Py_ssize_t size):
-        """Whether a stanza of ``size`` bytes is within the ``max-bytes`` the
-        destination's peer announced (XEP-0478; 0: none announced). RFC 6120 §13.12
-        lets no server accept less than 10,000 bytes: smaller stanzas, nearly all,
-        fit without a look at the destination."""
-        if size <= MIN_STANZA_LIMIT:
-            return True
-        cdef Py_ssize_t limit = target.peer_max_bytes
-        return limit == 0 or size <= limit
-
-    cdef int _route(self, object source, Element el, object from_dom, object to_dom, object view,
+    cdef int _route(self, StreamCore source, Element el, object from_dom, object to_dom, object view,
                     const char* base, dict batches, object src_lang) except -1:
         cdef int kind
-        target = self._open_target(from_dom, to_dom, &kind)
+        cdef StreamCore target = self._open_target(from_dom, to_dom, &kind)
         if target is None:
             if kind == 2 and self.bus_routes is not None \
                     and self._to_bus(source, el, from_dom, to_dom, view, base, src_lang):
                 return 0
             self.slow_route(source, el, from_dom, to_dom, view, batches)
             return 0
-        if not self._fits(target, el.end - el.start):
+        if not target.fits(el.end - el.start):
             self.slow_route(source, el, from_dom, to_dom, view, batches)
             return 0
-        if needs_copy(el, target.content_ns, target.out_lang, src_lang):
+        if needs_copy(el, target, src_lang):
             chunk = source.chunk_for(target, el, view)
         else:
             chunk = view[el.start:el.end]
@@ -244,7 +230,7 @@ cdef class Router:
         self.routed[kind] += 1
         return 0
 
-    cdef bint _to_bus(self, object source, Element el, object from_dom, object to_dom, object view,
+    cdef bint _to_bus(self, StreamCore source, Element el, object from_dom, object to_dom, object view,
                       const char* base, object src_lang) except -1:
         """Frame the stanza into the Outbox of the member that holds its destination,
         when ``bus_routes`` knows one (the bus's Python side fills it at the first
@@ -253,10 +239,10 @@ cdef class Router:
         cdef PyObject* found = PyDict_GetItem(self.bus_routes, key)
         if found is NULL:
             return False
-        content_ns, out_lang, profile, outboxes = <tuple>found
+        profile, outboxes = <tuple>found
         cdef Py_ssize_t n = len(outboxes)
         cdef Outbox outbox = <Outbox>outboxes[pick_of(el.from_, n) if n > 1 else 0]
-        if needs_copy(el, content_ns, out_lang, src_lang):
+        if needs_copy(el, profile, src_lang):
             outbox.add_object(from_dom, to_dom, source.chunk_for(profile, el, view))
         else:
             outbox.add(from_dom, to_dom, base + el.start, el.end - el.start)
@@ -264,7 +250,7 @@ cdef class Router:
 
     # ------------------------------------------------------------------ writes
 
-    cdef int flush_soon(self, object stream) except -1:
+    cdef int flush_soon(self, StreamCore stream) except -1:
         """Write ``stream``'s queue after this event-loop iteration's reads (one
         callback per iteration for every stream that has something to send)."""
         if not self.unflushed:
@@ -277,7 +263,7 @@ cdef class Router:
         streams, self.unflushed = self.unflushed, []
         for stream in streams:
             try:
-                flush(stream)
+                (<StreamCore>stream).flush_queue()
             except Exception:  # one broken stream must not keep the others' writes queued
                 log.exception("%s %s: writing failed", stream.kind, stream.peer)
                 stream.close_transport()
@@ -296,6 +282,7 @@ cdef class Router:
         cdef Py_ssize_t from_at, from_size, to_at, to_size
         cdef Py_ssize_t last_from_at = 0, last_from_size = -1, last_to_at = 0, last_to_size = -1
         cdef int kind
+        cdef StreamCore target
         check_batch(b, end)
         pos = next_part(b, 0, end, &start, &stop)
         sender = PyUnicode_DecodeUTF8(<const char*>b + start, stop - start, NULL)
@@ -319,14 +306,14 @@ cdef class Router:
                 answers.append(("bad-request", "a cluster bus frame whose domains are not UTF-8"))
                 continue
             target = self._open_target(from_dom, to_dom, &kind)
-            if target is None or not self._fits(target, data_stop - data_start):
+            if target is None or not target.fits(data_stop - data_start):
                 answers.append(slow_take(from_dom, to_dom, data))
                 continue
             add_to_batch(batches, target, data)
             self.routed[kind] += 1
             answers.append(None)
-        for target, chunks in batches.items():
-            write_chunks(target, chunks)
+        for dest, chunks in batches.items():
+            (<StreamCore>dest).queue_stanzas(chunks)
         return sender, answers
 
     # ------------------------------------------------------------------ counters
@@ -342,117 +329,133 @@ cdef class Router:
         return {(LINKS[k],): self.sent[k] for k in range(2)}
 
 
-# ---------------------------------------------------------------------- XmlStream methods
+# ---------------------------------------------------------------------- streams
 
-def get_buffer(self, Py_ssize_t sizehint):
-    """Where the next read goes (asyncio.BufferedProtocol): the tokenizer's free
-    space, or the stream's ``side_buffer`` while it has one."""
-    side = self.side_buffer
-    if side is not None:
-        return memoryview(side)
-    view = (<Tokenizer>self.tokenizer).get_buffer(sizehint)
-    if self.raw_xml:
-        self._rx_at = (view.obj, len(view.obj) - len(view))  # views end where their buffer ends
-    return view
+cdef class StreamCore:
+    """The compiled base of every relay stream (``router.net.stream.XmlStream``): the
+    fields its per-read path uses, and that path: ``get_buffer`` and ``buffer_updated``
+    (asyncio.BufferedProtocol), ``forward``, ``write_chunks``, ``write`` and ``flush``."""
 
+    def get_buffer(self, Py_ssize_t sizehint):
+        """Where the next read goes (asyncio.BufferedProtocol): the tokenizer's free
+        space, or the stream's ``side_buffer`` while it has one."""
+        side = self.side_buffer
+        if side is not None:
+            return memoryview(side)
+        view = self.tokenizer.get_buffer(sizehint)
+        if self.raw_xml:
+            self._rx_at = (view.obj, len(view.obj) - len(view))  # views end where their buffer ends
+        return view
 
-def buffer_updated(self, Py_ssize_t nbytes):
-    """``nbytes`` arrived in the last ``get_buffer()`` view (asyncio.BufferedProtocol)."""
-    self.last_rx = self.loop.time()
-    if self.raw_xml:
-        self.log_received(nbytes)
-    (<Router>self.relay.router).received[link_of(self)] += nbytes
-    try:
-        if self.side_buffer is not None:
-            self.side_received(nbytes)
+    def buffer_updated(self, Py_ssize_t nbytes):
+        """``nbytes`` arrived in the last ``get_buffer()`` view (asyncio.BufferedProtocol)."""
+        self.last_rx = self.loop.time()
+        if self.raw_xml:
+            self.log_received(nbytes)
+        self.router.received[self.link] += nbytes
+        try:
+            if self.side_buffer is not None:
+                self.side_received(nbytes)
+            else:
+                self.read(nbytes)
+        except Exception:  # a bug must not leave the stream half-alive
+            log.exception("%s %s: internal error", self.kind, self.peer)
+            self.fail("internal-server-error", "internal error while processing the stream")
+
+    cdef int read(self, Py_ssize_t nbytes) except -1:
+        """A read: stanzas routed here, the rest to the stream's ``take_events``; then
+        the buffer goes back (the read's ranges are forwarded or copied: an idle stream
+        keeps no buffer)."""
+        if self.link == 0:
+            self.router.s2s_read(self, nbytes)
         else:
-            self._received(nbytes)
-    except Exception:  # a bug must not leave the stream half-alive
-        log.exception("%s %s: internal error", self.kind, self.peer)
-        self.fail("internal-server-error", "internal error while processing the stream")
+            self.router.component_read(self, nbytes)
+        self.tokenizer.release()
+        return 0
 
+    def forward(self, dict batches):
+        """Queue each destination's gathered ranges; pin our buffer, whose views they
+        are, and stop reading from a paused destination."""
+        self.forward_batches(batches)
 
-def s2s_received(self, Py_ssize_t nbytes):
-    """An S2S stream's read: stanzas routed here, the rest to its ``take_events``."""
-    (<Router>self.relay.router).s2s_read(self, nbytes)
-    (<Tokenizer>self.tokenizer).release()  # the read's ranges are forwarded or copied: an idle stream keeps no buffer
+    cdef int forward_batches(self, dict batches) except -1:
+        cdef StreamCore dest
+        for obj, chunks in batches.items():
+            dest = <StreamCore?>obj
+            if dest.closing:  # closed by an event of this very read; routing checked before
+                log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer,
+                         len(chunks))
+                continue
+            dest.queue_stanzas(chunks)
+            if dest.paused and self.may_wait_for(dest):
+                self.block_on(dest)
+        if batches:
+            self.tokenizer.pin()
+        return 0
 
+    cdef inline bint fits(self, Py_ssize_t size):
+        """Whether a stanza of ``size`` bytes is within the ``max-bytes`` our peer
+        announced (XEP-0478; 0: none announced). RFC 6120 §13.12 lets no server accept
+        less than 10,000 bytes: smaller stanzas, nearly all, fit without a look."""
+        return size <= MIN_STANZA_LIMIT or self.peer_max_bytes == 0 or size <= self.peer_max_bytes
 
-def component_received(self, Py_ssize_t nbytes):
-    """A component stream's read: stanzas routed here, the rest to its ``take_events``."""
-    (<Router>self.relay.router).component_read(self, nbytes)
-    (<Tokenizer>self.tokenizer).release()
+    def write_chunks(self, list chunks):
+        """Queue stanzas: ``chunks``, one stanza each (bytes or views of a source's buffer;
+        the list is taken, not copied), counted in ``stanzas_out`` (once per call) and kept
+        by XEP-0198 until the peer acknowledges them (``acks``, while enabled)."""
+        self.queue_stanzas(chunks)
 
+    cdef int queue_stanzas(self, list chunks) except -1:
+        if self.transport is None or self.closing:
+            return 0
+        self.queue(chunks)
+        self.stanzas_out += len(chunks)
+        if self.acks is not None:
+            self.acks.sent(chunks)
+        return 0
 
-def forward(self, dict batches):
-    """Queue each destination's gathered ranges; pin our buffer, whose views they
-    are, and stop reading from a paused destination."""
-    for dest, chunks in batches.items():
-        if dest.closing:  # closed by an event of this very read; routing checked before
-            log.info("%s %s closed while %d stanza(s) were on their way to it", dest.kind, dest.peer, len(chunks))
-            continue
-        write_chunks(dest, chunks)
-        if dest.paused and self.may_wait_for(dest):
-            self.block_on(dest)
-    if batches:
-        self.tokenizer.pin()
+    def write(self, data):
+        """Queue bytes that are not stanzas (negotiation, keepalives, XEP-0198 acks): not counted."""
+        if data and self.transport is not None and not self.closing:
+            self.queue([data])
 
-
-def write_chunks(self, list chunks):
-    """Queue stanzas: ``chunks``, one stanza each (bytes or views of a source's buffer;
-    the list is taken, not copied), counted in ``stanzas_out`` (once per call) and kept
-    by XEP-0198 until the peer acknowledges them (``acks``, while enabled)."""
-    if self.transport is None or self.closing:
-        return
-    queue(self, chunks)
-    self.stanzas_out += len(chunks)
-    acks = self.acks
-    if acks is not None:
-        acks.sent(chunks)
-
-
-def write(self, data):
-    """Queue bytes that are not stanzas (negotiation, keepalives, XEP-0198 acks): not counted."""
-    if data and self.transport is not None and not self.closing:
-        queue(self, [data])
-
-
-cdef int queue(object self, list chunks) except -1:
-    """Write ``chunks`` at the end of this event-loop iteration, after everything queued before."""
-    cdef Py_ssize_t size = 0
-    for chunk in chunks:
-        size += len(chunk)
-    unsent = self._unsent
-    if unsent is None:
-        self._unsent = chunks
-        self._unsent_bytes = size
-        (<Router>self.relay.router).flush_soon(self)
-    else:
-        (<list>unsent).extend(chunks)
-        size += <Py_ssize_t>self._unsent_bytes
-        self._unsent_bytes = size
-    if size >= C_FLUSH_AT:
-        flush(self)
-    return 0
-
-
-def flush(self):
-    """Hand the queued chunks to the transport in one call."""
-    chunks, size = self._unsent, self._unsent_bytes
-    self._unsent, self._unsent_bytes = None, 0
-    transport = self.transport
-    if not chunks or transport is None:
-        return
-    if transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
-        log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
-        return
-    transport.writelines(chunks)
-    self.handed += size
-    self.last_tx = self.loop.time()
-    (<Router>self.relay.router).sent[link_of(self)] += <Py_ssize_t>size
-    if self.raw_xml:
+    cdef int queue(self, list chunks) except -1:
+        """Write ``chunks`` at the end of this event-loop iteration, after everything queued before."""
+        cdef Py_ssize_t size = 0
         for chunk in chunks:
-            raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
+            size += len(chunk)
+        if self._unsent is None:
+            self._unsent = chunks
+            self._unsent_bytes = size
+            self.router.flush_soon(self)
+        else:
+            (<list>self._unsent).extend(chunks)
+            self._unsent_bytes += size
+        if self._unsent_bytes >= C_FLUSH_AT:
+            self.flush_queue()
+        return 0
+
+    def flush(self):
+        """Hand the queued chunks to the transport in one call."""
+        self.flush_queue()
+
+    cdef int flush_queue(self) except -1:
+        chunks, size = self._unsent, self._unsent_bytes
+        self._unsent, self._unsent_bytes = None, 0
+        transport = self.transport
+        if not chunks or transport is None:
+            return 0
+        if transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
+            log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
+            return 0
+        transport.writelines(chunks)
+        self.handed += size
+        self.last_tx = self.loop.time()
+        self.router.sent[self.link] += size
+        if self.raw_xml:
+            for chunk in chunks:
+                raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
+        return 0
 
 
 # ---------------------------------------------------------------------- cluster bus frames

@@ -70,7 +70,7 @@ class Relay:
         # the per-stanza calls of streams go straight to the part (no extra call)
         self.route = self.delivery.route
         self.router = Router(self.table.local, self.table.remote, self.delivery.route, jid.domain_of,
-                             jid.recent_domains, Service, (TLS, CLOSED), self.loop.call_soon)
+                             jid.recent_domains, (TLS, CLOSED), self.loop.call_soon)
         self.liveness = self.delivery.liveness = Liveness(self)  # XEP-0199 pings; after the router (awaited_ids)
         self.metrics.stanzas_routed.collect = self.router.stanzas_routed
         self.metrics.bytes_received.collect = self.router.bytes_received

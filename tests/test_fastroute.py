@@ -121,7 +121,7 @@ def test_a_stanza_for_a_destination_another_member_holds_is_framed_into_its_outb
     due = []
     box = outbox("n1.0", "n2.0", due.append)
     profile = relay.delivery.s2s_output
-    relay.router.bus_routes = {(DOMAIN, "c.test"): (profile.content_ns, profile.out_lang, profile, (box,))}
+    relay.router.bus_routes = {(DOMAIN, "c.test"): (profile, (box,))}
     held = f"<message from='bot@{DOMAIN}' to='u@c.test' id='h1'><body>x</body></message>".encode()
     read(component, held)
     assert due == [box]

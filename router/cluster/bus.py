@@ -216,7 +216,7 @@ class Bus:
         if routes is not None:
             if len(routes) >= MAX_CHOICES:
                 routes.clear()
-            routes[key] = (profile.content_ns, profile.out_lang, profile, tuple(self._outbox(m) for m in candidates))
+            routes[key] = (profile, tuple(self._outbox(m) for m in candidates))
         self.send(pick(candidates, item.from_ or ""), item)
         return True
 

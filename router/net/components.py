@@ -17,7 +17,6 @@ import logging
 import secrets
 from typing import Any
 
-from router import _fastroute
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
 from router.wire.handshake import handshake_digest
 from router.wire.namespaces import COMPONENT_NS, STREAM_NS
@@ -36,7 +35,7 @@ class ComponentStream(XmlStream):
     shared = True  # it talks to every remote domain: never paused for one of them
     content_ns = COMPONENT_NS
     out_lang = "en"  # declared on our header, so stanzas from 'en' S2S streams need no xml:lang copy
-    __slots__ = ("tokenizer", "domain", "stream_id", "authenticated", "header_sent")
+    __slots__ = ("domain", "stream_id", "authenticated", "header_sent")
 
     def __init__(self, relay: StreamHost) -> None:
         super().__init__(relay)
@@ -52,8 +51,6 @@ class ComponentStream(XmlStream):
         return self.domain or "-"
 
     # ------------------------------------------------------------------ input
-    _received = _fastroute.component_received  # stanzas routed; anything else comes to take_events
-
     def take_events(self, events: list[Any], start: int, error: ParseError | None) -> None:
         """What the compiled router leaves to this stream: ``events[start:]``, then the
         read's parse error."""

@@ -16,7 +16,6 @@ import logging
 import socket
 from typing import Any
 
-from router import _fastroute
 from router.trust import tls
 from router.negotiation import events as ev
 from router.net.acks import StreamAcks
@@ -61,9 +60,9 @@ class S2SStream(XmlStream):
 
     kind = "s2s"
     remote = True
-    __slots__ = ("session", "outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism",
-                 "local_domain", "remote_domain", "verify_only", "target", "target_host", "failure", "_tls_starting", "_early",
-                 "tokenizer", "peer_idle_seconds", "proxy")
+    __slots__ = ("outbound", "direct_tls", "authenticated", "admitted", "bidi", "mechanism", "local_domain",
+                 "remote_domain", "verify_only", "target", "target_host", "failure", "_tls_starting", "_early",
+                 "peer_idle_seconds", "proxy")
 
     def __init__(self, relay: StreamHost, session: Any, *, outbound: bool, direct_tls: bool = False,
                  local: str | None = None, remote: str | None = None, proxied: bool = False) -> None:
@@ -157,8 +156,6 @@ class S2SStream(XmlStream):
         if self._tls_starting and self.failure is None:
             self.failure = f"TLS handshake failed: {exc or 'the connection closed'}"
         super().connection_lost(exc)
-
-    _received = _fastroute.s2s_received  # stanzas routed; anything else comes to take_events
 
     def side_received(self, nbytes: int) -> None:
         """uvloop delivers the first decrypted bytes before start_tls() returns: they

@@ -6,7 +6,8 @@ forwards stanzas as byte ranges of that tokenizer's buffer.
 and forward, gathered writes, buffer pinning, flow control, activity clocks and
 closing. ``StreamHost`` is what streams need of the relay that owns them.
 Its per-read methods (``buffer_updated``, ``forward``, ``write_chunks``,
-``flush``) are compiled, in ``router._fastroute``, with the stanza router.
+``flush``) and the fields they use are compiled, in ``router._fastroute``'s
+``StreamCore``, the base class of ``XmlStream``, with the stanza router.
 
 Writes are gathered per event-loop iteration: ``write_chunks`` queues on the
 stream and the relay hands every stream's queue to its transport once, after
@@ -86,14 +87,14 @@ class StreamHost(Protocol):
     def component_online(self, stream: Any) -> bool: ...
 
 
-class XmlStream(asyncio.BufferedProtocol):
+class XmlStream(_fastroute.StreamCore, asyncio.BufferedProtocol):
     """What every relay stream shares: reading into a tokenizer, forwarding byte
-    ranges to other streams, writing, flow control and closing.
+    ranges to other streams, writing, flow control and closing. The per-read
+    path and the fields it uses are the compiled base's (``StreamCore``).
 
     Subclasses provide ``tokenizer``, ``content_ns`` (the default namespace of
     the stream we write), ``out_lang`` (the ``xml:lang`` of our header) and
-    ``_received()`` (handle what the last read produced; the compiled router's
-    ``s2s_received`` or ``component_received``).
+    ``take_events()`` (what the compiled router leaves to the stream).
     """
 
     content_ns = SERVER_NS
@@ -104,13 +105,13 @@ class XmlStream(asyncio.BufferedProtocol):
     shared = False
     remote = False
     # one per connection: no instance dict; timers are the relay's shared sweep
-    __slots__ = ("relay", "loop", "transport", "peer", "paused", "_waiting_sources", "_blockers", "closing",
-                 "closed", "_closed_waiter", "opened_at", "last_rx", "last_tx", "_close_timer", "raw_xml", "_rx_at",
-                 "_unsent", "_unsent_bytes", "handed", "full_since", "stall", "side_buffer", "stanzas_in", "stanzas_out", "ctl_id",
-                 "peer_max_bytes", "acks")
+    __slots__ = ("peer", "_waiting_sources", "_blockers", "closed", "_closed_waiter", "opened_at", "_close_timer",
+                 "_rx_at", "full_since", "stall", "ctl_id")
 
     def __init__(self, relay: StreamHost) -> None:
         self.relay = relay
+        self.router = relay.router
+        self.link = 0 if self.remote else 1  # the compiled router's counters: S2S, component
         self.loop = relay.loop
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -166,9 +167,6 @@ class XmlStream(asyncio.BufferedProtocol):
         """The remote address, as connection limits count it (not kept: idle memory)."""
         return self.peer.rpartition(":")[0] or self.peer
 
-    get_buffer = _fastroute.get_buffer  # (sizehint) the tokenizer's free space, or side_buffer
-    buffer_updated = _fastroute.buffer_updated  # (nbytes) count, then _received or side_received
-
     def side_received(self, nbytes: int) -> None:
         """``nbytes`` arrived in ``side_buffer`` (subclasses that set one handle them)."""
         raise NotImplementedError
@@ -209,8 +207,6 @@ class XmlStream(asyncio.BufferedProtocol):
         self.relay.stream_closed(self, exc)
 
     # ------------------------------------------------------------------ forwarding
-    forward = _fastroute.forward  # (batches: {dest: [chunk, ...]}) queue each, pin our buffer, wait for a paused one
-
     def too_large(self, size: int) -> bool:
         """Whether a stanza of ``size`` bytes is above the ``max-bytes`` our peer announced
         (XEP-0478 §3: it "SHOULD NOT be sent on that stream")."""
@@ -280,11 +276,6 @@ class XmlStream(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ writing
-    write_chunks = _fastroute.write_chunks  # (chunks) stanzas, counted, queued for the end of this event-loop iteration
-    flush = _fastroute.flush  # hand the queued chunks to the transport in one call
-
-    write = _fastroute.write  # (data) bytes that are not a stanza (negotiation, keepalives, acks): not counted
-
     def keepalive(self) -> None:
         """RFC 6120 §4.6.1 whitespace keepalive (only called between stanzas)."""
         self.write(WHITESPACE_KEEPALIVE)
