@@ -86,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", choices=("py-spy", "cprofile"),
                    help="with --start: py-spy the target during each measurement window (any target), "
                         "or run the relay under cProfile (whole run)")
-    t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go")
+    t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go; "
+                                                "with --echo: where the echo component's stats file goes")
     t.add_argument("--relay-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="with --start relay*: a config setting of the relay (TOML value; repeatable), "
                         "e.g. s2s.stream_management=false")
@@ -206,7 +207,9 @@ def run_with_echo(cfg: runner.LoadConfig, args, counts: list[int]) -> dict:
     """The sweep with the echo component connected to ``--echo`` for its whole length."""
     from bench.loadlib import targets
 
-    stats = Path(tempfile.mkdtemp(prefix="bench-load-echo-")) / "echo-stats.json"
+    directory = args.workdir or Path(tempfile.mkdtemp(prefix="bench-load-echo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    stats = directory / "echo-stats.json"
     echo = targets.start_echo(args.echo, args.target_domain, args.echo_secret, stats, args.sink, args.generator_cpu)
     try:
         cfg = runner.LoadConfig(**(asdict(cfg) | {"echo_stats": str(stats),

@@ -82,7 +82,8 @@ def generating(specs, echo_spec, out: Path, listen_port: int, streams: int = STR
     argv = [sys.executable, "-m", "bench.load", "--target-domain", DOMAIN, "--echo",
             f"127.0.0.1:{echo_spec.component_port}", "--echo-secret", SECRET, "--streams", str(streams),
             "--rate", str(RATE), "--duration", str(duration), "--warmup", "0.5", "--drain", "3",
-            "--sm-ack-every", str(ACK_EVERY), "--listen-port", str(listen_port), "--quiet", "--output", str(out)]
+            "--sm-ack-every", str(ACK_EVERY), "--listen-port", str(listen_port), "--quiet", "--output", str(out),
+            "--workdir", str(out.with_suffix(""))]
     for spec in specs:
         argv += ["--target", f"127.0.0.1:{spec.s2s_port}"]
     with open(out.with_suffix(".log"), "w") as log:
