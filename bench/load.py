@@ -1,4 +1,4 @@
-"""Synthetic S2S load generator: many simulated remote servers against one target.
+"""Synthetic S2S load generator: many simulated remote servers against one target (or several).
 
 Each simulated server (`g0001.load.test`, ...) opens an S2S stream to the
 target, authenticates with dialback (the generator answers the target's
@@ -21,6 +21,17 @@ summary says whether every `<a h/>` was possible and everything acknowledged.
 its CPU per delivered stanza can be set against a run with it:
 
     python -m bench.load --start relay --streams 100 --rate 20000 --relay-option s2s.stream_management=false
+
+A cluster started elsewhere: `--target HOST:PORT` (repeated) spreads the
+streams over its nodes round-robin, and `--echo HOST:PORT` starts the echo
+component against one node's component port. Peers may die mid-run: every
+stanza sent is then accounted for as echoed, bounced back to the generator
+(an error with its id), its echo bounced to the echo component, or not taken
+(sent on a stream that died after the last XEP-0198 h its peer gave); any
+other is lost (`delivery.fates` in the JSON, `dead_streams` per stream):
+
+    python -m bench.load --target 127.0.0.1:5269 --target 127.0.0.1:5270 --echo 127.0.0.1:5347 \
+        --echo-secret S --streams 12 --rate 3000 --sm-ack-every 1 --output run.json
 """
 
 from __future__ import annotations
@@ -60,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
                    help="start this target (with the echo component) instead of using a running one")
     t.add_argument("--target-host", default="127.0.0.1")
     t.add_argument("--target-port", type=int, default=5269)
+    t.add_argument("--target", action="append", default=[], type=host_port, metavar="HOST:PORT",
+                   help="a target's S2S address instead of --target-host/--target-port; repeat it to spread "
+                        "the streams over several (round-robin), e.g. the nodes of a cluster")
+    t.add_argument("--echo", type=host_port, metavar="HOST:PORT",
+                   help="without --start: run the echo component against this component port of the target "
+                        "(for --target-domain), and count the bounces it receives")
+    t.add_argument("--echo-secret", default="", help="the component secret for --echo")
     t.add_argument("--target-domain", default="bench.test")
     t.add_argument("--target-pid", type=int, help="sample this process's CPU and RSS from /proc")
     t.add_argument("--watch-pid", action="append", default=[], metavar="LABEL=PID", help="sample another process too")
@@ -68,7 +86,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--profile", choices=("py-spy", "cprofile"),
                    help="with --start: py-spy the target during each measurement window (any target), "
                         "or run the relay under cProfile (whole run)")
-    t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go")
+    t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go; "
+                                                "with --echo: where the echo component's stats file goes")
     t.add_argument("--relay-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="with --start relay*: a config setting of the relay (TOML value; repeatable), "
                         "e.g. s2s.stream_management=false")
@@ -103,6 +122,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def host_port(text: str) -> tuple[str, int]:
+    """'127.0.0.1:5269' (or '[::1]:5269') -> ('127.0.0.1', 5269)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"HOST:PORT expected, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def generator_pki(directory: Path) -> tuple[str, str, str]:
     """(ca_file, cert, key) in `directory`, created on first use."""
     from router.trust import pki
@@ -134,7 +161,7 @@ def base_config(args, **over) -> runner.LoadConfig:
         window=args.window, sizes=args.sizes, duration=args.duration, warmup=args.warmup, ramp_up=args.ramp_up,
         connect_concurrency=args.connect_concurrency, handshake_timeout=args.handshake_timeout, drain=args.drain, tls=args.tls, mechanism=args.mechanism,
         bidi=not args.no_bidi, echo=not args.sink, secret=args.secret, target_pids=pids, progress=not args.quiet,
-        sm=args.sm, sm_ack_every=args.sm_ack_every,
+        sm=args.sm, sm_ack_every=args.sm_ack_every, targets=tuple(args.target),
     )
     fields.update(over)
     return runner.LoadConfig(**fields)
@@ -155,6 +182,7 @@ def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], wor
     try:
         target.start_echo(args.sink, args.generator_cpu, workdir / f"{target.name}-echo-stats.json")
         cfg = base_config(args, target_host=target.s2s[0], target_port=target.s2s[1], target_domain=target.domain,
+                          echo_stats=str(workdir / f"{target.name}-echo-stats.json"),
                           ca_file=pki_files[0], cert_file=pki_files[1], key_file=pki_files[2],
                           target_pids={target.name: target.pid, "echo": target.echo_process.pid,
                                        **getattr(target, "extra_pids", {})})
@@ -167,12 +195,41 @@ def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], wor
     result = {"target": target.name, "points": points}
     stats = workdir / f"{target.name}-echo-stats.json"
     if stats.exists():
-        result["echo_component"] = json.loads(stats.read_text())
+        result["echo_component"] = echo_report(stats, points, args.sink)
     profile = getattr(target, "profile_path", None)
     if profile is not None:
         result["profile"] = str(profile)
 
     return result
+
+
+def run_with_echo(cfg: runner.LoadConfig, args, counts: list[int]) -> dict:
+    """The sweep with the echo component connected to ``--echo`` for its whole length."""
+    from bench.loadlib import targets
+
+    directory = args.workdir or Path(tempfile.mkdtemp(prefix="bench-load-echo-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    stats = directory / "echo-stats.json"
+    echo = targets.start_echo(args.echo, args.target_domain, args.echo_secret, stats, args.sink, args.generator_cpu)
+    try:
+        cfg = runner.LoadConfig(**(asdict(cfg) | {"echo_stats": str(stats),
+                                                  "target_pids": cfg.target_pids | {"echo": echo.pid}}))
+        points = uvloop_run(runner.run_sweep(cfg, counts))
+    finally:
+        targets.end(echo, 5)
+    return {"points": points, "echo_component": echo_report(stats, points, args.sink) if stats.exists() else None}
+
+
+def echo_report(stats: Path, points: list[dict], sink: bool) -> dict:
+    """The echo component's final counts and bounced ids, and how many of the messages it took came
+    back neither as an echo nor as a bounce to it: echoes that vanished (0 unless something is wrong).
+    Bounces that came after a point read the file count as came back."""
+    report = json.loads(stats.read_text())
+    if not sink:
+        deliveries = [p.get("delivery", {}) for p in points]
+        late = len(report["bounced_ids"]) - sum(d.get("echo_bounces_read", 0) for d in deliveries)
+        report["unreturned"] = report["messages"] - sum(d.get("echo_returned", 0) for d in deliveries) - late
+    return report
 
 
 def uvloop_run(coro):
@@ -189,6 +246,8 @@ def main(argv=None) -> int:
     procstat.raise_fd_limit()
     report = {"command": "python -m bench.load " + shlex.join(sys.argv[1:] if argv is None else argv),
               "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.start and (args.echo or args.target):
+        raise SystemExit("--start runs its own target and echo component: no --target or --echo with it")
     if args.start:
         from bench.loadlib import targets
 
@@ -207,7 +266,8 @@ def main(argv=None) -> int:
             pki_files = generator_pki(pki_dir)
             print(f"generator CA (the target must trust it): {pki_files[0]}", file=sys.stderr)
         cfg = base_config(args, ca_file=args.target_ca or pki_files[0], cert_file=pki_files[1], key_file=pki_files[2])
-        report |= {"target": f"{args.target_host}:{args.target_port}", "points": uvloop_run(runner.run_sweep(cfg, counts))}
+        report["target"] = ",".join(f"{host}:{port}" for host, port in cfg.addresses())
+        report |= run_with_echo(cfg, args, counts) if args.echo else {"points": uvloop_run(runner.run_sweep(cfg, counts))}
     summarize(report)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -215,15 +275,19 @@ def main(argv=None) -> int:
         if len(counts) > 1:
             plot_sweep({report["target"]: report["points"]}, args.output.with_suffix(".png"),
                        f"{report['target']}: {args.streams} streams")
-    return 0 if all(ok(p) for p in report["points"]) else 1
+    vanished = (report.get("echo_component") or {}).get("unreturned", 0)
+    return 0 if all(ok(p) for p in report["points"]) and not vanished else 1
 
 
 def ok(point: dict) -> bool:
+    """Every stanza echoed once, in order, and nothing else amiss (a bounce or a dead peer is not ok either)."""
     d = point.get("delivery", {})
     h = point.get("handshakes", {})
-    bad = (d.get("lost", 0) if point["config"]["echo"] else 0) + d.get("duplicated", 0) + d.get("misrouted", 0)
+    fates = d.get("fates", {})
+    not_echoed_once = d.get("lost", 0) + sum(fates.get(k, 0) for k in ("bounced", "echo_bounced", "not_taken", "more_than_one"))
+    bad = (not_echoed_once if point["config"]["echo"] else 0) + d.get("duplicated", 0) + d.get("misrouted", 0)
     acks = point.get("stream_management", {})
-    bad += acks.get("h_errors", 0) + acks.get("unacknowledged_at_end", 0)
+    bad += acks.get("h_errors", 0) + acks.get("unacknowledged_at_end", 0) + d.get("out_of_order", 0)
     return bad == 0 and d.get("error_stanzas", 0) == 0 and h.get("failed", 1) == 0
 
 
@@ -237,6 +301,10 @@ def summarize(report: dict) -> None:
               f" | latency p50 {lat.get('p50')} p99 {lat.get('p99')} p99.9 {lat.get('p99.9')} ms"
               f" | lost {d.get('lost')} dup {d.get('duplicated')} misrouted {d.get('misrouted')}"
               f" errors {d.get('error_stanzas')} | cpu {p.get('cpu_percent')} | machine busy {p.get('machine_busy_percent')}")
+        fates = d.get("fates", {})
+        if any(v for k, v in fates.items() if k != "echoed") or d.get("out_of_order"):
+            print(f"  fates: {fates} | out of order {d.get('out_of_order')}"
+                  f" | streams that died {len(d.get('dead_streams', []))}")
         cpu = (p.get("cpu_percent") or {}).get(report["target"])
         if cpu is not None and t.get("delivered_per_s"):
             print(f"  {report['target']}: {1e4 * cpu / t['delivered_per_s']:.2f} µs CPU per delivered stanza")
@@ -264,6 +332,10 @@ def summarize(report: dict) -> None:
             gaps = p["sender"]["tick_gap_ms"]
             print(f"  sender: tick gap p50 {gaps['p50']} p99 {gaps['p99']} max {gaps['max']} ms,"
                   f" writes into paused transports {p['sender']['writes_while_paused']}")
+    component = report.get("echo_component") or {}
+    if component.get("bounced_ids") or component.get("unreturned"):
+        print(f"echo component: took {component['messages']} messages; {len(component['bounced_ids'])} echoes "
+              f"bounced back to it; {component.get('unreturned')} neither came back nor bounced")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The synthetic S2S load generator counts right and catches a faulty target.
 
-Unit part: the ledger, the XEP-0185 key, XEP-0198 h checks and the relay
+Unit part: the ledger and the fates it gives every stanza, the echo
+component's bounce file, the XEP-0185 key, XEP-0198 h checks and the relay
 config options (no sockets). Integration part: a real Prosody serves
 `bench.test` through the generator's echo component; once the component is
 honest (everything must come back exactly once), once it is made to drop,
@@ -54,6 +55,47 @@ def test_tracker_counts_loss_duplicates_misrouting_and_windowed_latency():
     assert (totals["duplicated"], totals["misrouted"], totals["unparseable"]) == (1, 2, 1)
     assert tracker.latencies_us == [200] and tracker.delivered_in_window == 1
     assert percentiles([1000, 2000, 3000, 4000])["p50"] == 2.0
+
+
+def test_every_stanza_sent_has_one_fate_and_a_dead_streams_unacknowledged_ones_were_not_taken():
+    tracker = Tracker(2)
+    tracker.sent(0, 6)
+    tracker.sent(1, 4)
+    tracker.arrived("0.0.1", 0, 5, b"")
+    tracker.bounced("0.1.1", b"")  # an error with the stanza's id came back
+    tracker.echo_bounced(["0.2.1"])  # its echo bounced to the component
+    tracker.arrived("0.4.1", 0, 5, b"")  # taken though never acknowledged: echoed
+    tracker.died(0, 4)  # its peer had acknowledged 0..3: 3 is lost, 5 was not taken
+    assert tracker.awaited() == 1 + 4
+    tracker.arrived("1.1.1", 1, 5, b"")
+    tracker.arrived("1.0.1", 1, 5, b"")  # older than one already echoed on its stream
+    tracker.bounced("1.1.1", b"")  # echoed and bounced: two fates
+    tracker.bounced("7.0.1", b"<message type='error'/>")  # not ours: an error of the run
+    totals = tracker.totals()
+    assert totals["fates"] == {"echoed": 3, "bounced": 1, "echo_bounced": 1, "not_taken": 1, "lost": 3,
+                               "more_than_one": 1}
+    assert sum(totals["fates"].values()) == totals["sent"] == 10 and totals["lost"] == 3
+    assert totals["echo_returned"] == 5  # echoed or bounced back to the component: what the component saw come back
+    assert (totals["out_of_order"], totals["error_stanzas"], totals["duplicated"]) == (1, 1, 0)
+    assert totals["dead_streams"] == [{"stream": 0, "sent": 6, "acknowledged": 4, "echoed": 2, "bounced": 1,
+                                       "echo_bounced": 1, "not_taken": 1, "lost": 1, "more_than_one": 0}]
+    assert totals["samples"]["lost"] == ["stream 0: 1 of 6 missing, seq [3]", "stream 1: 2 of 4 missing, seq [2, 3]"]
+
+
+def test_the_echo_components_bounces_reach_the_generator_through_its_stats_file(tmp_path):
+    class Component:  # what write_stats reads of an EchoComponent
+        counts = {"messages": 3, "errors": 0, "iq": 0, "other": 0}
+        bounced_ids: list[str] = ["0.1.5"]
+
+    path, taken = str(tmp_path / "echo-stats.json"), []
+    echo.write_stats(path, Component)
+    bounces = echo.Bounces(path, taken.extend)  # a sweep's later point: the earlier bounces are not its
+    Component.bounced_ids = ["0.1.5", "0.2.6", "1.0.7"]
+    echo.write_stats(path, Component)
+    bounces.poll()
+    bounces.poll()
+    assert taken == ["0.2.6", "1.0.7"]
+    echo.Bounces(None, taken.extend).poll()  # no file: nothing to take
 
 
 def test_an_ack_beyond_what_was_sent_is_an_error_and_h_wraps_at_2_to_the_32():
@@ -174,8 +216,8 @@ def test_drops_duplicates_misroutes_and_bounces_are_each_reported(prosody):
     assert d["sent"] > 30  # every chosen sequence number was sent
     assert d["duplicated"] == 1
     assert d["misrouted"] == 1 and "id='2.7." in d["samples"]["misrouted"][0] and wire.load_domain(0) in d["samples"]["misrouted"][0]
-    assert d["error_stanzas"] == 1 and "service-unavailable" in d["samples"]["error"][0]
-    assert d["lost"] == 3  # the dropped one, the misrouted one, the bounced one
+    assert d["fates"]["bounced"] == 1 and d["error_stanzas"] == 0  # the bounce is its stanza's fate
+    assert d["lost"] == 2  # the dropped one, the misrouted one
     assert d["received"] == d["sent"] - 3
 
 

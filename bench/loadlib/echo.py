@@ -5,6 +5,12 @@ payload) so the generator can time and check it; `sink` only counts. It reads
 with the project's Tokenizer and writes one batch per read, so it costs the
 same on every target and stays small next to the target itself.
 
+An echo the target cannot deliver comes back to the component as an error
+stanza with the echo's id, which is the generator's stanza's: the component
+keeps those ids, and `--stats FILE` holds its counts and them (rewritten
+whenever a bounce came, and at exit), so the generator can tell which of its
+stanzas ended there (`Bounces` reads them).
+
     python -m bench.loadlib.echo --port 5347 --domain bench.test --secret S [--sink] [--stats FILE]
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 
@@ -20,6 +27,7 @@ from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Toke
 from router.wire.handshake import handshake_digest
 
 COMPONENT_NS = "jabber:component:accept"
+STATS_EVERY_S = 0.2  # the stats file is rewritten this often while bounces come
 
 
 def _attr(value: str) -> str:
@@ -35,6 +43,7 @@ class EchoComponent(asyncio.BufferedProtocol):
         self.transport = None
         self.authenticated = False
         self.counts = {"messages": 0, "errors": 0, "iq": 0, "other": 0}
+        self.bounced_ids: list[str] = []  # of the error messages received: the echoes the target bounced
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport):
@@ -77,6 +86,8 @@ class EchoComponent(asyncio.BufferedProtocol):
         counts = self.counts
         if el.type == "error":
             counts["errors"] += 1
+            if el.name == "message" and el.id is not None:
+                self.bounced_ids.append(el.id)
             if counts["errors"] <= 3:
                 sys.stderr.write(f"echo: error stanza {bytes(buf[el.start:el.end])[:300]!r}\n")
             return
@@ -135,14 +146,55 @@ async def _main(args) -> int:
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    await asyncio.wait([stop, proto.lost], return_when=asyncio.FIRST_COMPLETED)
+    written = None
+    while not (stop.done() or proto.lost.done()):
+        await asyncio.wait([stop, proto.lost], timeout=STATS_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
+        if args.stats and written != len(proto.bounced_ids):
+            written = len(proto.bounced_ids)
+            write_stats(args.stats, proto)
     if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(proto.counts, f)
+        write_stats(args.stats, proto)
     if proto.transport and not proto.transport.is_closing():
         proto.transport.write(b"</stream:stream>")
         proto.transport.close()
     return 0
+
+
+def write_stats(path: str, proto: EchoComponent) -> None:
+    """The counts and the bounced ids, replaced at once (a reader never sees half a file)."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(proto.counts | {"bounced_ids": proto.bounced_ids}, f)
+    os.replace(f"{path}.tmp", path)
+
+
+class Bounces:
+    """The generator's side of the stats file: each ``poll`` hands the ids bounced since the last
+    one (since this object was made, at first) to ``take``; ``read`` counts them."""
+
+    def __init__(self, path: str | None, take):
+        self.path, self.take = path, take
+        self.stamp: tuple[int, int] | None = None
+        self.taken = len(self.ids())  # a sweep's earlier points had those
+        self.read = 0
+
+    def ids(self) -> list[str]:
+        try:
+            with open(self.path) as f:
+                return json.load(f).get("bounced_ids", [])
+        except (TypeError, OSError, ValueError):  # no file named, or not written yet
+            return []
+
+    def poll(self) -> None:
+        try:
+            stat = os.stat(self.path)
+        except (TypeError, OSError):
+            return
+        if (stat.st_mtime_ns, stat.st_size) != self.stamp:
+            self.stamp = (stat.st_mtime_ns, stat.st_size)
+            ids = self.ids()
+            self.take(ids[self.taken:])
+            self.read += len(ids) - self.taken
+            self.taken = len(ids)
 
 
 def main(argv=None) -> int:
@@ -152,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--domain", required=True)
     p.add_argument("--secret", required=True)
     p.add_argument("--sink", action="store_true", help="count messages, send nothing back")
-    p.add_argument("--stats", help="write the counts as JSON here on exit")
+    p.add_argument("--stats", help="write the counts and the ids of the bounced echoes here as JSON "
+                                   "(while they come, and on exit)")
     p.add_argument("--timeout", type=float, default=15)
     args = p.parse_args(argv)
     try:

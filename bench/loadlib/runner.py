@@ -2,22 +2,21 @@
 
 Phases: `connect` (ramped, bounded concurrency) -> `warmup` -> `measure`
 (the window whose deliveries and latencies count) -> `drain` (stop sending,
-wait for the echoes still in flight) -> `acks` (with XEP-0198: one last ack
-request per stream, every answer awaited) -> `close`.
+wait for the echoes and bounces still in flight) -> `acks` (with XEP-0198: one
+last ack request per stream, every answer awaited) -> `close`. The streams are
+spread round-robin over the target addresses; the bounces the echo component
+received are read from its stats file while the point drains.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import ssl
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from . import procstat, profile, sm, wire
+from . import echo, procstat, profile, sm, wire
 from .progress import Progress
 from .streams import InboundStream, OutboundStream, bare_domain
 from .tracker import Tracker, handshake_stats, percentiles
@@ -32,6 +31,7 @@ class LoadConfig:
 
     target_host: str = "127.0.0.1"
     target_port: int = 5269
+    targets: tuple[tuple[str, int], ...] = ()  # several (host, port): the streams spread over them round-robin
     target_domain: str = "bench.test"
     listen_host: str = "127.0.0.1"
     listen_port: int = 15269
@@ -60,6 +60,10 @@ class LoadConfig:
     progress: bool = True
     sm: bool = True  # XEP-0198 acks where the target offers them (and offered to its streams to us)
     sm_ack_every: int = 1000  # ask for an ack after this many stanzas sent unasked
+    echo_stats: str | None = None  # the echo component's --stats file: the bounces it received
+
+    def addresses(self) -> tuple[tuple[str, int], ...]:
+        return self.targets or ((self.target_host, self.target_port),)
 
 
 class LoadContext:
@@ -72,6 +76,7 @@ class LoadContext:
         self.tls, self.mechanism, self.bidi, self.secret = cfg.tls, cfg.mechanism, cfg.bidi, cfg.secret
         self.size_cycle = wire.size_cycle(wire.parse_size_mix(cfg.sizes))
         self.tracker = Tracker(cfg.streams)
+        self.echo_bounces = echo.Bounces(cfg.echo_stats, self.tracker.echo_bounced)
         self.acks = sm.AckTotals()
         self.streams: list[OutboundStream | None] = [None] * cfg.streams
         self.inbound: set[InboundStream] = set()  # connections the target opened to us, closed with the point
@@ -113,10 +118,20 @@ class LoadContext:
         to_index = wire.domain_index(bare_domain(element.to) or "")
         if bare_domain(element.from_) != self.target_domain or (via is not None and via != to_index):
             to_index = None  # came from elsewhere, or on another simulated server's stream
-        index = self.tracker.arrived(element.id, to_index, self.now_us(), raw)
+        self.settled(self.tracker.arrived(element.id, to_index, self.now_us(), raw))
+
+    def bounced(self, element, raw: bytes):
+        self.settled(self.tracker.bounced(element.id, raw))
+
+    def settled(self, index: int | None):
+        """Stream ``index`` has one stanza fewer in flight: saturation mode sends the next."""
         if index is not None and self.cfg.saturate and self.sending:
             self.dirty.add(index)
             self.schedule_flush()
+
+    def died(self, stream: OutboundStream):
+        """``stream`` died mid-run: what its peer had not acknowledged, it may never have taken."""
+        self.tracker.died(stream.index, stream.acks.acked if stream.acks is not None else 0)
 
     def resumed(self, stream):
         if isinstance(stream, OutboundStream) and self.cfg.saturate and self.sending:
@@ -154,17 +169,18 @@ async def _connect_all(ctx: LoadContext, loop) -> tuple[list[float], float]:
     gate = asyncio.Semaphore(cfg.connect_concurrency)
     durations: list[float] = []
     start = time.perf_counter()
+    addresses = cfg.addresses()
 
     async def one(index: int):
         delay = cfg.ramp_up * index / max(1, cfg.streams)
         if delay:
             await asyncio.sleep(delay - (time.perf_counter() - start))
+        host, port = addresses[index % len(addresses)]
         async with gate:
             try:
-                _, proto = await loop.create_connection(
-                    lambda: OutboundStream(ctx, index), cfg.target_host, cfg.target_port)
+                _, proto = await loop.create_connection(lambda: OutboundStream(ctx, index), host, port)
             except OSError as exc:
-                ctx.failure(f"connect to {cfg.target_host}:{cfg.target_port} failed: {exc!r}")
+                ctx.failure(f"connect to {host}:{port} failed: {exc!r}")
                 return
             ctx.streams[index] = proto
             try:
@@ -242,8 +258,9 @@ async def run_point(cfg: LoadConfig, label: str = "load") -> dict:
         server.close()
         await asyncio.sleep(0.2)
         progress.stop()
+    ctx.echo_bounces.poll()
     result["errors"] = {"failures": ctx.failures, "failure_samples": ctx.failure_samples}
-    result["delivery"] = ctx.tracker.totals()
+    result["delivery"] = ctx.tracker.totals() | {"echo_bounces_read": ctx.echo_bounces.read}
     if not cfg.echo:
         result["delivery"]["note"] = "sink mode: the target keeps the stanzas; nothing comes back to count"
     return result
@@ -262,7 +279,7 @@ async def _load(ctx: LoadContext, progress: Progress, result: dict):
     sender = asyncio.ensure_future(_send(ctx, streams, window[1]))
     await asyncio.sleep(cfg.warmup)
     progress.phase = "measure"
-    profiler = await _start_profiler(cfg)
+    profiler = await profile.start_py_spy(cfg)
     before, busy0, t0 = _samples(cfg), procstat.cpu_busy_s(), time.perf_counter()
     sent0 = sum(l.sent for l in ctx.tracker.ledgers)
     await asyncio.sleep(cfg.duration)
@@ -272,17 +289,18 @@ async def _load(ctx: LoadContext, progress: Progress, result: dict):
     await sender
     sm.request_all(streams, ctx.acks)  # XEP-0198: what the window sent, acknowledged during the drain
     if profiler is not None:
-        result["profile"] = await _finish_profiler(profiler, cfg)
+        result["profile"] = await profile.finish_py_spy(profiler, cfg.duration)
     progress.phase = "drain"
     tracker = ctx.tracker
     hard_stop = time.perf_counter() + DRAIN_MAX_S
-    last_progress, last_received = time.perf_counter(), -1
+    last_progress, last_awaited = time.perf_counter(), -1
     while cfg.echo and time.perf_counter() < min(hard_stop, last_progress + cfg.drain):
-        received = sum(l.received for l in tracker.ledgers)
-        if all(l.received >= l.sent for l in tracker.ledgers):
+        ctx.echo_bounces.poll()
+        awaited = tracker.awaited()
+        if not awaited:
             break
-        if received != last_received:
-            last_progress, last_received = time.perf_counter(), received
+        if awaited != last_awaited:
+            last_progress, last_awaited = time.perf_counter(), awaited
         await asyncio.sleep(0.05)
     wall = t1 - t0
     result["throughput"] = {
@@ -302,29 +320,6 @@ async def _load(ctx: LoadContext, progress: Progress, result: dict):
     result["rss_mib_end"] = {name: round(s.rss_bytes / 2**20, 2) for name, s in after.items() if s}
     if cfg.rate > 0 and not cfg.saturate:
         result["sender"] = ctx.sender.report()
-
-
-async def _start_profiler(cfg: LoadConfig):
-    """py-spy attached to the target for exactly the measurement window (not the handshakes)."""
-    if cfg.profile_pid is None or cfg.profile_prefix is None:
-        return None
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    out = f"{cfg.profile_prefix}-{cfg.streams}.txt"
-    return out, await asyncio.create_subprocess_exec(
-        py_spy, "record", "--nonblocking", "--rate", "200", "--format", "raw", "--duration", str(max(1, round(cfg.duration))),
-        "--pid", str(cfg.profile_pid), "--output", out, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-
-
-async def _finish_profiler(profiler, cfg: LoadConfig) -> dict:
-    out, proc = profiler
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), cfg.duration + 30)
-    except asyncio.TimeoutError:
-        proc.kill()
-        return {"file": out, "error": "py-spy did not finish"}
-    if proc.returncode != 0 or not Path(out).exists():
-        return {"file": out, "error": err.decode(errors="replace")[-500:]}
-    return {"file": out} | profile.summarize(Path(out))
 
 
 async def _send(ctx: LoadContext, streams: list[OutboundStream], stop_us: int):

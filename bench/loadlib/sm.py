@@ -92,8 +92,9 @@ class AckTotals:
             self.samples.append(text[:400])
 
     def report(self, streams) -> dict:
-        """Totals, with what the streams that count sent and the target never acknowledged."""
-        counting = [s.acks for s in streams if s is not None and s.acks is not None]
+        """Totals, with what the streams that count (and are still open) sent and the target never
+        acknowledged; a stream that died is the tracker's (``dead_streams``)."""
+        counting = [s.acks for s in streams if s is not None and s.acks is not None and not s.closed]
         sent = sum(a.sent for a in counting)
         acked = sum(a.acked for a in counting)
         out = {"offered": self.offered, "enabled": self.enabled, "refused": self.refused,

@@ -80,9 +80,9 @@ class _Stream(asyncio.BufferedProtocol):
             self.close(reply=True)
 
     def message(self, element: Element, raw: bytes, via: int | None):
-        """An echoed stanza (or an error bounce) arrived."""
+        """An echoed stanza (or a bounce: an error with the id of the stanza it bounces) arrived."""
         if element.type == "error":
-            self.ctx.tracker.error_stanza(raw)
+            self.ctx.bounced(element, raw)
             return
         self.ctx.arrived(element, raw, via)
 
@@ -278,7 +278,8 @@ class OutboundStream(_Stream):
         if not self.done.done():
             self.done.set_exception(ConnectionError(f"{self.domain}: connection lost in phase {self.phase} ({exc!r})"))
         elif self.ready and not self.ctx.stopping:
-            self.ctx.failure(f"{self.domain}: connection lost while running ({exc!r})")
+            self.ctx.failure(f"connection lost while running: {self.domain} ({exc!r})")
+            self.ctx.died(self)
 
 
 class InboundStream(_Stream):

@@ -80,6 +80,22 @@ def with_options(config: str, options: list[str]) -> str:
     return config[1:]
 
 
+def start_echo(component: tuple[str, int], domain: str, secret: str, stats: Path, sink: bool = False,
+               cpu: str | None = None) -> subprocess.Popen:
+    """The echo/sink component as its own process (pinned beside the generator), once it is connected
+    to ``component`` (host, port) for ``domain``."""
+    cmd = taskset(cpu) + [sys.executable, "-m", "bench.loadlib.echo", "--host", component[0],
+                          "--port", str(component[1]), "--domain", domain, "--secret", secret,
+                          "--stats", str(stats)] + (["--sink"] if sink else [])
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
+                               cwd=Path(__file__).resolve().parents[2])
+    line = process.stdout.readline()
+    if line.strip() != "ready":
+        end(process, 5)
+        raise RuntimeError(f"echo component for {domain} at {component[0]}:{component[1]} did not start (said {line!r})")
+    return process
+
+
 class Pki:
     """The run's CA, the target's certificate and the simulated servers' wildcard one."""
 
@@ -133,16 +149,7 @@ class Target:
     echo_process: subprocess.Popen | None = None
 
     def start_echo(self, sink: bool, cpu: str | None, stats: Path) -> None:
-        """The echo/sink component as its own process (pinned beside the generator)."""
-        cmd = taskset(cpu) + [sys.executable, "-m", "bench.loadlib.echo", "--host", self.component[0],
-                              "--port", str(self.component[1]), "--domain", self.domain, "--secret", self.secret,
-                              "--stats", str(stats)] + (["--sink"] if sink else [])
-        self.echo_process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
-                                             cwd=Path(__file__).resolve().parents[2])
-        line = self.echo_process.stdout.readline()
-        if line.strip() != "ready":
-            self.stop_echo()
-            raise RuntimeError(f"echo component for {self.name} did not start (said {line!r})")
+        self.echo_process = start_echo(self.component, self.domain, self.secret, stats, sink, cpu)
 
     def stop_echo(self) -> None:
         proc, self.echo_process = self.echo_process, None
