@@ -65,9 +65,11 @@ class Bus:
         self._due: list[Any] = []  # the outboxes with stanzas to send at the end of this iteration
         self._answers = f"{self.prefix}.answer.{self.member}"  # our batches' reply subjects: this, "." sequence
         self._sequence = 0
-        # batches sent and not answered yet (max_bus_in_flight bounds their stanzas):
-        # sequence -> (member, payload, stanzas, the timer that bounces them at bus_timeout)
-        self._waiting: dict[int, tuple[str, bytearray, int, asyncio.TimerHandle]] = {}
+        self.generation = 0  # _flush calls so far: a batch belongs to the flush that sent it
+        # batches sent and not answered yet (max_bus_in_flight bounds their stanzas): sequence ->
+        # (member, payload, stanzas, the timer that bounces them at bus_timeout, its generation)
+        self._waiting: dict[int, tuple[str, bytearray, int, asyncio.TimerHandle, int]] = {}
+        self._handoff_waiters: set[Any] = set()  # S2S streams whose XEP-0198 <a/>s wait (StreamAcks.deferred)
         self._stopping = False
         self._announce_pending = False
         self._runner: asyncio.Task | None = None
@@ -242,6 +244,7 @@ class Bus:
         """One message per batch of each outbox: unless NATS is away, or the bus has
         ``max_bus_in_flight`` stanzas waiting for answers (then the batch bounces)."""
         due, self._due = self._due, []
+        self.generation += 1
         sending = []
         for box in due:
             for payload, count in box.take():
@@ -256,10 +259,31 @@ class Bus:
                     self.in_flight += count
                     self._sequence += 1
                     timer = self.host.loop.call_later(self.config.bus_timeout, self._timed_out, self._sequence)
-                    self._waiting[self._sequence] = (box.member, payload, count, timer)
+                    self._waiting[self._sequence] = (box.member, payload, count, timer, self.generation)
                     sending.append(self._sequence)
         if sending:
             self.host.spawn(self._send_batches(sending))
+        self._handed_off()
+
+    def handoff_mark(self) -> int | None:
+        """The flush whose batches carry every stanza given to the bus so far, or None when
+        none is on its way (XEP-0198: an ``<a/>`` waits for it, ``StreamAcks.answer``)."""
+        if self._due:
+            return self.generation + 1
+        return self.generation if self._waiting else None
+
+    def wait_for_handoff(self, stream: Any) -> None:
+        self._handoff_waiters.add(stream)
+
+    def _handed_off(self) -> None:
+        """Batches were answered or given up: the ``<a/>``s that waited for them go out."""
+        if not self._handoff_waiters:
+            return
+        # sequences, and so generations, grow in the table's order: the first waits longest
+        settled = next(iter(self._waiting.values()))[4] - 1 if self._waiting else self.generation
+        for stream in list(self._handoff_waiters):
+            if stream.acks is None or stream.closing or stream.acks.release(settled):
+                self._handoff_waiters.discard(stream)
 
     async def _send_batches(self, sequences: list[int]) -> None:
         for sequence in sequences:
@@ -282,7 +306,7 @@ class Bus:
         waiting = self._waiting.get(sequence)
         if waiting is None:
             return  # it timed out: its stanzas bounced already
-        member, payload, count, _ = waiting
+        member, payload, count, *_ = waiting
         if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
             self._failed(sequence, "unreachable", f"cluster member {member} is gone")
             return
@@ -310,9 +334,10 @@ class Bus:
 
     def _done(self, sequence: int) -> tuple[bytearray, int]:
         """The batch is answered or failed: out of the table; its payload and stanzas."""
-        _, payload, count, timer = self._waiting.pop(sequence)
+        _, payload, count, timer, _ = self._waiting.pop(sequence)
         timer.cancel()
         self.in_flight -= count
+        self._handed_off()
         return payload, count
 
     def _lost(self, items: list[Carried], text: str) -> None:
@@ -333,6 +358,9 @@ class Bus:
         except ValueError as exc:
             log.warning("cluster bus: refusing a malformed batch: %s", exc)
             return  # the sender times out and bounces
+        # "taken" is said once the writes are the transports': a process killed after saying it
+        # must not still hold them in its queues (they would vanish, neither delivered nor bounced)
+        self.host.router.flush_writes()
         self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(answers))
         self.host.metrics.bus_batches.inc("received")
         try:

@@ -18,11 +18,20 @@ stream), and more than ``sm_max_unacked`` waiting stanzas mean a peer that
 reads but does not acknowledge: it only hurts itself, its stream is closed.
 When the stream is gone, `stanzas` gives the relay what it sent and the peer
 never acknowledged: it is re-sent on another stream or bounced, never lost.
+
+Our own ``<a h/>`` says the stanzas are ours to deliver, so with a cluster bus
+it waits until the stanzas read before the ``<r/>`` have left this process:
+taken by the member they were sent to, or bounced (``Bus.handoff_mark``). A
+process that is killed then never leaves stanzas acknowledged and undelivered;
+its peer re-sends or bounces what was not acknowledged. At most
+``MAX_DEFERRED_ACKS`` answers wait per stream: past that the newest waiting one
+answers the newer ``<r/>`` too (one ``<a/>`` may answer several, XEP-0198 §4).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any, Iterator
 
 from router._fastparse import Element, Tokenizer
@@ -34,13 +43,14 @@ log = logging.getLogger("router.net.acks")
 # The chunks written to a jabber:server stream are stanzas in its default namespace
 # (the compiled router fixes up those that are not): read back under this header.
 _REPLAY_HEADER = f"<stream:stream xmlns='{SERVER_NS}' xmlns:stream='{STREAM_NS}'>".encode()
+MAX_DEFERRED_ACKS = 16  # answers to <r/> waiting for the cluster bus, per stream
 
 
 class StreamAcks:
     """XEP-0198 counters and the re-send buffer of one stream (``stream.acks`` while enabled)."""
 
     __slots__ = ("stream", "blobs", "counts", "pending", "skip", "acked", "keeping", "in_base", "requested_at",
-                 "waiting_since", "overflow_noted", "ack_every", "max_unacked")
+                 "waiting_since", "overflow_noted", "ack_every", "max_unacked", "deferred")
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -54,6 +64,7 @@ class StreamAcks:
         self.requested_at: float | None = None  # our <r/> not answered yet, sent then
         self.waiting_since: float | None = None  # when the oldest unacknowledged stanza was sent
         self.overflow_noted = False
+        self.deferred: deque[tuple[int, bytes]] = deque()  # (the bus flush they wait for, our <a/>), oldest first
         s2s = stream.relay.config.s2s  # read once per stream: a reload applies to new streams
         self.ack_every, self.max_unacked = s2s.sm_ack_every, s2s.sm_max_unacked
 
@@ -122,6 +133,29 @@ class StreamAcks:
     def handled(self) -> bytes:
         """Our ``<a h/>``: the stanzas received since counting started."""
         return sm.ack(self.stream.stanzas_in - self.in_base if self.in_base is not None else 0)
+
+    def answer(self) -> None:
+        """The peer's ``<r/>``: our ``<a h/>`` now, or once the cluster bus has handed off
+        what is on its way (the stanzas counted in ``h`` among it)."""
+        bus = self.stream.relay.bus
+        mark = bus.handoff_mark() if bus is not None else None
+        if mark is None and not self.deferred:
+            self.stream.write(self.handled())
+            return
+        entry = (bus.generation if mark is None else mark, self.handled())
+        if len(self.deferred) >= MAX_DEFERRED_ACKS:
+            self.deferred[-1] = entry
+        else:
+            self.deferred.append(entry)
+        bus.wait_for_handoff(self.stream)
+
+    def release(self, settled: int) -> bool:
+        """The bus has handed off every batch of its flushes up to ``settled``: the answers
+        waiting for them go out. True when none waits any more."""
+        deferred = self.deferred
+        while deferred and deferred[0][0] <= settled:
+            self.stream.write(deferred.popleft()[1])
+        return not deferred
 
     # ------------------------------------------------------------------ the stream is gone
     def stanzas(self) -> Iterator[tuple[bytes, Element]]:

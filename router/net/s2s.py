@@ -280,7 +280,7 @@ class S2SStream(XmlStream):
         elif self.acks is None:
             return
         elif isinstance(event, ev.AckRequested):
-            self.write(self.acks.handled())
+            self.acks.answer()
         else:
             problem = self.acks.acknowledged(event.h)
             if problem is not None:  # XEP-0198 §4: an h beyond what was sent is the peer's error
