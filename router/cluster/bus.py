@@ -321,6 +321,7 @@ class Bus:
             for item, answer in zip(decode_batch(payload)[1], answers):
                 if answer:  # the member refused it: its (condition, text)
                     self.host.delivery.bounce_carried(item, *answer)
+        self._handed_off()
 
     def _timed_out(self, sequence: int) -> None:
         member = self._waiting[sequence][0]
@@ -331,13 +332,15 @@ class Bus:
         log.warning("cluster bus: %d stanza(s) bounce: %s", count, failure)
         self.host.metrics.bus_failures.inc(reason, by=count)
         self._lost(decode_batch(payload)[1], failure)
+        self._handed_off()
 
     def _done(self, sequence: int) -> tuple[bytearray, int]:
-        """The batch is answered or failed: out of the table; its payload and stanzas."""
+        """The batch is answered or failed: out of the table; its payload and stanzas. The
+        caller bounces what must bounce, then calls ``_handed_off``: an ``<a/>`` that counts
+        a stanza follows its bounce on the wire."""
         _, payload, count, timer, _ = self._waiting.pop(sequence)
         timer.cancel()
         self.in_flight -= count
-        self._handed_off()
         return payload, count
 
     def _lost(self, items: list[Carried], text: str) -> None:

@@ -43,15 +43,17 @@ class Peer:
                       secret: str = "peer-dialback-secret-0123", bidi: str = "encrypted",
                       require_encryption: bool = True, other_domains: tuple[str, ...] = (),
                       lang: str = "en", source_ip: str | None = None, rcvbuf: int | None = None,
-                      stream_limits=None) -> "Peer":
+                      stream_limits=None, stream_management: bool = False) -> "Peer":
         """``source_ip``: connect from this loopback address (connection limits count
         per IP); ``rcvbuf``: a small receive buffer, so a peer that stops reading
-        makes the relay's write buffer fill at once."""
+        makes the relay's write buffer fill at once; ``stream_management``: enable
+        XEP-0198 when the relay offers it."""
         config = SessionConfig(
             default_lang=lang,
             local_domains=frozenset({local, *other_domains}), dialback_secret=secret,
             trust_store=TrustStore.from_files(ca_path), has_certificate=cert is not None, bidi=bidi,
             policy=Policy(require_encryption=require_encryption), stream_limits=stream_limits,
+            stream_management=stream_management,
         )
         session = Session("initiator", config, local, remote)
         sock = socket.socket()

@@ -6,9 +6,12 @@ for (bounced, never lost)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 
+from router.negotiation import events as ev
+from router.negotiation import sm
 from router.net.component_client import ComponentClient
 
 from .conftest import arun, relay_process, running
@@ -24,9 +27,9 @@ SETTLE = 8.0  # seconds a scenario waits at most for the members to hear each ot
 def node(relay_spec, nats_url):
     """Factory: the spec of node ``name`` of one cluster (same domains, secrets, bus)."""
 
-    def make(name: str, **kwargs):
+    def make(name: str, cluster: dict | None = None, **kwargs):
         return relay_spec(name, domains=("relay.test",), components=dict(SECRETS), echo=("echo.relay.test",),
-                          cluster={"node": name, "nats": [nats_url]}, **kwargs)
+                          cluster={"node": name, "nats": [nats_url], **(cluster or {})}, **kwargs)
 
     return make
 
@@ -202,6 +205,52 @@ def test_a_node_that_dies_makes_its_stanzas_bounce_and_one_that_returns_takes_tr
 
     with relay_process(n2, tmp_path / "n2.toml") as process:
         arun(scenario(process), timeout=60)
+
+
+def test_an_ack_counts_a_stanza_only_once_the_member_took_it_or_it_bounced(node, pki, peers_cert, tmp_path):
+    """XEP-0198 §4: h counts stanzas "handled", and an acknowledged stanza is no longer the
+    sender's to re-send: n1 must not acknowledge one that still waits on the bus. n2 (its
+    own process, holding b.comp.test) is stopped: the peer's <r/> gets no <a/> until the
+    batch's bus_timeout bounces the stanza, then <a h='2'/> follows the bounce."""
+    bus_timeout = 2.0
+    n1, n2 = node("n1", cluster={"bus_timeout": bus_timeout}), node("n2")
+
+    async def scenario(process_of_n2):
+        async with running(n1.config()) as r1:
+            b = await component(n2.component_port, "b.comp.test")
+            peer = await Peer.connect(n1.s2s_port, "peer.peers.test", "b.comp.test", cert=peers_cert,
+                                      ca_path=pki.ca_path, bidi="encrypted", stream_management=True)
+            await peer.authenticated()
+            await holds(r1, "b.comp.test")
+            peer.send(message(1, "u@peer.peers.test/r", "bot@b.comp.test"))
+            assert (await asyncio.wait_for(b.receive(), 5)).get("id") == "m1"
+            assert any(isinstance(e, ev.SmStarted) for e in peer.events)
+            for _ in range(int(SETTLE / 0.05)):  # m1's answer is back: n2 has nothing of ours left
+                if r1.metrics.bus_stanzas.get("sent", "node") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            process_of_n2.send_signal(signal.SIGSTOP)  # alive on NATS, answers nothing
+            try:
+                peer.send(message(2, "u@peer.peers.test/r", "bot@b.comp.test") + sm.REQUEST.decode())
+                with pytest.raises(asyncio.TimeoutError):  # n2 holds m2: no <a/> may count it yet
+                    await asyncio.wait_for(acked(peer), bus_timeout / 2)
+                await asyncio.wait_for(acked(peer), bus_timeout + 5)
+                bounce = await peer.receive()
+                assert b"id='m2'" in bounce and b"type='error'" in bounce
+                kinds = [type(e) for e in peer.events]
+                assert [e.h for e in peer.events if isinstance(e, ev.Acked)] == [2]
+                assert kinds.index(ev.Acked) > len(kinds) - 1 - kinds[::-1].index(ev.Stanza)  # after the bounce
+            finally:
+                process_of_n2.send_signal(signal.SIGCONT)
+            await peer.close()
+
+    with relay_process(n2, tmp_path / "n2.toml") as process:
+        arun(scenario(process), timeout=60)
+
+
+async def acked(peer: Peer) -> None:
+    while not any(isinstance(e, ev.Acked) for e in peer.events):
+        await peer._read()
 
 
 def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_path):
