@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.cluster.frames import MAX_BATCH_BYTES, Carried, FrameError, decode_answer, decode_batch, encode_answer, outbox
+from router.cluster.frames import MAX_BATCH_BYTES, Carried, FrameError, answers_for, decode_answers, decode_batch, encode_answers, outbox
 from router.cluster.frames import carried as carried_from  # the tests' carried() makes them
 from router.cluster.members import MAX_MEMBERS, Announcement, Members, pick
 
@@ -141,8 +141,13 @@ def test_an_outbox_starts_anew_after_each_take():
 
 
 def test_answers_round_trip_and_must_match_the_batch():
-    assert decode_answer(encode_answer([None, None]), 2) == [None, None]
-    answers = [None, ("service-unavailable", "b.test is not connected")]
-    assert decode_answer(encode_answer(answers), 2) == answers
+    refused = [None, ("service-unavailable", "b.test is not connected")]
+    entries = decode_answers(encode_answers([(7, [None, None]), (8, refused)]))
+    assert entries == [(7, None), (8, [None, ["service-unavailable", "b.test is not connected"]])]
+    assert answers_for(entries[0][1], 2) == [None, None]
+    assert answers_for(entries[1][1], 2) == refused
     with pytest.raises(FrameError):
-        decode_answer(encode_answer(answers), 3)
+        answers_for(entries[1][1], 3)
+    for malformed in (b"ok", b"{}", b"[[7]]", b"[[\"7\", null]]", b"[[7, 3]]"):
+        with pytest.raises(FrameError):
+            decode_answers(malformed)

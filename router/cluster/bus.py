@@ -13,6 +13,8 @@ the next ones itself (``Router.bus_routes``, forgotten whenever the members or
 the connection change). A batch is published with a reply subject of our
 own, ``<prefix>.answer.<node>.<worker>.<sequence>``, and waits in a table
 with a timer (no task or future per batch). The member answers per stanza,
+each sender at most every ``ANSWER_INTERVAL`` (the batches taken meanwhile share
+one answer: a NATS message costs a Python client far more than the bytes in it),
 and a stanza not answered within ``bus_timeout``, or refused, bounces to its
 sender: nothing sent over the bus vanishes. While NATS is unreachable local
 delivery goes on, the stanzas that need another member bounce with that
@@ -31,7 +33,7 @@ import nats.errors
 from nats.aio.client import NO_RESPONDERS_STATUS
 from nats.js.api import Header
 
-from router.cluster.frames import Carried, FrameError, decode_answer, decode_batch, encode_answer, outbox
+from router.cluster.frames import Carried, FrameError, answers_for, decode_answers, decode_batch, encode_answers, outbox
 from router.cluster.members import MAX_CHOICES, Announcement, Members, pick
 
 log = logging.getLogger("router.cluster.bus")
@@ -45,6 +47,10 @@ STOP_TIMEOUT = 3.0  # for the goodbye and the NATS connection's close when the r
 # drops them (their senders then bounce on timeout): bounded like every queue.
 INBOX_PENDING_MESSAGES = 65536
 INBOX_PENDING_BYTES = 256 * 1024 * 1024
+# A member answers one sender at most this often; the first answer after a quiet spell goes at
+# the end of the event-loop iteration. An answer only settles the sender's table (in flight, the
+# XEP-0198 <a/>s that wait); the stanzas are already on their way.
+ANSWER_INTERVAL = 0.005
 
 
 class Bus:
@@ -70,6 +76,9 @@ class Bus:
         # (member, payload, stanzas, the timer that bounces them at bus_timeout, its generation)
         self._waiting: dict[int, tuple[str, bytearray, int, asyncio.TimerHandle, int]] = {}
         self._handoff_waiters: set[Any] = set()  # S2S streams whose XEP-0198 <a/>s wait (StreamAcks.deferred)
+        # batches taken and not answered yet: sender -> (a reply subject of its, [(sequence, answers)])
+        self._answering: dict[str, tuple[str, list]] = {}
+        self._answered_at: dict[str, float] = {}  # sender -> when we last answered it
         self._stopping = False
         self._announce_pending = False
         self._runner: asyncio.Task | None = None
@@ -299,28 +308,35 @@ class Bus:
                 self.host.metrics.bus_batches.inc("sent")
 
     async def _on_answer(self, msg) -> None:
-        try:
-            sequence = int(msg.subject.rpartition(".")[2])
-        except ValueError:
-            return
-        waiting = self._waiting.get(sequence)
-        if waiting is None:
-            return  # it timed out: its stanzas bounced already
-        member, payload, count, *_ = waiting
         if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
-            self._failed(sequence, "unreachable", f"cluster member {member} is gone")
+            try:
+                sequence = int(msg.subject.rpartition(".")[2])
+            except ValueError:
+                return
+            if sequence in self._waiting:
+                self._failed(sequence, "unreachable", f"cluster member {self._waiting[sequence][0]} is gone")
             return
         try:
-            answers = decode_answer(msg.data, count)
+            entries = decode_answers(msg.data)
         except FrameError as exc:
-            self._failed(sequence, "unreachable", f"cluster member {member} answered: {exc}")
+            log.warning("cluster bus: ignoring an answer: %s (its batches bounce at bus_timeout)", exc)
             return
-        self._done(sequence)
-        self.host.metrics.bus_stanzas.inc("sent", self._hop(member), by=count)
-        if any(answers):
-            for item, answer in zip(decode_batch(payload)[1], answers):
-                if answer:  # the member refused it: its (condition, text)
-                    self.host.delivery.bounce_carried(item, *answer)
+        for sequence, entry in entries:
+            waiting = self._waiting.get(sequence)
+            if waiting is None:
+                continue  # it timed out: its stanzas bounced already
+            member, payload, count, *_ = waiting
+            try:
+                answers = answers_for(entry, count)
+            except FrameError as exc:
+                self._failed(sequence, "unreachable", f"cluster member {member} answered: {exc}")
+                continue
+            self._done(sequence)
+            self.host.metrics.bus_stanzas.inc("sent", self._hop(member), by=count)
+            if any(answers):
+                for item, answer in zip(decode_batch(payload)[1], answers):
+                    if answer:  # the member refused it: its (condition, text)
+                        self.host.delivery.bounce_carried(item, *answer)
         self._handed_off()
 
     def _timed_out(self, sequence: int) -> None:
@@ -367,6 +383,30 @@ class Bus:
         self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(answers))
         self.host.metrics.bus_batches.inc("received")
         try:
-            await msg.respond(encode_answer(answers))
+            sequence = int(msg.reply.rpartition(".")[2])
+        except ValueError:
+            log.warning("cluster bus: a batch from %s without a reply subject to answer on", sender)
+            return
+        pending = self._answering.get(sender)
+        if pending is None:
+            pending = self._answering[sender] = (msg.reply, [])
+            loop = self.host.loop
+            wait = self._answered_at.get(sender, 0.0) + ANSWER_INTERVAL - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._answer, sender)
+            else:
+                loop.call_soon(self._answer, sender)
+        pending[1].append((sequence, answers))
+
+    def _answer(self, sender: str) -> None:
+        reply, entries = self._answering.pop(sender)
+        if len(self._answered_at) >= MAX_CHOICES:
+            self._answered_at.clear()
+        self._answered_at[sender] = self.host.loop.time()
+        self.host.spawn(self._send_answer(sender, reply, encode_answers(entries)))
+
+    async def _send_answer(self, sender: str, reply: str, payload: bytes) -> None:
+        try:
+            await self.nc.publish(reply, payload)
         except nats.errors.Error as exc:
             log.warning("cluster bus: could not answer %s: %s (it bounces what it sent)", sender, exc)

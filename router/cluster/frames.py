@@ -8,10 +8,11 @@ every part is preceded by its 4-byte big-endian length. What a bounce needs
 the slow path only: every byte on the bus is paid for by the sender, NATS and
 the receiver. The framing itself is compiled
 (``router._fastroute``): a stanza is framed once, from its read buffer, and
-read in place once. The answer has one entry per record, in order: ``null``
-when the receiving member took the stanza (delivered, or queued while it
-connects: a later failure bounces from there), else ``[condition, text]`` for
-the sender to bounce it with.
+read in place once. An answer covers the batches of one sender that the
+receiving member took since its last answer to it; for each batch one entry
+per record, in order: ``null`` when the receiving member took the stanza
+(delivered, or queued while it connects: a later failure bounces from there),
+else ``[condition, text]`` for the sender to bounce it with.
 """
 
 from __future__ import annotations
@@ -74,17 +75,31 @@ def decode_batch(payload: bytes) -> tuple[str, list[Carried]]:
     return sender, [carried(*record) for record in records]
 
 
-def encode_answer(answers: list[tuple[str, str] | None]) -> bytes:
-    return b"ok" if not any(answers) else json.dumps(answers).encode()
+def encode_answers(entries: list[tuple[int, list[tuple[str, str] | None]]]) -> bytes:
+    """One message answering several batches of one sender: ``[sequence, null]`` for a
+    batch whose stanzas were all taken, else ``[sequence, [entry per stanza]]``."""
+    return json.dumps([[sequence, answers if any(answers) else None] for sequence, answers in entries]).encode()
 
 
-def decode_answer(payload: bytes, count: int) -> list[tuple[str, str] | None]:
-    if payload == b"ok":
-        return [None] * count
+def decode_answers(payload: bytes) -> list[tuple[int, list | None]]:
+    """(sequence, the stanzas' entries or None for "all taken") per answered batch;
+    FrameError when malformed. The entries' count is checked against the batch by
+    `answers_for`."""
     try:
-        answers = json.loads(payload)
+        entries = json.loads(payload)
     except ValueError:
         raise FrameError("malformed answer") from None
-    if not isinstance(answers, list) or len(answers) != count:
-        raise FrameError(f"an answer for {count} stanza(s) has {len(answers) if isinstance(answers, list) else '?'}")
+    if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], int) and (e[1] is None or isinstance(e[1], list))
+            for e in entries):
+        raise FrameError("an answer is a list of [sequence, null or entries]")
+    return [(sequence, answers) for sequence, answers in entries]
+
+
+def answers_for(answers: list | None, count: int) -> list[tuple[str, str] | None]:
+    """A batch's entries: taken (None) or (condition, text) per stanza, in order."""
+    if answers is None:
+        return [None] * count
+    if len(answers) != count or not all(a is None or (isinstance(a, list) and len(a) == 2) for a in answers):
+        raise FrameError(f"an answer for {count} stanza(s) has {len(answers)} entries or a malformed one")
     return [tuple(a) if a else None for a in answers]
