@@ -4,21 +4,18 @@ the member that can, and taking the stanzas other members send it.
 
 Subjects, under ``[cluster] subject_prefix``: ``<prefix>.routes`` carries every
 member's announcement (at start, on every change of its route table, and each
-``ANNOUNCE_INTERVAL`` as a heartbeat; a member silent for ``TTL`` is
-forgotten, one that stops says so); ``<prefix>.member.<node>.<worker>`` is one
-member's inbox. The stanzas for one member of one event-loop iteration go in
-one NATS request (``router.cluster.frames``), framed as they are routed: once
-this member chose where a destination's stanzas go, the compiled router frames
-the next ones itself (``Router.bus_routes``, forgotten whenever the members or
-the connection change). A batch is published with a reply subject of our
-own, ``<prefix>.answer.<node>.<worker>.<sequence>``, and waits in a table
-with a timer (no task or future per batch). The member answers per stanza,
-each sender at most every ``ANSWER_INTERVAL`` (the batches taken meanwhile share
-one answer: a NATS message costs a Python client far more than the bytes in it),
-and a stanza not answered within ``bus_timeout``, or refused, bounces to its
-sender: nothing sent over the bus vanishes. While NATS is unreachable local
-delivery goes on, the stanzas that need another member bounce with that
-reason, and the connection is retried for ever.
+``ANNOUNCE_INTERVAL`` as a heartbeat; a member silent for ``TTL`` is forgotten,
+one that stops says so); ``<prefix>.member.<node>.<worker>`` is one member's
+inbox. The stanzas for one member of one event-loop iteration go in one NATS
+message (``router.cluster.frames``), framed by the compiled router once this
+member chose where a destination's stanzas go (``Router.bus_routes``). A batch
+has our own reply subject, ``<prefix>.answer.<node>.<worker>.<sequence>``, and
+waits in a table with a timer. The member answers per stanza, each sender at
+most every ``ANSWER_INTERVAL`` (a NATS message costs a Python client far more
+than its bytes); a stanza not answered within ``bus_timeout``, or refused,
+bounces to its sender: nothing sent over the bus vanishes. While NATS is
+unreachable local delivery goes on, the stanzas that need another member
+bounce with that reason, and the connection is retried for ever.
 """
 
 from __future__ import annotations
@@ -47,9 +44,8 @@ STOP_TIMEOUT = 3.0  # for the goodbye and the NATS connection's close when the r
 # drops them (their senders then bounce on timeout): bounded like every queue.
 INBOX_PENDING_MESSAGES = 65536
 INBOX_PENDING_BYTES = 256 * 1024 * 1024
-# A member answers one sender at most this often; the first answer after a quiet spell goes at
-# the end of the event-loop iteration. An answer only settles the sender's table (in flight, the
-# XEP-0198 <a/>s that wait); the stanzas are already on their way.
+# A member answers one sender at most this often (the first answer after a quiet spell at once):
+# an answer only settles the sender's table (in flight, XEP-0198 <a/>s); the stanzas are on their way.
 ANSWER_INTERVAL = 0.005
 
 
@@ -175,13 +171,14 @@ class Bus:
         table = self.host.table
         components = tuple(d for d, target in table.local.items() if getattr(target, "kind", None) == "component")
         payload = Announcement(self.member, self.node, components, tuple(table.remote)).to_json()
-        self.host.spawn(self._publish(f"{self.prefix}.routes", json.dumps(payload).encode()))
+        self.host.spawn(self._publish(f"{self.prefix}.routes", json.dumps(payload).encode(),
+                                      "an announcement", "the next heartbeat says it again"))
 
-    async def _publish(self, subject: str, payload: bytes) -> None:
+    async def _publish(self, subject: str, payload: bytes, what: str, then: str) -> None:
         try:
             await self.nc.publish(subject, payload)
-        except Exception as exc:  # noqa: BLE001 - the next heartbeat says it again
-            log.info("cluster bus: announcement not sent: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; each means "not sent"
+            log.warning("cluster bus: %s was not sent: %s (%s)", what, exc or type(exc).__name__, then)
 
     async def _on_routes(self, msg) -> None:
         try:
@@ -309,12 +306,9 @@ class Bus:
 
     async def _on_answer(self, msg) -> None:
         if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
-            try:
-                sequence = int(msg.subject.rpartition(".")[2])
-            except ValueError:
-                return
-            if sequence in self._waiting:
-                self._failed(sequence, "unreachable", f"cluster member {self._waiting[sequence][0]} is gone")
+            sequence = msg.subject.rpartition(".")[2]
+            if sequence.isdigit() and int(sequence) in self._waiting:
+                self._failed(int(sequence), "unreachable", f"cluster member {self._waiting[int(sequence)][0]} is gone")
             return
         try:
             entries = decode_answers(msg.data)
@@ -382,9 +376,8 @@ class Bus:
         self.host.router.flush_writes()
         self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(answers))
         self.host.metrics.bus_batches.inc("received")
-        try:
-            sequence = int(msg.reply.rpartition(".")[2])
-        except ValueError:
+        sequence = msg.reply.rpartition(".")[2]
+        if not sequence.isdigit():
             log.warning("cluster bus: a batch from %s without a reply subject to answer on", sender)
             return
         pending = self._answering.get(sender)
@@ -396,17 +389,12 @@ class Bus:
                 loop.call_later(wait, self._answer, sender)
             else:
                 loop.call_soon(self._answer, sender)
-        pending[1].append((sequence, answers))
+        pending[1].append((int(sequence), answers))
 
     def _answer(self, sender: str) -> None:
         reply, entries = self._answering.pop(sender)
         if len(self._answered_at) >= MAX_CHOICES:
             self._answered_at.clear()
         self._answered_at[sender] = self.host.loop.time()
-        self.host.spawn(self._send_answer(sender, reply, encode_answers(entries)))
-
-    async def _send_answer(self, sender: str, reply: str, payload: bytes) -> None:
-        try:
-            await self.nc.publish(reply, payload)
-        except nats.errors.Error as exc:
-            log.warning("cluster bus: could not answer %s: %s (it bounces what it sent)", sender, exc)
+        self.host.spawn(self._publish(reply, encode_answers(entries), f"the answer to {sender}",
+                                      "it bounces what it sent at bus_timeout"))
