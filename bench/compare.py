@@ -2,7 +2,7 @@
 
 One run, one machine: each target serves `bench.test` through the same echo
 component (XEP-0114, its own process), is pinned to CPU 0 while the generator
-and the component share CPU 1, and gets the same stream-count sweep in
+and the component share CPU 1 (--echo-cpu moves the component), and gets the same stream-count sweep in
 saturation (a fixed window of stanzas in flight per stream) with the same TLS
 setting. The relay then gets more points: fixed rates at fractions of its own
 saturation rate (for p99; the goal is at 80%), on the stream count where it
@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
                    help="py-spy the relay during each measurement window (its figures then carry the sampler's cost)")
     p.add_argument("--target-cpu", default="0")
     p.add_argument("--generator-cpu", default="1")
+    p.add_argument("--echo-cpu", help="the echo component's CPU (default: the generator's); the floor's echo "
+                                      "stays beside its generator")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
     p.add_argument("--merge", type=Path, metavar="RESULTS_JSON",
@@ -85,6 +87,8 @@ def load_args(opts, **over) -> argparse.Namespace:
     argv = ["--saturate", "--window", str(opts.window), "--sizes", opts.sizes, "--duration", str(opts.duration),
             "--streams", opts.streams, "--quiet", "--target-cpu", opts.target_cpu,
             "--generator-cpu", opts.generator_cpu, "--ramp-up", "1", "--listen-port", "15269"]
+    if opts.echo_cpu is not None:
+        argv += ["--echo-cpu", opts.echo_cpu]
     if opts.tls:
         argv += ["--tls", "--mechanism", "external"]
     args = load.parser().parse_args(argv)
@@ -204,11 +208,14 @@ def _fmt(value, unit="") -> str:
 def render(report: dict) -> str:
     m = report["machine"]
     opts = report["options"]
+    echo_cpu = opts.get("echo_cpu", "None")  # options are kept as strings
+    echo_cpu = opts["generator_cpu"] if echo_cpu == "None" else echo_cpu
     lines = [BEGIN, "## Side by side", "",
              f"Run {report['started']} on {m['cpu']} ({m['cores']} cores, Linux {m['kernel']}, Python {m['python']}).",
              f"Command: `{report['command']}` (defaults: streams {opts['streams']}, window {opts['window']}, "
              f"sizes {opts['sizes']}, {opts['duration']} s per point, TLS {opts['tls']}).",
-             "Target pinned to CPU 0; the generator and the echo component share CPU 1. "
+             f"Target pinned to CPU {opts['target_cpu']}; the generator to CPU {opts['generator_cpu']}, the echo "
+             f"component to CPU {echo_cpu}. "
              "Saturation = the highest delivered (echoed) stanzas/s over the sweep; every stanza crosses "
              "the target twice (S2S in -> component -> S2S out).", "",
              "Other jobs share this machine: \"others %\" is the CPU time of both cores during the window "

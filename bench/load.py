@@ -83,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--watch-pid", action="append", default=[], metavar="LABEL=PID", help="sample another process too")
     t.add_argument("--target-cpu", help="with --start: pin the target to this CPU (taskset)")
     t.add_argument("--generator-cpu", help="pin the generator (and the echo component) to this CPU")
+    t.add_argument("--echo-cpu", help="pin the echo component to this CPU instead (e.g. the target's: the "
+                                      "generator then has its CPU to itself)")
     t.add_argument("--profile", choices=("py-spy", "cprofile"),
                    help="with --start: py-spy the target during each measurement window (any target), "
                         "or run the relay under cProfile (whole run)")
@@ -180,7 +182,7 @@ def run_on(target, args, counts: list[int], pki_files: tuple[str, str, str], wor
 
     target.start(targets.load_routes(max(counts), args.listen_host, args.listen_port))
     try:
-        target.start_echo(args.sink, args.generator_cpu, workdir / f"{target.name}-echo-stats.json")
+        target.start_echo(args.sink, args.echo_cpu or args.generator_cpu, workdir / f"{target.name}-echo-stats.json")
         cfg = base_config(args, target_host=target.s2s[0], target_port=target.s2s[1], target_domain=target.domain,
                           echo_stats=str(workdir / f"{target.name}-echo-stats.json"),
                           ca_file=pki_files[0], cert_file=pki_files[1], key_file=pki_files[2],
@@ -210,7 +212,8 @@ def run_with_echo(cfg: runner.LoadConfig, args, counts: list[int]) -> dict:
     directory = args.workdir or Path(tempfile.mkdtemp(prefix="bench-load-echo-"))
     directory.mkdir(parents=True, exist_ok=True)
     stats = directory / "echo-stats.json"
-    echo = targets.start_echo(args.echo, args.target_domain, args.echo_secret, stats, args.sink, args.generator_cpu)
+    echo = targets.start_echo(args.echo, args.target_domain, args.echo_secret, stats, args.sink,
+                              args.echo_cpu or args.generator_cpu)
     try:
         cfg = runner.LoadConfig(**(asdict(cfg) | {"echo_stats": str(stats),
                                                   "target_pids": cfg.target_pids | {"echo": echo.pid}}))
