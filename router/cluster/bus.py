@@ -3,19 +3,19 @@ announcing what it can deliver, sending the stanzas it cannot deliver itself to
 the member that can, and taking the stanzas other members send it.
 
 Subjects, under ``[cluster] subject_prefix``: ``<prefix>.routes`` carries every
-member's announcement (at start, on every change of its route table, and each
+member's announcement (at start, on each change, and every
 ``ANNOUNCE_INTERVAL`` as a heartbeat; a member silent for ``TTL`` is forgotten,
 one that stops says so); ``<prefix>.member.<node>.<worker>`` is one member's
 inbox. The stanzas for one member of one event-loop iteration go in one NATS
-message (``router.cluster.frames``), framed by the compiled router once this
-member chose where a destination's stanzas go (``Router.bus_routes``). A batch
-has our own reply subject, ``<prefix>.answer.<node>.<worker>.<sequence>``, and
-waits in a table with a timer. The member answers per stanza, each sender at
-most every ``ANSWER_INTERVAL`` (a NATS message costs a Python client far more
-than its bytes); a stanza not answered within ``bus_timeout``, or refused,
-bounces to its sender: nothing sent over the bus vanishes. While NATS is
-unreachable local delivery goes on, the stanzas that need another member
-bounce with that reason, and the connection is retried for ever.
+message, framed by the compiled router once this member chose where a
+destination's stanzas go (``Router.bus_routes``). A batch waits in a table with
+a timer for its answer, to a reply subject of ours:
+``<prefix>.answer.<node>.<worker>.<incarnation>.<sequence>``. The member
+answers per stanza, each sender at most every ``ANSWER_INTERVAL`` (a NATS
+message costs a Python client far more than its bytes); a stanza not answered
+within ``bus_timeout``, or refused, bounces to its sender: nothing sent over
+the bus vanishes. While NATS is unreachable local delivery goes on, the stanzas
+that need another member bounce with that reason; NATS is tried again for ever.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from typing import Any
 
 import nats
@@ -65,11 +66,10 @@ class Bus:
         self.in_flight = 0
         self._outboxes: dict[str, Any] = {}  # member -> its frames.outbox
         self._due: list[Any] = []  # the outboxes with stanzas to send at the end of this iteration
-        self._answers = f"{self.prefix}.answer.{self.member}"  # our batches' reply subjects: this, "." sequence
+        self._answers = f"{self.prefix}.answer.{self.member}.{secrets.token_hex(4)}"  # + "." sequence
         self._sequence = 0
         self.generation = 0  # _flush calls so far: a batch belongs to the flush that sent it
-        # batches sent and not answered yet (max_bus_in_flight bounds their stanzas): sequence ->
-        # (member, payload, stanzas, the timer that bounces them at bus_timeout, its generation)
+        # unanswered batches: sequence -> (member, payload, stanzas, their bus_timeout timer, generation)
         self._waiting: dict[int, tuple[str, bytearray, int, asyncio.TimerHandle, int]] = {}
         self._handoff_waiters: set[Any] = set()  # S2S streams whose XEP-0198 <a/>s wait (StreamAcks.deferred)
         # batches taken and not answered yet: sender -> (a reply subject of its, [(sequence, answers)])
