@@ -64,7 +64,9 @@ class StreamAcks:
         self.requested_at: float | None = None  # our <r/> not answered yet, sent then
         self.waiting_since: float | None = None  # when the oldest unacknowledged stanza was sent
         self.overflow_noted = False
-        self.deferred: deque[tuple[int, bytes]] = deque()  # (the bus flush they wait for, our <a/>), oldest first
+        # (the bus flush they wait for, our <a/>), oldest first; made when one first waits (an empty
+        # deque is 760 bytes, and idle streams are many)
+        self.deferred: deque[tuple[int, bytes]] | None = None
         s2s = stream.relay.config.s2s  # read once per stream: a reload applies to new streams
         self.ack_every, self.max_unacked = s2s.sm_ack_every, s2s.sm_max_unacked
 
@@ -143,8 +145,15 @@ class StreamAcks:
             self.stream.write(self.handled())
             return
         entry = (bus.generation if mark is None else mark, self.handled())
+        if self.deferred is None:
+            self.deferred = deque()
         if len(self.deferred) >= MAX_DEFERRED_ACKS:
             self.deferred[-1] = entry
+            stream = self.stream
+            stream.relay.metrics.limits_hit.inc("max_deferred_acks")
+            log.info("s2s peer=%s domain=%s: %d answers to <r/> already wait for the cluster bus "
+                     "(MAX_DEFERRED_ACKS); the newest answers this one too", stream.peer, stream.domain_label,
+                     MAX_DEFERRED_ACKS)
         else:
             self.deferred.append(entry)
         bus.wait_for_handoff(self.stream)

@@ -242,13 +242,17 @@ def test_an_ack_counts_a_stanza_only_once_the_member_took_it_or_it_bounced(node,
             await answered(r1, 1)  # n2 has nothing of ours left to answer
             process_of_n2.send_signal(signal.SIGSTOP)  # alive on NATS, answers nothing
             try:
-                peer.send(message(2, "u@peer.peers.test/r", "bot@b.comp.test") + sm.REQUEST.decode())
+                # 20 <r/>s: 16 answers wait (MAX_DEFERRED_ACKS), the last of them answers 5
+                peer.send(message(2, "u@peer.peers.test/r", "bot@b.comp.test") + sm.REQUEST.decode() * 20)
                 with pytest.raises(asyncio.TimeoutError):  # n2 holds m2: no <a/> may count it yet
                     await asyncio.wait_for(acked(peer), bus_timeout / 2)
                 await asyncio.wait_for(acked(peer), bus_timeout + 5)
                 bounce = await peer.receive()
                 assert b"id='m2'" in bounce and b"type='error'" in bounce
-                assert [e.h for e in peer.events if isinstance(e, ev.Acked)] == [2]
+                while len([e for e in peer.events if isinstance(e, ev.Acked)]) < 16:
+                    await asyncio.wait_for(peer._read(), 5)
+                assert [e.h for e in peer.events if isinstance(e, ev.Acked)] == [2] * 16
+                assert r1.metrics.limits_hit.get("max_deferred_acks") == 4
                 kinds = [type(e) for e in peer.events]
                 assert kinds.index(ev.Acked) > max(i for i, kind in enumerate(kinds) if kind is ev.Stanza)
             finally:
