@@ -88,6 +88,7 @@ cdef class StreamCore:
     cdef public bint closing
     cdef public bint paused  # the transport's write buffer is above its high-water mark
     cdef public bint raw_xml  # log.raw_xml
+    cdef public bint join_writes  # a TLS transport: one write of the joined chunks (one SSL_write, not one per chunk)
     cdef public int link  # 0: S2S, 1: a component (the counters' index)
 
     cdef int read(self, Py_ssize_t nbytes) except -1

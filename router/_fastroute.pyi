@@ -41,6 +41,7 @@ class StreamCore:
     closing: bool
     paused: bool
     raw_xml: bool
+    join_writes: bool
     link: int  # 0: S2S, 1: component
     def get_buffer(self, sizehint: int) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...

@@ -448,7 +448,10 @@ cdef class StreamCore:
         if transport.is_closing():  # aborted after the chunks were queued: uvloop would raise
             log.info("%s %s closed while %d chunk(s) were queued for it", self.kind, self.peer, len(chunks))
             return 0
-        transport.writelines(chunks)
+        if self.join_writes and len(chunks) > 1:
+            transport.write(b"".join(chunks))
+        else:
+            transport.writelines(chunks)
         self.handed += size
         self.last_tx = self.loop.time()
         self.router.sent[self.link] += size

@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from relay_objects import DOMAIN, make_world, message, read
+from relay_objects import DOMAIN, RecordingTransport, make_world, message, read
 from router._fastroute import FLUSH_AT
+from router.net.components import ComponentStream
 
 
 @pytest.fixture
@@ -71,3 +72,43 @@ def test_a_stream_aborted_before_the_flush_does_not_hold_up_the_others(world, ca
     assert to_component.calls == [message("b.test", 7)]
     assert not any(b"<message/>" in call for call in a.transport.calls)
     assert not [r for r in caplog.records if r.levelname == "ERROR"]  # dropped knowingly, not by an exception
+
+
+class TlsTransport(RecordingTransport):
+    """Says it is TLS as uvloop's SSL transport does (``sslcontext``), and records which call wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.methods: list[str] = []
+
+    def write(self, data):
+        self.methods.append("write")
+        super().write(data)
+
+    def writelines(self, chunks):
+        self.methods.append("writelines")
+        super().writelines(chunks)
+
+    def get_extra_info(self, name, default=None):
+        return object() if name == "sslcontext" else super().get_extra_info(name, default)
+
+
+def test_a_tls_destination_gets_an_iterations_stanzas_as_one_buffer(world):
+    """uvloop encrypts each chunk given to a TLS transport as records of its own (one
+    SSL_write per chunk): a TLS destination gets one joined write; a plain one keeps the
+    chunks as views (no copy)."""
+    relay, to_component, (a, b) = world
+    component = next(s for s in relay.streams if isinstance(s, ComponentStream))
+    tls = TlsTransport()
+    component.use_transport(tls)
+    assert component.join_writes and not a.join_writes
+
+    async def iteration():
+        read(a, message("a.test", 1))
+        read(b, message("b.test", 2))
+        await asyncio.sleep(0)
+
+    relay.loop.run_until_complete(iteration())
+    assert tls.calls == [message("a.test", 1) + message("b.test", 2)]
+    assert tls.methods == ["write"]
+    assert to_component.calls == []

@@ -152,8 +152,10 @@ class XmlStream(_fastroute.StreamCore, asyncio.BufferedProtocol):
 
     def use_transport(self, transport: asyncio.Transport) -> None:
         """Write to ``transport`` from now on (a new one after STARTTLS), with the
-        configured write-buffer marks that drive flow control."""
+        configured write-buffer marks that drive flow control. uvloop encrypts each chunk
+        given to a TLS transport as TLS records of its own: there the chunks are joined."""
         self.transport = transport
+        self.join_writes = transport.get_extra_info("sslcontext") is not None
         s2s = self.relay.config.s2s
         transport.set_write_buffer_limits(high=s2s.write_high_water, low=s2s.write_low_water)
 
