@@ -2,9 +2,9 @@
 
 One run, one machine: each target serves `bench.test` through the same echo
 component (XEP-0114, its own process), is pinned to CPU 0 while the generator
-and the component share CPU 1 (--echo-cpu moves the component), and gets the same stream-count sweep in
-saturation (a fixed window of stanzas in flight per stream) with the same TLS
-setting. The relay then gets more points: fixed rates at fractions of its own
+and the component share CPU 1 (--echo-cpu moves the component), and gets the
+same stream-count sweep in saturation (a fixed window of stanzas in flight per
+stream) with the same TLS setting. The relay then gets more points: fixed rates at fractions of its own
 saturation rate (for p99; the goal is at 80%), on the stream count where it
 saturated and, with --rate-streams, on other counts of the sweep against that
 count's own saturation; and N idle authenticated bidi streams (for memory).

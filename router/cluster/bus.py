@@ -32,7 +32,7 @@ from nats.aio.client import NO_RESPONDERS_STATUS
 from nats.js.api import Header
 
 from router.cluster.frames import Carried, FrameError, answers_for, decode_answers, decode_batch, encode_answers, outbox
-from router.cluster.members import MAX_CHOICES, Announcement, Members, pick
+from router.cluster.members import MAX_CHOICES, MAX_MEMBERS, Announcement, Members, pick
 
 log = logging.getLogger("router.cluster.bus")
 
@@ -393,7 +393,7 @@ class Bus:
 
     def _answer(self, sender: str) -> None:
         reply, entries = self._answering.pop(sender)
-        if len(self._answered_at) >= MAX_CHOICES:
+        if len(self._answered_at) >= MAX_MEMBERS:  # senders are members: only departed ones go
             self._answered_at.clear()
         self._answered_at[sender] = self.host.loop.time()
         self.host.spawn(self._publish(reply, encode_answers(entries), f"the answer to {sender}",

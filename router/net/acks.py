@@ -50,7 +50,7 @@ class StreamAcks:
     """XEP-0198 counters and the re-send buffer of one stream (``stream.acks`` while enabled)."""
 
     __slots__ = ("stream", "blobs", "counts", "pending", "skip", "acked", "keeping", "in_base", "requested_at",
-                 "waiting_since", "overflow_noted", "ack_every", "max_unacked", "deferred")
+                 "waiting_since", "overflow_noted", "ack_every", "max_unacked", "deferred", "deferred_noted")
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
@@ -67,6 +67,7 @@ class StreamAcks:
         # (the bus flush they wait for, our <a/>), oldest first; made when one first waits (an empty
         # deque is 760 bytes, and idle streams are many)
         self.deferred: deque[tuple[int, bytes]] | None = None
+        self.deferred_noted = False  # MAX_DEFERRED_ACKS bit on this stream (logged once: a peer sets the pace)
         s2s = stream.relay.config.s2s  # read once per stream: a reload applies to new streams
         self.ack_every, self.max_unacked = s2s.sm_ack_every, s2s.sm_max_unacked
 
@@ -151,9 +152,11 @@ class StreamAcks:
             self.deferred[-1] = entry
             stream = self.stream
             stream.relay.metrics.limits_hit.inc("max_deferred_acks")
-            log.info("s2s peer=%s domain=%s: %d answers to <r/> already wait for the cluster bus "
-                     "(MAX_DEFERRED_ACKS); the newest answers this one too", stream.peer, stream.domain_label,
-                     MAX_DEFERRED_ACKS)
+            if not self.deferred_noted:
+                self.deferred_noted = True
+                log.info("s2s peer=%s domain=%s: %d answers to <r/> already wait for the cluster bus "
+                         "(MAX_DEFERRED_ACKS); the newest answers later ones too (said once per stream)",
+                         stream.peer, stream.domain_label, MAX_DEFERRED_ACKS)
         else:
             self.deferred.append(entry)
         bus.wait_for_handoff(self.stream)
