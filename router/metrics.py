@@ -221,7 +221,8 @@ class RelayMetrics:
             "(peer_max_bytes), a stream that left too many stanzas unacknowledged (sm_max_unacked, XEP-0198), a "
             "connection to a PROXY-protocol listener from an untrusted address (proxy_trusted), an inbound DANE "
             "check over its limit (dane_lookups); max_verify_connections_per_target counts verifications that waited, "
-            "max_deferred_acks XEP-0198 <r/>s answered together with a later one while the cluster bus hands off.",
+            "max_deferred_acks XEP-0198 <r/>s answered together with a later one while the cluster bus hands off, "
+            "max_bus_in_flight and nats_max_payload cluster bus stanzas bounced.",
             ("limit",),
         )
         self.outbound_connections = r.counter(

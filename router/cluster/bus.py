@@ -11,11 +11,13 @@ message, framed by the compiled router once this member chose where a
 destination's stanzas go (``Router.bus_routes``). A batch waits in a table with
 a timer for its answer, to a reply subject of ours:
 ``<prefix>.answer.<node>.<worker>.<incarnation>.<sequence>``. The member
-answers per stanza, each sender at most every ``ANSWER_INTERVAL`` (a NATS
-message costs a Python client far more than its bytes); a stanza not answered
+answers per stanza (``router.cluster.taking``); a stanza not answered
 within ``bus_timeout``, or refused, bounces to its sender: nothing sent over
-the bus vanishes. While NATS is unreachable local delivery goes on, the stanzas
-that need another member bounce with that reason; NATS is tried again for ever.
+the bus vanishes. Announcements go over nats-py, which knows the server list
+and reconnects; batches and answers over a data connection of our own to the
+same server (``router.cluster.dataline``). While either is away local delivery
+goes on, the stanzas that need another member bounce with that reason, and
+NATS is tried again for ever.
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ import json
 import logging
 import secrets
 from typing import Any
+from urllib.parse import urlparse
 
 import nats
-import nats.errors
-from nats.aio.client import NO_RESPONDERS_STATUS
-from nats.js.api import Header
 
-from router.cluster.frames import Carried, FrameError, answers_for, decode_answers, decode_batch, encode_answers, outbox
-from router.cluster.members import MAX_CHOICES, MAX_MEMBERS, Announcement, Members, pick
+from router.cluster.dataline import LineError, open_line
+from router.cluster.frames import Carried, FrameError, answers_for, decode_answers, decode_batch, outbox
+from router.cluster.members import MAX_CHOICES, Announcement, Members, pick
+from router.cluster.taking import Taker
 
 log = logging.getLogger("router.cluster.bus")
 
@@ -41,13 +43,8 @@ TTL = 3.5 * ANNOUNCE_INTERVAL  # three heartbeats missed
 RETRY_INTERVAL = 1.0  # between attempts to reach NATS at start
 CHANGE_DELAY = 0.02  # announcements of route changes are gathered this long
 STOP_TIMEOUT = 3.0  # for the goodbye and the NATS connection's close when the relay stops
-# Messages waiting in our inbox subscription before NATS calls us a slow consumer and
-# drops them (their senders then bounce on timeout): bounded like every queue.
-INBOX_PENDING_MESSAGES = 65536
-INBOX_PENDING_BYTES = 256 * 1024 * 1024
-# A member answers one sender at most this often (the first answer after a quiet spell at once):
-# an answer only settles the sender's table (in flight, XEP-0198 <a/>s); the stanzas are on their way.
-ANSWER_INTERVAL = 0.005
+LINE_TIMEOUT = 2.0  # to open the data connection, its handshake included
+NO_RESPONDERS = 503  # NATS's status for a request to a subject no one subscribes to
 
 
 class Bus:
@@ -62,6 +59,8 @@ class Bus:
         self.prefix = cluster.subject_prefix
         self.members = Members(self.member, self.node, TTL, self.forget_routes)
         self.nc: Any = None
+        self.line: Any = None  # the data connection (dataline.DataLine) while it is open
+        self._opening: asyncio.Task | None = None
         self.connected = False
         self.in_flight = 0
         self._outboxes: dict[str, Any] = {}  # member -> its frames.outbox
@@ -72,9 +71,7 @@ class Bus:
         # unanswered batches: sequence -> (member, payload, stanzas, their bus_timeout timer, generation)
         self._waiting: dict[int, tuple[str, bytearray, int, asyncio.TimerHandle, int]] = {}
         self._handoff_waiters: set[Any] = set()  # S2S streams whose XEP-0198 <a/>s wait (StreamAcks.deferred)
-        # batches taken and not answered yet: sender -> (a reply subject of its, [(sequence, answers)])
-        self._answering: dict[str, tuple[str, list]] = {}
-        self._answered_at: dict[str, float] = {}  # sender -> when we last answered it
+        self.taker = Taker(host, self._send_answer, self._hop)
         self._stopping = False
         self._announce_pending = False
         self._runner: asyncio.Task | None = None
@@ -89,10 +86,15 @@ class Bus:
     async def stop(self) -> None:
         """Say goodbye (others forget our routes at once) and close the connection."""
         self._stopping = True
-        if self._runner is not None:
-            self._runner.cancel()
-        nc, connected = self.nc, self.connected
+        for task in (self._runner, self._opening):
+            if task is not None:
+                task.cancel()
+        self.taker.answer_all()
+        nc, connected, line = self.nc, self.connected, self.line
+        self.line = None
         self._set_connected(False)
+        if line is not None:
+            line.close()
         if nc is None:
             return
         try:  # bounded: a NATS that is away or reconnecting must not hold up the relay's stop
@@ -120,27 +122,64 @@ class Bus:
                 log.warning("cluster bus: cannot reach NATS at %s (%s); retrying every %g s",
                             ", ".join(servers), exc or type(exc).__name__, RETRY_INTERVAL)
                 await asyncio.sleep(RETRY_INTERVAL)
-        await self.nc.subscribe(self.subject(self.member), cb=self._on_batch,
-                                pending_msgs_limit=INBOX_PENDING_MESSAGES, pending_bytes_limit=INBOX_PENDING_BYTES)
         await self.nc.subscribe(f"{self.prefix}.routes", cb=self._on_routes)
-        await self.nc.subscribe(f"{self._answers}.*", cb=self._on_answer)
-        self._set_connected(True)
-        log.info("cluster bus: member %s connected to NATS %s", self.member, self.nc.connected_url.netloc)
+        self._reopen()
         while not self._stopping:
             self.announce()
             for member in self.members.expire(self.host.loop.time()):
                 log.warning("cluster bus: member %s went silent; its routes are forgotten", member)
             await asyncio.sleep(ANNOUNCE_INTERVAL)
 
+    async def _open_line(self) -> None:
+        """The data connection, to the server nats-py is connected to: tried while that one is up."""
+        credentials = next((url for url in map(urlparse, self.config.nats) if url.username), None)
+        subscriptions = {self.subject(self.member): self.taker.take, f"{self._answers}.*": self._on_answer}
+        while self.line is None and not self._stopping and self.nc.is_connected:
+            try:
+                line = await open_line(self.nc.connected_url, credentials, self.member, subscriptions,
+                                       self._line_lost, LINE_TIMEOUT)
+            except LineError as exc:
+                log.warning("cluster bus: %s; trying again in %g s", exc, RETRY_INTERVAL)
+                await asyncio.sleep(RETRY_INTERVAL)
+                continue
+            if self._stopping or not self.nc.is_connected:
+                line.close()
+                return
+            if not line.open:  # lost already
+                continue
+            self.line = line
+            self._set_connected(True)
+            log.info("cluster bus: member %s connected to NATS %s", self.member, self.nc.connected_url.netloc)
+            self.announce()
+
+    def _reopen(self) -> None:
+        if self._opening is None or self._opening.done():
+            self._opening = self.host.spawn(self._open_line())
+
+    def _line_lost(self, reason: str) -> None:
+        self._drop_line(reason)
+        if not self._stopping and self.nc.is_connected:
+            self._reopen()
+
+    def _drop_line(self, reason: str) -> None:
+        """Stanzas for other members bounce until the bus is back, and so do the batches that
+        wait for answers now: their answers would come to a connection that is gone."""
+        line, self.line = self.line, None
+        if line is not None:
+            line.close()
+        if self.connected:
+            log.warning("cluster bus: %s; stanzas for other members bounce until it is back", reason)
+        self._set_connected(False)
+        if self._waiting:
+            self._failed(list(self._waiting), "unreachable", f"the cluster bus lost NATS: {reason}")
+
     async def _disconnected(self) -> None:
         if not self._stopping:
-            self._set_connected(False)
-            log.warning("cluster bus: lost NATS; stanzas for other members bounce until it is back")
+            self._drop_line("lost the NATS connection")
 
     async def _reconnected(self) -> None:
-        self._set_connected(True)
         log.info("cluster bus: NATS is back (%s)", self.nc.connected_url.netloc)
-        self.announce()
+        self._reopen()
 
     async def _error(self, exc: Exception) -> None:
         log.warning("cluster bus: NATS error: %s", exc)
@@ -171,14 +210,13 @@ class Bus:
         table = self.host.table
         components = tuple(d for d, target in table.local.items() if getattr(target, "kind", None) == "component")
         payload = Announcement(self.member, self.node, components, tuple(table.remote)).to_json()
-        self.host.spawn(self._publish(f"{self.prefix}.routes", json.dumps(payload).encode(),
-                                      "an announcement", "the next heartbeat says it again"))
+        self.host.spawn(self._announce(json.dumps(payload).encode()))
 
-    async def _publish(self, subject: str, payload: bytes, what: str, then: str) -> None:
+    async def _announce(self, payload: bytes) -> None:
         try:
-            await self.nc.publish(subject, payload)
+            await self.nc.publish(f"{self.prefix}.routes", payload)
         except Exception as exc:  # noqa: BLE001 - nats-py raises several kinds; each means "not sent"
-            log.warning("cluster bus: %s was not sent: %s (%s)", what, exc or type(exc).__name__, then)
+            log.warning("cluster bus: an announcement was not sent (%r); the next heartbeat will", exc)
 
     async def _on_routes(self, msg) -> None:
         try:
@@ -251,25 +289,29 @@ class Bus:
         ``max_bus_in_flight`` stanzas waiting for answers (then the batch bounces)."""
         due, self._due = self._due, []
         self.generation += 1
-        sending = []
         for box in due:
             for payload, count in box.take():
                 if not self.connected:
                     self._lost(decode_batch(payload)[1], "the cluster bus (NATS) is unreachable")
                 elif self.in_flight + count > self.config.max_bus_in_flight:
-                    self.host.metrics.limits_hit.inc("max_bus_in_flight", by=count)
-                    for item in decode_batch(payload)[1]:
-                        self.host.delivery.bounce_carried(item, "resource-constraint", "too many stanzas are in "
-                                                          "flight on the cluster bus (cluster.max_bus_in_flight)")
+                    self._refuse(payload, count, "max_bus_in_flight", "too many stanzas are in flight on the "
+                                 "cluster bus (cluster.max_bus_in_flight)")
+                elif len(payload) > self.line.max_payload:
+                    self._refuse(payload, count, "nats_max_payload", f"a cluster bus batch of {len(payload)} bytes "
+                                 f"is over the NATS server's max_payload ({self.line.max_payload})")
                 else:
                     self.in_flight += count
                     self._sequence += 1
                     timer = self.host.loop.call_later(self.config.bus_timeout, self._timed_out, self._sequence)
                     self._waiting[self._sequence] = (box.member, payload, count, timer, self.generation)
-                    sending.append(self._sequence)
-        if sending:
-            self.host.spawn(self._send_batches(sending))
+                    self.line.publish(self.subject(box.member), payload, f"{self._answers}.{self._sequence}")
+                    self.host.metrics.bus_batches.inc("sent")
         self._handed_off()
+
+    def _refuse(self, payload: bytearray, count: int, limit: str, text: str) -> None:
+        self.host.metrics.limits_hit.inc(limit, by=count)
+        for item in decode_batch(payload)[1]:
+            self.host.delivery.bounce_carried(item, "resource-constraint", text)
 
     def handoff_mark(self) -> int | None:
         """The flush whose batches carry every stanza given to the bus so far, or None when
@@ -291,27 +333,14 @@ class Bus:
             if stream.acks is None or stream.closing or stream.acks.release(settled):
                 self._handoff_waiters.discard(stream)
 
-    async def _send_batches(self, sequences: list[int]) -> None:
-        for sequence in sequences:
-            waiting = self._waiting.get(sequence)
-            if waiting is None:  # timed out already
-                continue
-            try:
-                await self.nc.publish(self.subject(waiting[0]), waiting[1], reply=f"{self._answers}.{sequence}")
-            except (nats.errors.Error, OSError) as exc:
-                self._failed(sequence, "unreachable",
-                             f"cluster bus failure sending to {waiting[0]}: {exc or type(exc).__name__}")
-            else:
-                self.host.metrics.bus_batches.inc("sent")
-
-    async def _on_answer(self, msg) -> None:
-        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
+    def _on_answer(self, msg) -> None:
+        if msg.status is not None:
             sequence = msg.subject.rpartition(".")[2]
-            if sequence.isdigit() and int(sequence) in self._waiting:
-                self._failed(int(sequence), "unreachable", f"cluster member {self._waiting[int(sequence)][0]} is gone")
+            if msg.status == NO_RESPONDERS and sequence.isdigit() and int(sequence) in self._waiting:
+                self._failed([int(sequence)], "unreachable", f"cluster member {self._waiting[int(sequence)][0]} is gone")
             return
         try:
-            entries = decode_answers(msg.data)
+            entries = decode_answers(msg.payload)
         except FrameError as exc:
             log.warning("cluster bus: ignoring an answer: %s (its batches bounce at bus_timeout)", exc)
             return
@@ -323,7 +352,7 @@ class Bus:
             try:
                 answers = answers_for(entry, count)
             except FrameError as exc:
-                self._failed(sequence, "unreachable", f"cluster member {member} answered: {exc}")
+                self._failed([sequence], "unreachable", f"cluster member {member} answered: {exc}")
                 continue
             self._done(sequence)
             self.host.metrics.bus_stanzas.inc("sent", self._hop(member), by=count)
@@ -334,14 +363,16 @@ class Bus:
         self._handed_off()
 
     def _timed_out(self, sequence: int) -> None:
-        member = self._waiting[sequence][0]
-        self._failed(sequence, "timeout", f"cluster member {member} did not answer within {self.config.bus_timeout:g} s")
+        self._failed([sequence], "timeout", f"cluster member {self._waiting[sequence][0]} did not answer within "
+                                            f"{self.config.bus_timeout:g} s")
 
-    def _failed(self, sequence: int, reason: str, failure: str) -> None:
-        payload, count = self._done(sequence)
+    def _failed(self, sequences: list[int], reason: str, failure: str) -> None:
+        batches = [self._done(sequence) for sequence in sequences]
+        count = sum(count for _, count in batches)
         log.warning("cluster bus: %d stanza(s) bounce: %s", count, failure)
         self.host.metrics.bus_failures.inc(reason, by=count)
-        self._lost(decode_batch(payload)[1], failure)
+        for payload, _ in batches:
+            self._lost(decode_batch(payload)[1], failure)
         self._handed_off()
 
     def _done(self, sequence: int) -> tuple[bytearray, int]:
@@ -364,37 +395,6 @@ class Bus:
     def _hop(self, member: str) -> str:
         return "worker" if self.members.node_of(member) in (None, self.node) else "node"
 
-    # ------------------------------------------------------------------ receiving
-    async def _on_batch(self, msg) -> None:
-        try:
-            sender, answers = self.host.router.take_batch(msg.data, self.host.delivery.take_from_bus)
-        except ValueError as exc:
-            log.warning("cluster bus: refusing a malformed batch: %s", exc)
-            return  # the sender times out and bounces
-        # "taken" is said once the writes are the transports': a process killed after saying it
-        # must not still hold them in its queues (they would vanish, neither delivered nor bounced)
-        self.host.router.flush_writes()
-        self.host.metrics.bus_stanzas.inc("received", self._hop(sender), by=len(answers))
-        self.host.metrics.bus_batches.inc("received")
-        sequence = msg.reply.rpartition(".")[2]
-        if not sequence.isdigit():
-            log.warning("cluster bus: a batch from %s without a reply subject to answer on", sender)
-            return
-        pending = self._answering.get(sender)
-        if pending is None:
-            pending = self._answering[sender] = (msg.reply, [])
-            loop = self.host.loop
-            wait = self._answered_at.get(sender, 0.0) + ANSWER_INTERVAL - loop.time()
-            if wait > 0:
-                loop.call_later(wait, self._answer, sender)
-            else:
-                loop.call_soon(self._answer, sender)
-        pending[1].append((int(sequence), answers))
-
-    def _answer(self, sender: str) -> None:
-        reply, entries = self._answering.pop(sender)
-        if len(self._answered_at) >= MAX_MEMBERS:  # senders are members: only departed ones go
-            self._answered_at.clear()
-        self._answered_at[sender] = self.host.loop.time()
-        self.host.spawn(self._publish(reply, encode_answers(entries), f"the answer to {sender}",
-                                      "it bounces what it sent at bus_timeout"))
+    def _send_answer(self, reply: str, payload: bytes) -> None:
+        if self.line is not None:  # else the sender bounces what it sent at bus_timeout
+            self.line.publish(reply, payload)

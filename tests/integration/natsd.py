@@ -46,12 +46,13 @@ def nats_binary() -> str:
 
 
 @contextmanager
-def nats_server(log_dir: Path, port: int | None = None):
-    """Yields the server's ``nats://127.0.0.1:PORT`` URL; ``port`` reuses one (a restart)."""
+def nats_server(log_dir: Path, port: int | None = None, options: tuple[str, ...] = ()):
+    """Yields the server's ``nats://127.0.0.1:PORT`` URL; ``port`` reuses one (a restart);
+    ``options`` are more of nats-server's (``--user``, ``--tls``...)."""
     port = port or free_port()
     log = open(log_dir / f"nats-{port}.log", "a")
-    process = RUNNING[port] = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", str(port)], stdout=log,
-                                              stderr=subprocess.STDOUT)
+    process = RUNNING[port] = subprocess.Popen([nats_binary(), "-a", "127.0.0.1", "-p", str(port), *options],
+                                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + READY_TIMEOUT
         while True:

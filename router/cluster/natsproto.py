@@ -1,0 +1,163 @@
+"""The NATS client protocol, the verbs the cluster bus's stanzas need, without I/O.
+
+Out: CONNECT, SUB, PUB, PING, PONG. In: INFO, MSG, HMSG (only its status line
+is read: ``503`` is NATS saying no one subscribes to a request's subject),
+PING, PONG, ``+OK`` and ``-ERR``. `NatsReader.receive_data` turns bytes, in
+any pieces, into events; a message's payload is its one copy out of the read
+buffer. nats-py keeps the bus's control connection (the server list,
+reconnection, announcements); batches and their answers take a connection of
+this protocol (``router.cluster.dataline``), where every message is handled
+in the read callback that brought it, with no task or queue per message.
+
+Reference: https://docs.nats.io/reference/reference-protocols/nats-protocol
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+PING = b"PING\r\n"
+PONG = b"PONG\r\n"
+# nats-server's default max_control_line; a longer line is not the server talking
+MAX_CONTROL_LINE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    options: dict
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    sid: int
+    subject: str
+    reply: str
+    payload: bytes
+    status: int | None = None  # an HMSG's status code (503: no responders), else None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ServerError:
+    text: str
+
+
+Event = Info | Msg | Ping | Pong | Ok | ServerError
+
+
+class ProtocolError(ValueError):
+    """Bytes that are not what a NATS server sends; the connection is closed."""
+
+
+class NatsReader:
+    """The server's side of one connection, as events."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        buffer = self._buffer
+        buffer += data
+        events: list[Event] = []
+        start = 0
+        while True:
+            end = buffer.find(CRLF, start)
+            if end < 0:
+                if len(buffer) - start > MAX_CONTROL_LINE:
+                    raise ProtocolError(f"a control line longer than {MAX_CONTROL_LINE} bytes")
+                break
+            if end - start > MAX_CONTROL_LINE:
+                raise ProtocolError(f"a control line longer than {MAX_CONTROL_LINE} bytes")
+            line = bytes(buffer[start:end])
+            verb, _, rest = line.partition(b" ")
+            verb = verb.upper()
+            if verb in (b"MSG", b"HMSG"):
+                parsed = _message_line(verb, rest)
+                total = parsed[-1]
+                stop = end + 2 + total
+                if len(buffer) < stop + 2:
+                    break  # the payload is not all here yet: the line is read again with it
+                if buffer[stop:stop + 2] != CRLF:
+                    raise ProtocolError("a message's payload is not followed by CRLF")
+                events.append(_message(parsed, memoryview(buffer)[end + 2:stop].tobytes()))  # one copy
+                start = stop + 2
+                continue
+            if verb == b"PING":
+                events.append(Ping())
+            elif verb == b"PONG":
+                events.append(Pong())
+            elif verb == b"+OK":
+                events.append(Ok())
+            elif verb == b"-ERR":
+                events.append(ServerError(rest.decode("utf-8", "replace").strip().strip("'")))
+            elif verb == b"INFO":
+                try:
+                    options = json.loads(rest)
+                except ValueError:
+                    raise ProtocolError("an INFO that is not JSON") from None
+                if not isinstance(options, dict):
+                    raise ProtocolError("an INFO that is not a JSON object")
+                events.append(Info(options))
+            else:
+                raise ProtocolError(f"an unknown operation {verb[:20]!r}")
+            start = end + 2
+        del buffer[:start]
+        return events
+
+
+def _message_line(verb: bytes, rest: bytes) -> tuple:
+    """MSG <subject> <sid> [reply] <size>; HMSG <subject> <sid> [reply] <header size> <size>."""
+    parts = rest.split()
+    sizes = 2 if verb == b"HMSG" else 1
+    if len(parts) not in (2 + sizes, 3 + sizes):
+        raise ProtocolError(f"a malformed {verb.decode()} line")
+    try:
+        numbers = [int(p) for p in parts[-sizes:]]
+        sid = int(parts[1])
+    except ValueError:
+        raise ProtocolError(f"a malformed {verb.decode()} line") from None
+    if min(numbers) < 0 or numbers[0] > numbers[-1]:
+        raise ProtocolError(f"a malformed {verb.decode()} line")
+    reply = parts[2].decode() if len(parts) == 3 + sizes else ""
+    header = numbers[0] if sizes == 2 else None
+    return parts[0].decode(), sid, reply, header, numbers[-1]
+
+
+def _message(parsed: tuple, body: bytes) -> Msg:
+    subject, sid, reply, header, _ = parsed
+    if header is None:
+        return Msg(sid, subject, reply, body)
+    status_line = body[:header].split(CRLF, 1)[0].split()  # NATS/1.0 [code [description]]
+    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else None
+    return Msg(sid, subject, reply, body[header:], status)
+
+
+def connect(options: dict) -> bytes:
+    return b"CONNECT " + json.dumps(options, separators=(",", ":")).encode() + CRLF
+
+
+def subscribe(subject: str, sid: int) -> bytes:
+    return b"SUB %s %d\r\n" % (subject.encode(), sid)
+
+
+def publish(subject: str, payload: bytes | bytearray, reply: str = "") -> tuple:
+    """The chunks of one PUB, for one ``writelines``: the payload is not copied."""
+    if reply:
+        return b"PUB %s %s %d\r\n" % (subject.encode(), reply.encode(), len(payload)), payload, CRLF
+    return b"PUB %s %d\r\n" % (subject.encode(), len(payload)), payload, CRLF

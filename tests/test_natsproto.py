@@ -1,0 +1,87 @@
+"""The NATS client protocol of the bus's data connection (router/cluster/natsproto.py):
+each server operation read whole, byte by byte, and with trailing data; what is
+not the server talking refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.cluster import natsproto
+from router.cluster.natsproto import Info, Msg, NatsReader, Ok, Ping, Pong, ProtocolError, ServerError
+
+NO_RESPONDERS = b"NATS/1.0 503\r\n\r\n"
+WIRE = [
+    (b'INFO {"server_id":"x","max_payload":1048576,"headers":true}\r\n',
+     Info({"server_id": "x", "max_payload": 1048576, "headers": True})),
+    (b"MSG r.member.n2.0 1 r.answer.n1.0.ab.7 12\r\nhello\r\nworld\r\n",
+     Msg(1, "r.member.n2.0", "r.answer.n1.0.ab.7", b"hello\r\nworld")),
+    (b"MSG r.answer.n1.0.ab.7 2 0\r\n\r\n", Msg(2, "r.answer.n1.0.ab.7", "", b"")),
+    (b"HMSG r.answer.n1.0.ab.8 2 %d %d\r\n%s\r\n" % (len(NO_RESPONDERS), len(NO_RESPONDERS), NO_RESPONDERS),
+     Msg(2, "r.answer.n1.0.ab.8", "", b"", 503)),
+    (b"HMSG s 3 r 18 21\r\nNATS/1.0\r\nA: b\r\n\r\nabc\r\n", Msg(3, "s", "r", b"abc", None)),
+    (b"PING\r\n", Ping()),
+    (b"PONG\r\n", Pong()),
+    (b"+OK\r\n", Ok()),
+    (b"-ERR 'Authorization Violation'\r\n", ServerError("Authorization Violation")),
+    (b"msg lower 4 2\r\nok\r\n", Msg(4, "lower", "", b"ok")),
+]
+
+
+@pytest.mark.parametrize("data, event", WIRE)
+def test_each_operation_is_read_whole(data, event):
+    assert NatsReader().receive_data(data) == [event]
+
+
+def test_byte_by_byte_gives_the_same_events():
+    reader, events = NatsReader(), []
+    for byte in b"".join(data for data, _ in WIRE):
+        events += reader.receive_data(bytes([byte]))
+    assert events == [event for _, event in WIRE]
+
+
+def test_trailing_data_waits_for_the_rest_of_its_message():
+    reader = NatsReader()
+    assert reader.receive_data(b"PING\r\nMSG s 1 10\r\n0123") == [Ping()]
+    assert reader.receive_data(b"45678") == []
+    assert reader.receive_data(b"9\r\nPO") == [Msg(1, "s", "", b"0123456789")]
+    assert reader.receive_data(b"NG\r\n") == [Pong()]
+
+
+def test_a_payload_is_its_bytes_whatever_they_look_like():
+    payload = b"MSG x 1 3\r\nPING\r\n-ERR\r\n"
+    data = b"MSG s 1 %d\r\n%s\r\n" % (len(payload), payload)
+    assert NatsReader().receive_data(data) == [Msg(1, "s", "", payload)]
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"HELLO\r\n", "unknown operation"),
+    (b"MSG s 1\r\n", "malformed MSG"),
+    (b"MSG s one 3\r\nabc\r\n", "malformed MSG"),
+    (b"MSG s 1 -3\r\n", "malformed MSG"),
+    (b"HMSG s 1 9 3\r\n", "malformed HMSG"),
+    (b"MSG s 1 3\r\nabcd\r\n", "not followed by CRLF"),
+    (b"INFO [1]\r\n", "not a JSON object"),
+    (b"INFO {\r\n", "not JSON"),
+    (b"MSG " + b"s" * natsproto.MAX_CONTROL_LINE, "control line longer"),
+    (b"MSG " + b"s" * natsproto.MAX_CONTROL_LINE + b" 1 0\r\n\r\n", "control line longer"),
+])
+def test_what_a_server_does_not_send_is_refused(data, why):
+    with pytest.raises(ProtocolError, match=why):
+        NatsReader().receive_data(data)
+
+
+def test_a_publish_is_chunks_around_the_payload_it_does_not_copy():
+    payload = bytearray(b"<batch/>")
+    chunks = natsproto.publish("r.member.n2.0", payload, "r.answer.n1.0.ab.9")
+    assert chunks[1] is payload
+    assert b"".join(chunks) == b"PUB r.member.n2.0 r.answer.n1.0.ab.9 8\r\n<batch/>\r\n"
+    assert b"".join(natsproto.publish("r.answer.n1.0.ab.9", b"[]")) == b"PUB r.answer.n1.0.ab.9 2\r\n[]\r\n"
+
+
+def test_connect_and_subscribe_are_one_line_each():
+    line = natsproto.connect({"verbose": False, "headers": True, "name": "n1.0 data"})
+    assert line.endswith(b"\r\n") and line.count(b"\r\n") == 1
+    assert json.loads(line[len(b"CONNECT "):]) == {"verbose": False, "headers": True, "name": "n1.0 data"}
+    assert natsproto.subscribe("r.answer.n1.0.ab.*", 1) == b"SUB r.answer.n1.0.ab.* 1\r\n"
