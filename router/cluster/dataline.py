@@ -55,7 +55,7 @@ class DataLine(asyncio.Protocol):
             self._end(f"the NATS server sent {exc}")
             return
         for event in events:
-            if type(event) is natsproto.Msg:
+            if type(event) is natsproto.Msg:  # before the PONG nothing is ours: its sender bounces it
                 if self.open and 0 <= event.sid < len(self.handlers):
                     self.handlers[event.sid](event)
             elif type(event) is natsproto.Ping:
