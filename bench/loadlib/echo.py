@@ -28,6 +28,7 @@ from router.wire.handshake import handshake_digest
 
 COMPONENT_NS = "jabber:component:accept"
 STATS_EVERY_S = 0.2  # the stats file is rewritten this often while bounces come
+MAX_HEADS = 4096  # echo start tags kept, one per (to, from, type): a simulated server's sender and the target
 
 
 def _attr(value: str) -> str:
@@ -45,6 +46,7 @@ class EchoComponent(asyncio.BufferedProtocol):
         self.counts = {"messages": 0, "errors": 0, "iq": 0, "other": 0}
         self.bounced_ids: list[str] = []  # of the error messages received: the echoes the target bounced
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.heads: dict[tuple, bytes] = {}  # (to, from, type) -> the echo's start tag up to its id
 
     def connection_made(self, transport):
         self.transport = transport
@@ -96,14 +98,16 @@ class EchoComponent(asyncio.BufferedProtocol):
             if self.sink:
                 return
             gt = buf.index(b">", el.start, el.end)
-            if buf[gt - 1] == 0x2F:  # self-closing: nothing inside
-                inner = b"</message>"
-            else:
-                inner = bytes(buf[gt + 1:el.end])
-            id_attr = f" id='{_attr(el.id)}'" if el.id is not None else ""
-            type_attr = f" type='{_attr(el.type)}'" if el.type else ""
-            out.append(f"<message from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}'{type_attr}{id_attr}>".encode())
-            out.append(inner)
+            key = (el.to, el.from_, el.type)
+            head = self.heads.get(key)
+            if head is None:
+                type_attr = f" type='{_attr(el.type)}'" if el.type else ""
+                head = f"<message from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}'{type_attr}".encode()
+                if len(self.heads) < MAX_HEADS:
+                    self.heads[key] = head
+            out.append(head)
+            out.append(f" id='{_attr(el.id)}'>".encode() if el.id is not None else b">")
+            out.append(b"</message>" if buf[gt - 1] == 0x2F else buf[gt + 1:el.end])  # self-closing: nothing inside
         elif el.name == "iq" and el.type in ("get", "set"):
             counts["iq"] += 1
             out.append(f"<iq type='result' from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}' id='{_attr(el.id or '')}'/>".encode())

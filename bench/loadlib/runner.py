@@ -88,6 +88,10 @@ class LoadContext:
         self.dirty: set[int] = set()
         self.flush_scheduled = False
         self.base_ns = time.perf_counter_ns()
+        self.read_us = 0  # when the read being handled arrived (µs since base_ns)
+        # the JIDs echoes carry, known good: to -> the simulated server's index, from (the target's)
+        self.index_of_jid: dict[str, int] = {}
+        self.target_jids: set[str] = set()
         self.sender = SenderStats()
         self.client_ssl, self.server_ssl = self.ssl_contexts(cfg)
 
@@ -115,10 +119,20 @@ class LoadContext:
             self.failure_samples.append(reason[:500])
 
     def arrived(self, element, raw: bytes, via: int | None):
-        to_index = wire.domain_index(bare_domain(element.to) or "")
-        if bare_domain(element.from_) != self.target_domain or (via is not None and via != to_index):
-            to_index = None  # came from elsewhere, or on another simulated server's stream
-        self.settled(self.tracker.arrived(element.id, to_index, self.now_us(), raw))
+        to, from_ = element.to, element.from_
+        to_index = self.index_of_jid.get(to)
+        if to_index is None:
+            to_index = wire.domain_index(bare_domain(to) or "")
+            if to_index is not None and len(self.index_of_jid) < 4 * self.cfg.streams:
+                self.index_of_jid[to] = to_index
+        if from_ not in self.target_jids:
+            if bare_domain(from_) != self.target_domain:
+                to_index = None  # came from elsewhere
+            elif len(self.target_jids) < 16:
+                self.target_jids.add(from_)
+        if via is not None and via != to_index:
+            to_index = None  # on another simulated server's stream
+        self.settled(self.tracker.arrived(element.id, to_index, self.read_us, raw))
 
     def bounced(self, element, raw: bytes):
         self.settled(self.tracker.bounced(element.id, raw))

@@ -55,6 +55,7 @@ class _Stream(asyncio.BufferedProtocol):
         return self.tokenizer.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes):
+        self.ctx.read_us = self.ctx.now_us()  # every echo of one read arrived then
         try:
             events = self.tokenizer.buffer_updated(nbytes)
         except ParseError as exc:
@@ -68,6 +69,7 @@ class _Stream(asyncio.BufferedProtocol):
             self.handle(event)
 
     def feed(self, data: bytes):
+        self.ctx.read_us = self.ctx.now_us()
         for event in self.tokenizer.feed(data):
             self.handle(event)
 
@@ -155,14 +157,15 @@ class OutboundStream(_Stream):
             self.fail(f"{self.ctx.target_domain} sent a stream header without an id")
 
     def element(self, element: Element, buf: bytearray):
-        raw = bytes(buf[element.start:element.end])
         name, ns = element.name, element.ns
+        if self.ready and name == "message":  # an echo or a bounce: the bulk of what arrives
+            if self.acks is not None:
+                self.acks.received += 1
+            self.message(element, buf[element.start:element.end], self.index if self.bidi else None)
+            return
+        raw = bytes(buf[element.start:element.end])
         if self.ready:
-            if name == "message":
-                if self.acks is not None:
-                    self.acks.received += 1
-                self.message(element, raw, self.index if self.bidi else None)
-            elif ns == sm.SM_NS:
+            if ns == sm.SM_NS:
                 sm.handle(self, element, raw)
             else:
                 self.other(element, raw)

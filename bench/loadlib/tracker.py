@@ -20,7 +20,7 @@ ECHOED, BOUNCED, ECHO_BOUNCED = 1, 2, 4  # a stanza's fates: bits of its byte in
 FATES = {"echoed": ECHOED, "bounced": BOUNCED, "echo_bounced": ECHO_BOUNCED}
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamLedger:
     sent: int = 0
     seen: bytearray = field(default_factory=bytearray)  # the fates of each sequence number (bits)

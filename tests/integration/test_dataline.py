@@ -21,6 +21,10 @@ from .natsd import nats_server
 TIMEOUT = 5.0
 
 
+def ignore(*_) -> None:
+    """A handler or loss callback a test does not look at."""
+
+
 async def until(condition) -> None:
     for _ in range(int(TIMEOUT / 0.02)):
         if condition():
@@ -48,7 +52,7 @@ def test_a_message_reaches_its_subscription_once_and_no_responders_is_a_status(n
     async def scenario():
         await round_trip(nats_url)
         answers = []
-        line = await open_line(urlparse(nats_url), None, "t.0", {"t.answer.*": answers.append}, print, TIMEOUT)
+        line = await open_line(urlparse(nats_url), None, "t.0", {"t.answer.*": answers.append}, ignore, TIMEOUT)
         line.publish("t.member.gone", b"<batch/>", "t.answer.7")  # no one subscribes to it
         await until(lambda: answers)
         assert [(m.subject, m.status, m.payload) for m in answers] == [("t.answer.7", 503, b"")]
@@ -65,7 +69,7 @@ def test_a_server_that_requires_a_user_gets_it_from_the_url_or_the_configured_on
             await round_trip(f"nats://relay:s3cret@{host}")
             await round_trip(url, credentials=f"nats://relay:s3cret@{host}")  # a server nats-py discovered
             with pytest.raises(LineError, match="NATS refused the connection: Authorization Violation"):
-                await open_line(urlparse(f"nats://relay:wrong@{host}"), None, "t.0", {}, print, TIMEOUT)
+                await open_line(urlparse(f"nats://relay:wrong@{host}"), None, "t.0", {}, ignore, TIMEOUT)
 
         arun(scenario())
 
@@ -77,7 +81,7 @@ def test_tls_is_used_for_a_tls_url_and_checked_against_the_trusted_cas(tmp_path,
 
         async def scenario():
             with pytest.raises(LineError, match="CERTIFICATE_VERIFY_FAILED"):  # our CA is not the system's
-                await open_line(urlparse(f"tls://localhost:{port}"), None, "t.0", {}, print, TIMEOUT)
+                await open_line(urlparse(f"tls://localhost:{port}"), None, "t.0", {}, ignore, TIMEOUT)
             monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_path))
             await round_trip(f"tls://localhost:{port}")
             await round_trip(f"nats://localhost:{port}")  # the server's INFO says TLS is required
@@ -89,7 +93,7 @@ def test_a_server_that_goes_away_is_told_once(tmp_path):
     with nats_server(tmp_path) as url:
         async def scenario():
             lost = []
-            await open_line(urlparse(url), None, "t.0", {"t.inbox": print}, lost.append, TIMEOUT)
+            await open_line(urlparse(url), None, "t.0", {"t.inbox": ignore}, lost.append, TIMEOUT)
             await asyncio.to_thread(natsd.stop, urlparse(url).port)
             await until(lambda: lost)
             await asyncio.sleep(0.1)
