@@ -1,0 +1,133 @@
+"""Before and after, back to back: one ``bench.compare`` command run alternately on
+an earlier revision (a git worktree) and on this checkout, and the medians.
+
+This machine's speed drifts by 1.5x within minutes, so one run of each build
+says little about a change; alternating several pairs and reading medians does
+(docs/benchmarks.md). The worktree reuses this checkout's compiled extensions
+when the revision's Cython sources are the same, else builds its own.
+
+    python -m bench.pairs --before 94dae51 --rounds 3 -- --targets relay,relay-hop --streams 10,100 \\
+        --rate-points '' --idle-streams 0 --no-floor --profile none --hop-rate 0
+
+Prints, per target and stream count, delivered stanzas/s and the target's CPU
+µs per delivered stanza (generator and echo component excluded), and where the
+command measures them, one cluster hop against a local delivery and the relay
+against the raw-relay floor per core: every run's value, the medians, and
+after / before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.compare import cpu_us_per_stanza, delivered, per_core
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPILED = ["router/*.pyx", "router/*.pxd", "router/*.h", "setup.py"]
+NOT_THE_TARGET = ("generator", "echo")
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def worktree(revision: str, where: Path) -> Path:
+    """A detached worktree of ``revision`` with its extensions built."""
+    git("worktree", "add", "--detach", str(where), revision)
+    if subprocess.run(["git", "diff", "--quiet", revision, "HEAD", "--", *COMPILED], cwd=ROOT).returncode == 0:
+        for built in (ROOT / "router").glob("*.so"):
+            shutil.copy2(built, where / "router")
+    else:
+        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=where, check=True,
+                       stdout=subprocess.DEVNULL)
+    return where
+
+
+def run(directory: Path, compare_args: list[str], workdir: Path) -> Path:
+    """One ``bench.compare`` in ``directory``; the path of its results JSON."""
+    log = workdir.with_suffix(".log")
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-m", "bench.compare", *compare_args, "--no-doc", "--workdir", str(workdir)],
+                       cwd=directory, stdout=out, stderr=subprocess.STDOUT, check=True)
+    found = [line.split(": ", 1)[1] for line in log.read_text().splitlines() if line.startswith("results: ")]
+    if not found:
+        raise SystemExit(f"bench.compare in {directory} wrote no results; see {log}")
+    return Path(found[-1])
+
+
+def figures(results: dict) -> dict[str, float]:
+    """The comparable numbers of one run, by name."""
+    out: dict[str, float] = {}
+    by_streams: dict[str, dict[int, dict]] = {}
+    for kind, result in results.items():
+        for point in result.get("points", []):
+            streams = point["config"]["streams"]
+            by_streams.setdefault(kind, {})[streams] = point
+            out[f"{kind} {streams}: delivered/s"] = delivered(point)
+            labels = [k for k in (point.get("cpu_percent") or {}) if k not in NOT_THE_TARGET]
+            us = cpu_us_per_stanza(point, labels)
+            if us is not None:
+                out[f"{kind} {streams}: target µs/stanza"] = us
+    local, hop, floor = (by_streams.get(k, {}) for k in ("relay", "relay-hop", "floor"))
+    for streams, point in local.items():
+        ours = cpu_us_per_stanza(point, ["relay"])
+        if streams in hop and ours:
+            across = cpu_us_per_stanza(hop[streams], ["relay-hop", "relay-hop:n2", "nats"])
+            if across:
+                out[f"one hop {streams}: % of a local delivery"] = 100 * (across - ours) / 2 / ours
+        if streams in floor:
+            relay, raw = per_core(point, "relay"), per_core(floor[streams], "floor")
+            if relay and raw:
+                out[f"relay / floor {streams}: per core, %"] = 100 * relay / raw
+    return out
+
+
+def table(before: list[dict[str, float]], after: list[dict[str, float]]) -> str:
+    rows = ["| figure | before, each run | after, each run | before, median | after, median | after / before |",
+            "|---|---|---|---:|---:|---:|"]
+    for name in sorted({n for run_ in before + after for n in run_}):
+        b = [r[name] for r in before if name in r]
+        a = [r[name] for r in after if name in r]
+        if not a or not b:
+            continue
+        mb, ma = statistics.median(b), statistics.median(a)
+        rows.append(f"| {name} | {', '.join(f'{v:,.1f}' for v in b)} | {', '.join(f'{v:,.1f}' for v in a)} | "
+                    f"{mb:,.1f} | {ma:,.1f} | {ma / mb if mb else float('nan'):.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", required=True, help="the earlier git revision")
+    p.add_argument("--rounds", type=int, default=3, help="pairs, each before then after")
+    p.add_argument("--workdir", type=Path, help="worktree, logs and target workdirs (default: a new temporary one)")
+    p.add_argument("compare", nargs=argparse.REMAINDER, help="-- then the bench.compare options")
+    opts = p.parse_args(argv)
+    compare_args = opts.compare[1:] if opts.compare[:1] == ["--"] else opts.compare
+    workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="bench-pairs-"))
+    earlier = worktree(opts.before, workdir / "before")
+    try:
+        runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
+        for round_ in range(1, opts.rounds + 1):
+            for side, directory in (("before", earlier), ("after", ROOT)):
+                print(f"== round {round_}: {side}", file=sys.stderr)
+                results = json.loads(run(directory, compare_args, workdir / f"{side}-{round_}").read_text())
+                runs[side].append(figures(results["results"]))
+        print(f"before: {opts.before}; after: {git('rev-parse', '--short', 'HEAD').strip()} (this checkout"
+              f"{', with changes' if git('status', '--porcelain', '--untracked-files=no') else ''}); "
+              f"{opts.rounds} pairs of: python -m bench.compare {' '.join(compare_args)}\n")
+        print(table(runs["before"], runs["after"]))
+    finally:
+        git("worktree", "remove", "--force", str(earlier))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
