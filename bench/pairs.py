@@ -9,8 +9,9 @@ when the revision's Cython sources are the same, else builds its own.
     python -m bench.pairs --before 94dae51 --rounds 3 -- --targets relay,relay-hop --streams 10,100 \\
         --rate-points '' --idle-streams 0 --no-floor --profile none --hop-rate 0
 
-Prints, per target and stream count, delivered stanzas/s and the target's CPU
-µs per delivered stanza (generator and echo component excluded), and where the
+Prints, per target and stream count, delivered stanzas/s, latency (p50, p99)
+and the target's CPU µs per delivered stanza (generator and echo component
+excluded), and where the
 command measures them, one cluster hop against a local delivery and the relay
 against the raw-relay floor per core: every run's value, the medians, and
 after / before.
@@ -75,6 +76,9 @@ def figures(results: dict) -> dict[str, float]:
             us = cpu_us_per_stanza(point, labels)
             if us is not None:
                 out[f"{kind} {streams}: target µs/stanza"] = us
+            for percentile in ("p50", "p99"):
+                if (point.get("latency_ms") or {}).get(percentile) is not None:
+                    out[f"{kind} {streams}: latency {percentile} ms"] = point["latency_ms"][percentile]
     local, hop, floor = (by_streams.get(k, {}) for k in ("relay", "relay-hop", "floor"))
     for streams, point in local.items():
         ours = cpu_us_per_stanza(point, ["relay"])

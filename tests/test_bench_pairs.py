@@ -7,7 +7,7 @@ from bench.pairs import figures, table
 
 def point(streams: int, delivered: float, **cpu: float) -> dict:
     return {"config": {"streams": streams}, "throughput": {"delivered_per_s": delivered},
-            "cpu_percent": {"generator": 60.0, "echo": 30.0, **cpu}}
+            "latency_ms": {"p50": 1.5, "p99": 4.0}, "cpu_percent": {"generator": 60.0, "echo": 30.0, **cpu}}
 
 
 RUN = {
@@ -19,7 +19,8 @@ RUN = {
 
 def test_one_run_gives_each_targets_cost_the_hop_and_the_floor_share():
     got = figures(RUN)
-    assert got["relay 10: target µs/stanza"] == 10.0  # the generator and the echo component are not the target
+    assert got["relay 10: target µs/stanza"] == 10.0
+    assert (got["relay 10: latency p50 ms"], got["relay 10: latency p99 ms"]) == (1.5, 4.0)  # the generator and the echo component are not the target
     assert got["relay-hop 10: target µs/stanza"] == 36.0
     assert got["one hop 10: % of a local delivery"] == 130.0  # (36 - 10) / 2 / 10
     assert got["relay / floor 10: per core, %"] == 80.0  # 100,000/s per core against 125,000/s
