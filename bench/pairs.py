@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[side].append(figures(results["results"]))
         print(f"before: {opts.before}; after: {git('rev-parse', '--short', 'HEAD').strip()} (this checkout"
               f"{', with changes' if git('status', '--porcelain', '--untracked-files=no') else ''}); "
-              f"{opts.rounds} pairs of: python -m bench.compare {' '.join(compare_args)}\n")
+              f"{opts.rounds} pairs of: python -m bench.compare {shlex.join(compare_args)}\n")
         print(table(runs["before"], runs["after"]))
     finally:
         git("worktree", "remove", "--force", str(earlier))
