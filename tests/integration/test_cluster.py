@@ -15,6 +15,7 @@ from router.cluster.frames import decode_answers
 from router.negotiation import events as ev
 from router.negotiation import sm
 from router.net.component_client import ComponentClient
+from router.trust.pki import make_leaf
 
 from .conftest import arun, relay_process, running
 from . import natsd
@@ -112,6 +113,27 @@ def test_a_component_on_another_node_gets_stanzas_in_order_and_answers(node):
             await b.close()
 
     arun(scenario())
+
+
+def test_a_nats_that_requires_tls_and_a_password_carries_the_bus(node, pki, tmp_path, monkeypatch):
+    """Both of a member's connections (nats-py's and the data connection) use the URL's
+    TLS and credentials; the server's certificate is checked against SSL_CERT_FILE."""
+    cert, key = make_leaf(pki.ca, "localhost", dns_ids=["localhost"]).write(tmp_path, "nats")
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_path))
+    options = ("--tls", "--tlscert", str(cert), "--tlskey", str(key), "--user", "relay", "--pass", "s3cret")
+    with nats_server(tmp_path, options=options) as url:
+        bus = {"nats": [f"tls://relay:s3cret@localhost:{url.rsplit(':', 1)[1]}"]}
+        n1, n2 = node("n1", cluster=bus), node("n2", cluster=bus)
+
+        async def scenario():
+            async with running(n1.config()) as r1, running(n2.config()):
+                a, b = await across(r1, n1, n2)
+                await answered(r1, 1)
+                assert r1.bus.line.transport.get_extra_info("ssl_object") is not None
+                await a.close()
+                await b.close()
+
+        arun(scenario())
 
 
 def test_a_component_connected_twice_gets_each_stanza_once(node):
