@@ -4,7 +4,9 @@ an earlier revision (a git worktree) and on this checkout, and the medians.
 This machine's speed drifts by 1.5x within minutes, so one run of each build
 says little about a change; alternating several pairs and reading medians does
 (docs/benchmarks.md). The worktree reuses this checkout's compiled extensions
-when the revision's Cython sources are the same, else builds its own.
+when the revision's Cython sources are the same, else builds its own. Each
+side runs its own load generator unless ``--same-generator``: then this
+checkout's generator measures both relays (``BENCH_RELAY_ROOT``).
 
     python -m bench.pairs --before 94dae51 --rounds 3 -- --targets relay,relay-hop --streams 10,100 \\
         --rate-points '' --idle-streams 0 --no-floor --profile none --hop-rate 0
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import statistics
@@ -52,12 +55,14 @@ def worktree(revision: str, where: Path) -> Path:
     return where
 
 
-def run(directory: Path, compare_args: list[str], workdir: Path) -> Path:
-    """One ``bench.compare`` in ``directory``; the path of its results JSON."""
+def run(directory: Path, relay: Path, compare_args: list[str], workdir: Path) -> Path:
+    """One ``bench.compare`` of the checkout ``directory`` against the relay of ``relay``;
+    the path of its results JSON."""
     log = workdir.with_suffix(".log")
     with log.open("w") as out:
         subprocess.run([sys.executable, "-m", "bench.compare", *compare_args, "--no-doc", "--workdir", str(workdir)],
-                       cwd=directory, stdout=out, stderr=subprocess.STDOUT, check=True)
+                       cwd=directory, stdout=out, stderr=subprocess.STDOUT, check=True,
+                       env=dict(os.environ, BENCH_RELAY_ROOT=str(relay)))
     found = [line.split(": ", 1)[1] for line in log.read_text().splitlines() if line.startswith("results: ")]
     if not found:
         raise SystemExit(f"bench.compare in {directory} wrote no results; see {log}")
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--before", required=True, help="the earlier git revision")
     p.add_argument("--rounds", type=int, default=3, help="pairs, each before then after")
+    p.add_argument("--same-generator", action="store_true",
+                   help="measure the earlier relay with this checkout's load generator (its config must suit it)")
     p.add_argument("--workdir", type=Path, help="worktree, logs and target workdirs (default: a new temporary one)")
     p.add_argument("compare", nargs=argparse.REMAINDER, help="-- then the bench.compare options")
     opts = p.parse_args(argv)
@@ -121,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
         for round_ in range(1, opts.rounds + 1):
-            for side, directory in (("before", earlier), ("after", ROOT)):
+            for side, relay in (("before", earlier), ("after", ROOT)):
                 print(f"== round {round_}: {side}", file=sys.stderr)
-                results = json.loads(run(directory, compare_args, workdir / f"{side}-{round_}").read_text())
+                bench = ROOT if opts.same_generator else relay
+                results = json.loads(run(bench, relay, compare_args, workdir / f"{side}-{round_}").read_text())
                 runs[side].append(figures(results["results"]))
         print(f"before: {opts.before}; after: {git('rev-parse', '--short', 'HEAD').strip()} (this checkout"
               f"{', with changes' if git('status', '--porcelain', '--untracked-files=no') else ''}); "

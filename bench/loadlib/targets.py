@@ -30,6 +30,9 @@ from . import echo, wire
 
 BENCH_DOMAIN = "bench.test"
 RELAY_READY_TIMEOUT = 20.0
+# the checkout whose relay runs (``python -m router`` there): this one, or another build
+# measured with this checkout's generator (``bench.pairs --same-generator``)
+RELAY_ROOT = Path(os.environ.get("BENCH_RELAY_ROOT") or Path(__file__).resolve().parents[2])
 
 
 def end(proc: subprocess.Popen, grace: float) -> None:
@@ -265,8 +268,7 @@ level = "WARNING"
         config.write_text(with_options(config_text, self.options))
         with open(self.workdir / "console.log", "ab") as console:
             return subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
-                                    stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-                                    start_new_session=True)
+                                    stderr=subprocess.STDOUT, cwd=RELAY_ROOT, start_new_session=True)
 
     def _ready(self) -> None:
         try:
