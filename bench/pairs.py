@@ -13,10 +13,9 @@ checkout's generator measures both relays (``BENCH_RELAY_ROOT``).
 
 Prints, per target and stream count, delivered stanzas/s, latency (p50, p99)
 and the target's CPU µs per delivered stanza (generator and echo component
-excluded), and where the
-command measures them, one cluster hop against a local delivery and the relay
-against the raw-relay floor per core: every run's value, the medians, and
-after / before.
+excluded), and where the command measures them, one cluster hop against a
+local delivery and the relay against the raw-relay floor per core: every
+run's value, the medians, and after / before.
 """
 
 from __future__ import annotations

@@ -65,7 +65,9 @@ class DataLine(asyncio.Protocol):
                     self.open = True
                     self.ready.set_result(None)
             elif type(event) is natsproto.Info:
-                self.max_payload = int(event.options.get("max_payload", self.max_payload))
+                max_payload = event.options.get("max_payload")
+                if isinstance(max_payload, int) and max_payload > 0:
+                    self.max_payload = max_payload
                 if not self.info.done():
                     self.info.set_result(event.options)
             elif type(event) is natsproto.ServerError:

@@ -136,6 +136,31 @@ def test_a_nats_that_requires_tls_and_a_password_carries_the_bus(node, pki, tmp_
         arun(scenario())
 
 
+def test_a_batch_over_the_nats_servers_max_payload_bounces_and_the_bus_goes_on(node, tmp_path):
+    """NATS closes a connection that publishes past its max_payload: the member refuses
+    such a batch itself, with resource-constraint, and the next one goes through."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 4096\n")
+    with nats_server(tmp_path, options=("-c", str(conf))) as url:
+        n1, n2 = node("n1", cluster={"nats": [url]}), node("n2", cluster={"nats": [url]})
+
+        async def scenario():
+            async with running(n1.config()) as r1, running(n2.config()):
+                a, b = await across(r1, n1, n2)
+                a.send(f"<message from='x@a.comp.test' to='y@b.comp.test' id='big'><body>{'z' * 5000}</body></message>")
+                bounce = await asyncio.wait_for(a.receive(), 5)
+                assert (bounce.get("id"), bounce.get("type")) == ("big", "error")
+                assert bounce.find(".//{urn:ietf:params:xml:ns:xmpp-stanzas}resource-constraint") is not None
+                assert b"max_payload (4096)" in bounce_text(bounce)
+                assert r1.metrics.limits_hit.get("nats_max_payload") == 1
+                a.send(message(1, "x@a.comp.test", "y@b.comp.test"))
+                assert (await asyncio.wait_for(b.receive(), 5)).get("id") == "m1"
+                await a.close()
+                await b.close()
+
+        arun(scenario())
+
+
 def test_a_component_connected_twice_gets_each_stanza_once(node):
     """c.comp.test is connected to n1 and n2; s.comp.test, on n3, sends from many JIDs:
     both connections receive, every stanza arrives once, each sender's in order."""
