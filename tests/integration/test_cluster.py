@@ -354,6 +354,72 @@ def test_a_lost_data_connection_bounces_what_waits_at_once_and_opens_again(node,
         arun(scenario(process), timeout=60)
 
 
+def test_a_member_too_slow_for_nats_gets_a_new_data_connection(node, tmp_path):
+    """NATS closes the data connection of a member that does not read its messages (n2,
+    stopped) once more than the server's max_pending waits for it. Every stanza n1 sent is
+    delivered (what n2 held, answered once it runs again) or bounced (at once once n2 is gone
+    from NATS, at bus_timeout when no answer came), none twice, and n2, resumed, opens a
+    new connection and takes traffic again."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 600000\nmax_pending: 600000\n")  # a batch carries up to 512 KiB
+    with nats_server(tmp_path, options=("-c", str(conf))) as url:
+        n1 = node("n1", cluster={"nats": [url], "bus_timeout": 3.0})
+        n2 = node("n2", cluster={"nats": [url]})
+        log = tmp_path / f"nats-{url.rsplit(':', 1)[1]}.log"
+        sent = {f"m{i}" for i in range(1, 3001)}
+
+        async def collect(client, into) -> None:
+            while True:
+                into.append(await client.receive(timeout=120))
+
+        async def scenario(process_of_n2):
+            async with running(n1.config()) as r1:
+                a, b = await across(r1, n1, n2)
+                await answered(r1, 1)  # n2 owes n1 nothing
+                process_of_n2.send_signal(signal.SIGSTOP)
+                try:
+                    body = "z" * 4000
+                    for i in range(1, 3001):  # 12 MB: past the sockets' buffers and max_pending
+                        a.send(f"<message from='x@a.comp.test' to='y@b.comp.test' id='m{i}'><body>{body}</body></message>")
+                    for _ in range(int(20 / 0.1)):
+                        if "n2.0 data\" - Slow Consumer" in log.read_text():
+                            break
+                        await asyncio.sleep(0.1)
+                    assert "n2.0 data\" - Slow Consumer" in log.read_text()
+                finally:
+                    process_of_n2.send_signal(signal.SIGCONT)
+                bounced, delivered = [], []
+                readers = [asyncio.ensure_future(collect(a, bounced)), asyncio.ensure_future(collect(b, delivered))]
+                try:
+                    for _ in range(int(30 / 0.1)):
+                        if {m.get("id") for m in bounced + delivered} >= sent:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert {m.get("id") for m in bounced + delivered} == sent
+                    assert all(m.get("type") == "error" for m in bounced)
+                    ids = [m.get("id") for m in delivered]
+                    assert len(set(ids)) == len(ids)
+                    assert r1.metrics.bus_failures.get("unreachable") > 0  # n2 gone from NATS: at once
+                    for _ in range(int(SETTLE / 0.05)):
+                        if r1.bus.members.component_holders("b.comp.test"):
+                            break
+                        await asyncio.sleep(0.05)
+                    a.send(message(9999, "x@a.comp.test", "y@b.comp.test"))
+                    for _ in range(int(15 / 0.05)):
+                        if any(m.get("id") == "m9999" for m in delivered):
+                            break
+                        await asyncio.sleep(0.05)
+                    assert [m.get("id") for m in delivered].count("m9999") == 1
+                finally:
+                    for reader in readers:
+                        reader.cancel()
+                    await asyncio.gather(*readers, return_exceptions=True)
+                await a.close()
+
+        with relay_process(n2, tmp_path / "n2.toml") as process:
+            arun(scenario(process), timeout=120)
+
+
 def test_batches_taken_close_together_share_one_answer(node, nats_url):
     """A NATS message costs a Python client far more than its bytes: n2 answers n1 at most
     every ANSWER_INTERVAL (20 ms), so 40 batches sent a millisecond apart get at most half as
