@@ -52,6 +52,18 @@ async def heard(relay, *members: str) -> None:
     raise AssertionError(f"{relay.bus.member} did not hear {members}: {sorted(relay.bus.members._seen)}")
 
 
+async def heard_since(relay, member: str, since: float) -> None:
+    """Until ``relay`` has an announcement ``member`` made after ``since`` (loop time): a
+    member announces only once its data connection is open, so stanzas sent now reach it
+    (an older announcement may be its dead predecessor's)."""
+    for _ in range(int(SETTLE / 0.05)):
+        seen = relay.bus.members._seen.get(member)
+        if seen is not None and seen[1] > since:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{relay.bus.member} heard nothing from {member} since {since}")
+
+
 async def holds(relay, domain: str) -> None:
     for _ in range(int(SETTLE / 0.05)):
         if relay.bus.members.component_holders(domain):
@@ -258,6 +270,7 @@ def test_a_node_that_dies_makes_its_stanzas_bounce_and_one_that_returns_takes_tr
             a, b = await across(r1, n1, n2)
             process_of_n2.kill()
             process_of_n2.wait()
+            killed = asyncio.get_running_loop().time()
             for i in range(1, 21):
                 a.send(message(i, "x@a.comp.test", "y@b.comp.test"))
             bounces = [await asyncio.wait_for(a.receive(), 15) for _ in range(20)]
@@ -265,6 +278,7 @@ def test_a_node_that_dies_makes_its_stanzas_bounce_and_one_that_returns_takes_tr
             assert all(m.get("type") == "error" for m in bounces)
             with relay_process(n2, tmp_path / "n2-again.toml"):
                 b = await component(n2.component_port, "b.comp.test")
+                await heard_since(r1, "n2.0", killed)
                 await holds(r1, "b.comp.test")
                 a.send(message(99, "x@a.comp.test", "y@b.comp.test"))
                 assert (await asyncio.wait_for(b.receive(), 10)).get("id") == "m99"
@@ -474,10 +488,12 @@ def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_pa
             bounce = await asyncio.wait_for(a.receive(), 10)
             assert bounce.get("type") == "error" and b"NATS" in bounce_text(bounce)
             with nats_server(tmp_path, port):
+                back = asyncio.get_running_loop().time()
                 for _ in range(int(20 / 0.05)):
                     if r1.bus.connected and r1.bus.members.component_holders("b.comp.test"):
                         break
                     await asyncio.sleep(0.05)
+                await heard_since(r1, "n2.0", back)
                 a.send(message(3, "x@a.comp.test", "y@b.comp.test"))
                 assert (await asyncio.wait_for(b.receive(), 10)).get("id") == "m3"
                 await a.close()
