@@ -302,16 +302,32 @@ def per_core(point: dict, label: str) -> float | None:
     return delivered(point) * 100 / cpu if cpu else None
 
 
+def paired(results: dict, kind: str, other: str) -> list[tuple[dict, dict]]:
+    """(point of ``kind``, point of ``other``) for each stream count both swept."""
+    others = {p["config"]["streams"]: p for p in results.get(other, {}).get("points", [])}
+    return [(p, others[p["config"]["streams"]]) for p in results.get(kind, {}).get("points", [])
+            if p["config"]["streams"] in others]
+
+
+def floor_share(relay: dict, floor_point: dict) -> tuple[float | None, float | None, float | None]:
+    """(relay per core, floor per core, the relay's share of the floor)."""
+    ours, theirs = per_core(relay, "relay"), per_core(floor_point, "floor")
+    return ours, theirs, (ours / theirs if ours and theirs else None)
+
+
+def hop_share(local: dict, across: dict) -> tuple[float | None, float | None, float | None]:
+    """(µs per stanza local, µs per stanza across n1 + n2 + nats-server, one hop's share of a local delivery)."""
+    ours, hop = cpu_us_per_stanza(local, ["relay"]), cpu_us_per_stanza(across, ["relay-hop", "relay-hop:n2", "nats"])
+    return ours, hop, ((hop - ours) / 2 / ours if ours and hop else None)  # each stanza hops twice: there and back
+
+
 def floor_lines(results: dict) -> list[str]:
     """The relay as a share of the raw-relay floor, per stream count of both sweeps."""
-    floor_points = {p["config"]["streams"]: p for p in results.get("floor", {}).get("points", [])}
     lines = []
-    for p in results.get("relay", {}).get("points", []):
-        other = floor_points.get(p["config"]["streams"])
-        if other is None or not delivered(other):
+    for p, other in paired(results, "relay", "floor"):
+        if not delivered(other):
             continue
-        ours, theirs = per_core(p, "relay"), per_core(other, "floor")
-        share = ours / theirs if ours and theirs else None
+        ours, theirs, share = floor_share(p, other)
         verdict = "met" if share is not None and share >= FLOOR_GOAL else "MISSED"
         lines.append(f"* relay / raw-relay floor at {p['config']['streams']} streams: delivered/s "
                      f"{delivered(p) / delivered(other):.0%}; per core of the target (delivered/s / its CPU) "
@@ -329,15 +345,9 @@ def cpu_us_per_stanza(point: dict, labels: list[str]) -> float | None:
 
 def hop_lines(results: dict) -> list[str]:
     """The cluster hop (relay-hop: two nodes on NATS) against the local path, per stream count."""
-    local = {p["config"]["streams"]: p for p in results.get("relay", {}).get("points", [])}
     lines = []
-    for p in results.get("relay-hop", {}).get("points", []):
-        base = local.get(p["config"]["streams"])
-        if base is None:
-            continue
-        ours = cpu_us_per_stanza(base, ["relay"])
-        hop = cpu_us_per_stanza(p, ["relay-hop", "relay-hop:n2", "nats"])
-        extra = (hop - ours) / 2 / ours if ours and hop else None  # each stanza hops twice: there and back
+    for p, base in paired(results, "relay-hop", "relay"):
+        ours, hop, extra = hop_share(base, p)
         verdict = "met" if extra is not None and extra <= 0.5 else "MISSED"
         lines.append(
             f"* cluster hop at {p['config']['streams']} streams, saturated (every stanza crosses the bus there "

@@ -1,7 +1,8 @@
 """What one message costs a process, apart from its bytes: a request and its answer
-over NATS with nats-py (the cluster bus's client), over NATS with a minimal client
-written for this measurement (``wire``: the NATS text protocol on a plain asyncio
-protocol, no tasks or queues per message), and over a bare uvloop TCP connection.
+over NATS with nats-py (the cluster bus's client), over NATS with the bus's own data
+connection (``wire``: ``router.cluster.dataline``, the NATS text protocol on a
+plain asyncio protocol, no tasks or queues per message), and over a bare uvloop
+TCP connection.
 Every process (requester, responder, nats-server) is pinned to one CPU, as the
 relay's processes are in ``bench.compare``; one request is in flight at a time, so
 every message is a wake-up of its own.
@@ -22,12 +23,14 @@ import shutil
 import subprocess
 import sys
 import time
+from urllib.parse import urlparse
 
 import nats
 import uvloop
 
 from bench.loadlib import procstat
 from bench.loadlib.targets import taskset
+from router.cluster.dataline import DataLine, open_line
 from tests.interop.harness import free_port
 
 HOST = "127.0.0.1"
@@ -65,71 +68,27 @@ async def nats_requester(url: str, size: int, count: int) -> None:
     await nc.close()
 
 
-class Wire(asyncio.Protocol):
-    """The NATS text protocol, just enough of it: CONNECT, SUB, PUB, and MSG and PING
-    read in place from one buffer; ``on_msg(reply, payload)`` per message."""
-
-    def __init__(self, subject: str, on_msg) -> None:
-        self.subject, self.on_msg = subject, on_msg
-        self.buffer = bytearray()
-        self.ready = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        transport.write(b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB ' + self.subject.encode()
-                        + b" 1\r\nPING\r\n")
-
-    def publish(self, subject: bytes, payload: bytes, reply: bytes = b"") -> None:
-        self.transport.write(b"PUB %s %s %d\r\n%s\r\n" % (subject, reply, len(payload), payload))
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        start = 0
-        while True:
-            end = buffer.find(b"\r\n", start)
-            if end < 0:
-                break
-            line = bytes(buffer[start:end])
-            if line.startswith(b"MSG "):
-                parts = line.split()
-                size = int(parts[-1])
-                if len(buffer) < end + 2 + size + 2:
-                    break
-                self.on_msg(parts[3] if len(parts) == 5 else b"", bytes(buffer[end + 2:end + 2 + size]))
-                end += size + 2
-            elif line == b"PING":
-                self.transport.write(b"PONG\r\n")
-            elif line == b"PONG" and not self.ready.done():
-                self.ready.set_result(None)
-            start = end + 2
-        del buffer[:start]
-
-
-async def wire_connect(url: str, subject: str, on_msg) -> Wire:
-    host, port = url.rpartition("/")[2].split(":")
-    _, wire = await asyncio.get_running_loop().create_connection(lambda: Wire(subject, on_msg), host, int(port))
-    await wire.ready
-    return wire
+async def wire_connect(url: str, subject: str, on_msg) -> DataLine:
+    return await open_line(urlparse(url), None, "messagecost", {subject: on_msg}, print, SETTLE * 10)
 
 
 async def wire_responder(url: str) -> None:
-    wire = await wire_connect(url, SUBJECT, lambda reply, payload: wire.publish(reply, b"taken"))
+    line = await wire_connect(url, SUBJECT, lambda msg: line.publish(msg.reply, b"taken"))
     await asyncio.Event().wait()
 
 
 async def wire_requester(url: str, size: int, count: int) -> None:
     waiting: list[asyncio.Future] = []
-    wire = await wire_connect(url, "messagecost.answer.*", lambda reply, payload: waiting.pop().set_result(None))
+    line = await wire_connect(url, "messagecost.answer.*", lambda msg: waiting.pop().set_result(None))
     loop = asyncio.get_running_loop()
     payload = b"x" * size
     start = time.process_time()
     for sequence in range(count):
         waiting.append(loop.create_future())
-        wire.publish(SUBJECT.encode(), payload, b"messagecost.answer.%d" % sequence)
+        line.publish(SUBJECT, payload, f"messagecost.answer.{sequence}")
         await waiting[0]
     print(time.process_time() - start)
-    wire.transport.close()
+    line.close()
 
 
 class Echo(asyncio.Protocol):

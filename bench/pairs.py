@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.compare import cpu_us_per_stanza, delivered, per_core
+from bench.compare import cpu_us_per_stanza, delivered, floor_share, hop_share, paired
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPILED = ["router/*.pyx", "router/*.pxd", "router/*.h", "setup.py"]
@@ -71,11 +71,9 @@ def run(directory: Path, relay: Path, compare_args: list[str], workdir: Path) ->
 def figures(results: dict) -> dict[str, float]:
     """The comparable numbers of one run, by name."""
     out: dict[str, float] = {}
-    by_streams: dict[str, dict[int, dict]] = {}
     for kind, result in results.items():
         for point in result.get("points", []):
             streams = point["config"]["streams"]
-            by_streams.setdefault(kind, {})[streams] = point
             out[f"{kind} {streams}: delivered/s"] = delivered(point)
             labels = [k for k in (point.get("cpu_percent") or {}) if k not in NOT_THE_TARGET]
             us = cpu_us_per_stanza(point, labels)
@@ -84,17 +82,14 @@ def figures(results: dict) -> dict[str, float]:
             for percentile in ("p50", "p99"):
                 if (point.get("latency_ms") or {}).get(percentile) is not None:
                     out[f"{kind} {streams}: latency {percentile} ms"] = point["latency_ms"][percentile]
-    local, hop, floor = (by_streams.get(k, {}) for k in ("relay", "relay-hop", "floor"))
-    for streams, point in local.items():
-        ours = cpu_us_per_stanza(point, ["relay"])
-        if streams in hop and ours:
-            across = cpu_us_per_stanza(hop[streams], ["relay-hop", "relay-hop:n2", "nats"])
-            if across:
-                out[f"one hop {streams}: % of a local delivery"] = 100 * (across - ours) / 2 / ours
-        if streams in floor:
-            relay, raw = per_core(point, "relay"), per_core(floor[streams], "floor")
-            if relay and raw:
-                out[f"relay / floor {streams}: per core, %"] = 100 * relay / raw
+    for local, across in paired(results, "relay", "relay-hop"):
+        share = hop_share(local, across)[2]
+        if share is not None:
+            out[f"one hop {local['config']['streams']}: % of a local delivery"] = 100 * share
+    for relay, floor in paired(results, "relay", "floor"):
+        share = floor_share(relay, floor)[2]
+        if share is not None:
+            out[f"relay / floor {relay['config']['streams']}: per core, %"] = 100 * share
     return out
 
 

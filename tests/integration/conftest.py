@@ -44,6 +44,15 @@ def arun(coro, timeout: float = SCENARIO_TIMEOUT):
     return uvloop.run(bounded())
 
 
+async def settled(condition, within: float = 8.0, every: float = 0.05) -> bool:
+    """Whether ``condition()`` holds within ``within`` seconds (polled every ``every``)."""
+    for _ in range(int(within / every)):
+        if condition():
+            return True
+        await asyncio.sleep(every)
+    return bool(condition())
+
+
 @asynccontextmanager
 async def running(config):
     """A relay serving ``config`` in this event loop; stopped on exit."""

@@ -17,7 +17,7 @@ from router.negotiation import sm
 from router.net.component_client import ComponentClient
 from router.trust.pki import make_leaf
 
-from .conftest import arun, relay_process, running
+from .conftest import arun, relay_process, running, settled
 from . import natsd
 from .natsd import nats_server
 from .peer import Peer
@@ -45,10 +45,8 @@ async def component(port: int, domain: str) -> ComponentClient:
 
 async def heard(relay, *members: str) -> None:
     """Until ``relay`` has heard every one of ``members`` announce a component."""
-    for _ in range(int(SETTLE / 0.05)):
-        if all(relay.bus.members._seen.get(m) for m in members):
-            return
-        await asyncio.sleep(0.05)
+    if await settled(lambda: all(relay.bus.members._seen.get(m) for m in members), SETTLE):
+        return
     raise AssertionError(f"{relay.bus.member} did not hear {members}: {sorted(relay.bus.members._seen)}")
 
 
@@ -56,29 +54,21 @@ async def heard_since(relay, member: str, since: float) -> None:
     """Until ``relay`` has an announcement ``member`` made after ``since`` (loop time): a
     member announces only once its data connection is open, so stanzas sent now reach it
     (an older announcement may be its dead predecessor's)."""
-    for _ in range(int(SETTLE / 0.05)):
-        seen = relay.bus.members._seen.get(member)
-        if seen is not None and seen[1] > since:
-            return
-        await asyncio.sleep(0.05)
+    if await settled(lambda: (relay.bus.members._seen.get(member) or (None, since))[1] > since, SETTLE):
+        return
     raise AssertionError(f"{relay.bus.member} heard nothing from {member} since {since}")
 
 
 async def holds(relay, domain: str) -> None:
-    for _ in range(int(SETTLE / 0.05)):
-        if relay.bus.members.component_holders(domain):
-            return
-        await asyncio.sleep(0.05)
+    if await settled(lambda: relay.bus.members.component_holders(domain), SETTLE):
+        return
     raise AssertionError(f"{relay.bus.member} never heard that {domain} is connected elsewhere")
 
 
 async def answered(relay, count: int) -> None:
     """Until ``relay`` heard that ``count`` stanzas it sent over the bus were taken (an
     answer comes up to ANSWER_INTERVAL after the stanzas were delivered)."""
-    for _ in range(int(SETTLE / 0.05)):
-        if relay.metrics.bus_stanzas.get("sent", "node") >= count:
-            break
-        await asyncio.sleep(0.05)
+    await settled(lambda: relay.metrics.bus_stanzas.get("sent", "node") >= count, SETTLE)
     assert relay.metrics.bus_stanzas.get("sent", "node") == count
 
 
@@ -184,10 +174,7 @@ def test_a_component_connected_twice_gets_each_stanza_once(node):
             c2 = await component(n2.component_port, "c.comp.test")
             s = await component(n3.component_port, "s.comp.test")
             await heard(r3, "n1.0", "n2.0")
-            for _ in range(int(SETTLE / 0.05)):
-                if len(r3.bus.members._components.get("c.comp.test", ())) == 2:
-                    break
-                await asyncio.sleep(0.05)
+            await settled(lambda: len(r3.bus.members._components.get("c.comp.test", ())) == 2, SETTLE)
             senders, per_sender = 20, 10
             for i in range(per_sender):
                 for k in range(senders):
@@ -199,10 +186,7 @@ def test_a_component_connected_twice_gets_each_stanza_once(node):
                     got[name].append(await client.receive())
 
             tasks = [asyncio.ensure_future(drain("c1", c1)), asyncio.ensure_future(drain("c2", c2))]
-            for _ in range(int(SETTLE / 0.05)):
-                if len(got["c1"]) + len(got["c2"]) >= senders * per_sender:
-                    break
-                await asyncio.sleep(0.05)
+            await settled(lambda: len(got["c1"]) + len(got["c2"]) >= senders * per_sender, SETTLE)
             await asyncio.sleep(0.3)  # a duplicate would arrive now
             for task in tasks:
                 task.cancel()
@@ -228,10 +212,7 @@ def test_a_reply_reaches_a_remote_server_through_the_node_holding_its_stream(nod
                                       ca_path=pki.ca_path, bidi="encrypted")
             await peer.authenticated()
             await holds(r1, "b.comp.test")
-            for _ in range(int(SETTLE / 0.05)):
-                if r2.bus.members.pair_holders(("b.comp.test", "peer.peers.test")):
-                    break
-                await asyncio.sleep(0.05)
+            await settled(lambda: r2.bus.members.pair_holders(("b.comp.test", "peer.peers.test")), SETTLE)
             peer.send(message(1, "u@peer.peers.test/r", "bot@b.comp.test"))
             got = await b.receive()
             assert (got.get("from"), got.get("id")) == ("u@peer.peers.test/r", "m1")
@@ -352,10 +333,7 @@ def test_a_lost_data_connection_bounces_what_waits_at_once_and_opens_again(node,
                 assert (bounce.get("id"), bounce.get("type")) == ("m2", "error")
                 assert b"the cluster bus lost NATS" in bounce_text(bounce)
                 assert r1.metrics.bus_failures.get("unreachable") == 1
-                for _ in range(int(SETTLE / 0.05)):
-                    if r1.bus.connected:
-                        break
-                    await asyncio.sleep(0.05)
+                await settled(lambda: r1.bus.connected, SETTLE)
                 assert r1.bus.connected and r1.bus.line not in (None, cut)
             finally:
                 process_of_n2.send_signal(signal.SIGCONT)
@@ -395,34 +373,22 @@ def test_a_member_too_slow_for_nats_gets_a_new_data_connection(node, tmp_path):
                     body = "z" * 4000
                     for i in range(1, 3001):  # 12 MB: past the sockets' buffers and max_pending
                         a.send(f"<message from='x@a.comp.test' to='y@b.comp.test' id='m{i}'><body>{body}</body></message>")
-                    for _ in range(int(20 / 0.1)):
-                        if "n2.0 data\" - Slow Consumer" in log.read_text():
-                            break
-                        await asyncio.sleep(0.1)
+                    await settled(lambda: "n2.0 data\" - Slow Consumer" in log.read_text(), 20, 0.1)
                     assert "n2.0 data\" - Slow Consumer" in log.read_text()
                 finally:
                     process_of_n2.send_signal(signal.SIGCONT)
                 bounced, delivered = [], []
                 readers = [asyncio.ensure_future(collect(a, bounced)), asyncio.ensure_future(collect(b, delivered))]
                 try:
-                    for _ in range(int(30 / 0.1)):
-                        if {m.get("id") for m in bounced + delivered} >= sent:
-                            break
-                        await asyncio.sleep(0.1)
+                    await settled(lambda: {m.get("id") for m in bounced + delivered} >= sent, 30, 0.1)
                     assert {m.get("id") for m in bounced + delivered} == sent
                     assert all(m.get("type") == "error" for m in bounced)
                     ids = [m.get("id") for m in delivered]
                     assert len(set(ids)) == len(ids)
                     assert r1.metrics.bus_failures.get("unreachable") > 0  # n2 gone from NATS: at once
-                    for _ in range(int(SETTLE / 0.05)):
-                        if r1.bus.members.component_holders("b.comp.test"):
-                            break
-                        await asyncio.sleep(0.05)
+                    await settled(lambda: r1.bus.members.component_holders("b.comp.test"), SETTLE)
                     a.send(message(9999, "x@a.comp.test", "y@b.comp.test"))
-                    for _ in range(int(15 / 0.05)):
-                        if any(m.get("id") == "m9999" for m in delivered):
-                            break
-                        await asyncio.sleep(0.05)
+                    await settled(lambda: any(m.get("id") == "m9999" for m in delivered), 15)
                     assert [m.get("id") for m in delivered].count("m9999") == 1
                 finally:
                     for reader in readers:
@@ -478,10 +444,7 @@ def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_pa
             c = await component(n1.component_port, "c.comp.test")
             await holds(r1, "b.comp.test")
             await asyncio.to_thread(natsd.stop, port)  # the fixture's server goes away
-            for _ in range(int(SETTLE / 0.05)):
-                if not r1.bus.connected:
-                    break
-                await asyncio.sleep(0.05)
+            await settled(lambda: not r1.bus.connected, SETTLE)
             a.send(message(1, "x@a.comp.test", "y@c.comp.test"))  # local: delivered
             assert (await c.receive()).get("id") == "m1"
             a.send(message(2, "x@a.comp.test", "y@b.comp.test"))  # another node: bounced, with the reason
@@ -489,10 +452,7 @@ def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_pa
             assert bounce.get("type") == "error" and b"NATS" in bounce_text(bounce)
             with nats_server(tmp_path, port):
                 back = asyncio.get_running_loop().time()
-                for _ in range(int(20 / 0.05)):
-                    if r1.bus.connected and r1.bus.members.component_holders("b.comp.test"):
-                        break
-                    await asyncio.sleep(0.05)
+                await settled(lambda: r1.bus.connected and r1.bus.members.component_holders("b.comp.test"), 20)
                 await heard_since(r1, "n2.0", back)
                 a.send(message(3, "x@a.comp.test", "y@b.comp.test"))
                 assert (await asyncio.wait_for(b.receive(), 10)).get("id") == "m3"

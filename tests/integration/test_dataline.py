@@ -15,7 +15,7 @@ from router.cluster.natsproto import Msg
 from router.trust.pki import make_leaf
 
 from . import natsd
-from .conftest import arun
+from .conftest import arun, settled
 from .natsd import nats_server
 
 TIMEOUT = 5.0
@@ -25,14 +25,6 @@ def ignore(*_) -> None:
     """A handler or loss callback a test does not look at."""
 
 
-async def until(condition) -> None:
-    for _ in range(int(TIMEOUT / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("not within the timeout")
-
-
 async def round_trip(url: str, credentials: str | None = None) -> None:
     """A message to ourselves arrives once, on the subscription it was published to."""
     inbox, answers, lost = [], [], []
@@ -40,7 +32,7 @@ async def round_trip(url: str, credentials: str | None = None) -> None:
                            {"t.inbox": inbox.append, "t.answer.*": answers.append}, lost.append, TIMEOUT)
     line.publish("t.inbox", bytearray(b"<batch/>"), "t.answer.1")
     line.publish("t.answer.1", b"[[1,null]]")
-    await until(lambda: inbox and answers)
+    assert await settled(lambda: inbox and answers, TIMEOUT)
     assert inbox == [Msg(0, "t.inbox", "t.answer.1", b"<batch/>")]
     assert answers == [Msg(1, "t.answer.1", "", b"[[1,null]]")]
     line.close()
@@ -54,7 +46,7 @@ def test_a_message_reaches_its_subscription_once_and_no_responders_is_a_status(n
         answers = []
         line = await open_line(urlparse(nats_url), None, "t.0", {"t.answer.*": answers.append}, ignore, TIMEOUT)
         line.publish("t.member.gone", b"<batch/>", "t.answer.7")  # no one subscribes to it
-        await until(lambda: answers)
+        assert await settled(lambda: answers, TIMEOUT)
         assert [(m.subject, m.status, m.payload) for m in answers] == [("t.answer.7", 503, b"")]
         line.close()
 
@@ -95,7 +87,7 @@ def test_a_server_that_goes_away_is_told_once(tmp_path):
             lost = []
             await open_line(urlparse(url), None, "t.0", {"t.inbox": ignore}, lost.append, TIMEOUT)
             await asyncio.to_thread(natsd.stop, urlparse(url).port)
-            await until(lambda: lost)
+            assert await settled(lambda: lost, TIMEOUT)
             await asyncio.sleep(0.1)
             assert len(lost) == 1 and "the connection to NATS was lost" in lost[0]
 
