@@ -254,7 +254,7 @@ def test_a_node_that_dies_makes_its_stanzas_bounce_and_one_that_returns_takes_tr
             killed = asyncio.get_running_loop().time()
             for i in range(1, 21):
                 a.send(message(i, "x@a.comp.test", "y@b.comp.test"))
-            bounces = [await asyncio.wait_for(a.receive(), 15) for _ in range(20)]
+            bounces = [await a.receive(timeout=15) for _ in range(20)]
             assert sorted(int(m.get("id")[1:]) for m in bounces) == list(range(1, 21))
             assert all(m.get("type") == "error" for m in bounces)
             with relay_process(n2, tmp_path / "n2-again.toml"):
@@ -262,7 +262,7 @@ def test_a_node_that_dies_makes_its_stanzas_bounce_and_one_that_returns_takes_tr
                 await heard_since(r1, "n2.0", killed)
                 await holds(r1, "b.comp.test")
                 a.send(message(99, "x@a.comp.test", "y@b.comp.test"))
-                assert (await asyncio.wait_for(b.receive(), 10)).get("id") == "m99"
+                assert (await b.receive(timeout=10)).get("id") == "m99"
             await a.close()
 
     with relay_process(n2, tmp_path / "n2.toml") as process:
@@ -448,14 +448,14 @@ def test_without_nats_local_delivery_goes_on_and_the_bus_comes_back(node, tmp_pa
             a.send(message(1, "x@a.comp.test", "y@c.comp.test"))  # local: delivered
             assert (await c.receive()).get("id") == "m1"
             a.send(message(2, "x@a.comp.test", "y@b.comp.test"))  # another node: bounced, with the reason
-            bounce = await asyncio.wait_for(a.receive(), 10)
+            bounce = await a.receive(timeout=10)
             assert bounce.get("type") == "error" and b"NATS" in bounce_text(bounce)
             with nats_server(tmp_path, port):
                 back = asyncio.get_running_loop().time()
                 await settled(lambda: r1.bus.connected and r1.bus.members.component_holders("b.comp.test"), 20)
                 await heard_since(r1, "n2.0", back)
                 a.send(message(3, "x@a.comp.test", "y@b.comp.test"))
-                assert (await asyncio.wait_for(b.receive(), 10)).get("id") == "m3"
+                assert (await b.receive(timeout=10)).get("id") == "m3"
                 await a.close()
 
     arun(scenario(), timeout=60)
