@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-EXT    := router/_fastparse$(SUFFIX) router/_fastroute$(SUFFIX)
+EXT    := router/_fastparse$(SUFFIX) router/_fastroute$(SUFFIX) bench/loadlib/_fastload$(SUFFIX)
 
 .PHONY: run test bench bench-compare bench-cluster peers build clean
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
 	touch $@
 
-$(EXT) &: $(VENV)/.installed $(wildcard router/_fast*.pyx router/_fast*.pxd)
+$(EXT) &: $(VENV)/.installed $(wildcard router/_fast*.pyx router/_fast*.pxd bench/loadlib/_fast*.pyx)
 	$(PY) setup.py --quiet build_ext --inplace
 
 build: $(EXT)

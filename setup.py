@@ -1,4 +1,5 @@
-"""Build the Cython extensions: the tokenizer ``router._fastparse`` and the stanza router ``router._fastroute``."""
+"""Build the Cython extensions: the tokenizer ``router._fastparse``, the stanza router ``router._fastroute``, and
+the load tools' per-stanza work ``bench.loadlib._fastload`` (built in place, not installed)."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -11,6 +12,11 @@ extensions = [
     Extension(
         "router._fastroute",
         ["router/_fastroute.pyx"],
+        extra_compile_args=["-O3"],
+    ),
+    Extension(
+        "bench.loadlib._fastload",
+        ["bench/loadlib/_fastload.pyx"],
         extra_compile_args=["-O3"],
     ),
 ]

@@ -16,7 +16,7 @@ import dataclasses
 
 import pytest
 
-from bench.loadlib import echo, procstat, runner, sm, targets, wire
+from bench.loadlib import echo, procstat, runner, sm, streams, targets, wire
 from bench.loadlib.tracker import Tracker, percentiles
 from tests.interop import harness
 
@@ -33,10 +33,111 @@ def test_dialback_key_matches_the_xep_0185_and_0220_vectors():
 def test_stanzas_have_the_sizes_of_the_mix_and_a_parseable_id():
     cycle = wire.size_cycle(wire.parse_size_mix("200:3,1000:1"))
     assert cycle.count(200) == 75 and cycle.count(1000) == 25
-    template = wire.StanzaTemplate(7, "bench.test", cycle)
+    template = wire.stanza_template(7, "bench.test", cycle)
     small, large = template.render(0, 123456), template.render(cycle.index(1000), 123456)
     assert abs(len(small) - 200) <= 10 and abs(len(large) - 1000) <= 10
     assert b"id='7.0.123456'" in small and b"from='u@g0008.load.test/r'" in small
+
+
+def test_a_run_of_stanzas_is_the_stanzas_rendered_one_by_one():
+    template = wire.stanza_template(3, "bench.test", wire.size_cycle(wire.parse_size_mix("200:3,1000:1")))
+    run = template.render_run(95, 12, 4567)  # across the end of the size cycle, seq from 2 to 3 digits
+    assert run == b"".join(template.render(seq, 4567) for seq in range(95, 107))
+    assert template.render(99, 0).startswith(b"<message from='u@g0004.load.test/r' to='echo@bench.test' type='normal'"
+                                             b" id='3.99.0'><body>x")
+    assert template.render_run(0, 0, 1) == b""
+    with pytest.raises(ValueError):
+        template.render_run(-1, 1, 1)
+
+
+class Written:
+    """A transport that keeps what is written (the sans-socket tests below)."""
+
+    def __init__(self):
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+
+    def is_closing(self):
+        return False
+
+    def close(self):
+        pass
+
+
+TARGET_HEADER = wire.response_header("bench.test", "g0002.load.test", "s1")
+
+
+def _echo(seq: int, to_domain: str = "g0002.load.test", kind: str = "normal") -> bytes:
+    return (f"<message from='t@bench.test' to='u@{to_domain}/r' type='{kind}' id='1.{seq}.100'>"
+            f"<body>echo {seq}</body></message>").encode()
+
+
+def _outbound_reads(chunks: list[bytes]) -> tuple:
+    """Simulated server 1's bidi stream, XEP-0198 on, five stanzas sent; the target's bytes read in ``chunks``.
+    Returns the context, the stream, what the stream wrote back, and the streams its refill was due for."""
+    async def scenario():
+        ctx = runner.LoadContext(runner.LoadConfig(streams=2, saturate=True, window=5))
+        ctx.sending = True
+        ctx.tracker.window = (0, 1 << 60)
+        stream = streams.OutboundStream(ctx, 1)
+        stream.transport = Written()
+        stream.bidi, stream.sm_offered = True, True
+        stream.established()
+        stream.send(5, 100)
+        sent = len(stream.transport.data)
+        for chunk in chunks:
+            stream.feed(chunk)
+        refill_due = set(ctx.dirty) if ctx.flush_scheduled else set()  # the loop runs the refill after this
+        return ctx, stream, bytes(stream.transport.data[sent:]), refill_due
+
+    return asyncio.run(scenario())
+
+
+def test_a_streams_echoes_are_accounted_in_order_with_its_ack_requests_whole_byte_by_byte_and_cut():
+    reads = (TARGET_HEADER + b"<enabled xmlns='urn:xmpp:sm:3'/>" + _echo(0) + _echo(1)
+             + b"<r xmlns='urn:xmpp:sm:3'/>"  # the target asks after two echoes: h is 2, not what follows
+             + _echo(2) + _echo(3, "g0001.load.test")  # stream 0's domain on stream 1: misrouted
+             + _echo(4, kind="error") + _echo(9) + b"<r xmlns='urn:xmpp:sm:3'/>")
+    whole = _outbound_reads([reads])
+    for ctx, stream, written, refill_due in (whole, _outbound_reads([reads[i:i + 1] for i in range(len(reads))])):
+        assert written == b"<a xmlns='urn:xmpp:sm:3' h='2'/><a xmlns='urn:xmpp:sm:3' h='6'/>"
+        ledger = ctx.tracker.ledgers[1]
+        assert (ledger.received, ledger.settled, ctx.tracker.misrouted) == (3, 4, 2)  # seq 9 was never sent
+        assert ledger.fates()["bounced"] == 1 and len(ctx.tracker.latencies_us) == 3
+        assert refill_due == {1}  # room in the window: the next refill sends
+    ctx, stream, _, _ = _outbound_reads([reads + _echo(5)[:40]])  # trailing data: a stanza still incomplete
+    assert stream.acks.received == 6 and ctx.tracker.ledgers[1].received == 3
+
+
+def test_the_echo_component_answers_each_stanza_whole_and_byte_by_byte():
+    stanzas = (b"<message from='u@g0001.load.test/r' to='t@bench.test' id='a&amp;b'><body>1</body></message>"
+               b"<message from='u@g0001.load.test/r' to='t@bench.test' id='2'/>"
+               b"<iq type='get' from='g0001.load.test' to='bench.test' id='q'><ping xmlns='urn:xmpp:ping'/></iq>"
+               b"<message type='error' from='u@g0001.load.test/r' to='t@bench.test' id='0.4.9'/>"
+               b"<presence from='u@g0001.load.test/r' to='t@bench.test'/>"
+               b"<message from='u@g0001.load.test/r' to='t@bench.test'><body>3</body></message>")
+    expected = (b"<message from='t@bench.test' to='u@g0001.load.test/r' id='a&amp;b'><body>1</body></message>"
+                b"<message from='t@bench.test' to='u@g0001.load.test/r' id='2'></message>"
+                b"<iq type='result' from='bench.test' to='g0001.load.test' id='q'/>"
+                b"<message from='t@bench.test' to='u@g0001.load.test/r'><body>3</body></message>")
+    reads = (b"<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' "
+             b"from='bench.test' id='c1'><handshake/>" + stanzas)
+
+    async def scenario(chunks):
+        component = echo.EchoComponent("bench.test", "secret", False, asyncio.get_running_loop().create_future())
+        component.transport = Written()
+        for chunk in chunks:
+            component.get_buffer(len(chunk))[:len(chunk)] = chunk
+            component.buffer_updated(len(chunk))
+        return component
+
+    for chunks in ([reads], [reads[i:i + 1] for i in range(len(reads))]):
+        component = asyncio.run(scenario(chunks))
+        assert component.transport.data.endswith(b"</handshake>" + expected)
+        assert component.counts == {"messages": 3, "errors": 1, "iq": 1, "other": 1}
+        assert component.bounced_ids == ["0.4.9"]
 
 
 def test_tracker_counts_loss_duplicates_misrouting_and_windowed_latency():
@@ -136,21 +237,21 @@ DROP, DUPLICATE, MISROUTE, BOUNCE = (0, 3), (1, 5), (2, 7), (0, 9)  # (stream, s
 class FaultyEcho(echo.EchoComponent):
     """Echoes like the real component except for four chosen stanzas."""
 
-    def stanza(self, el, buf, out):
+    def answer_one(self, el, buf, out):
         stream, seq, _ = (int(x) for x in el.id.split("."))
         key = (stream, seq)
         if key == DROP:
             return
         if key == BOUNCE:
-            out.append(f"<message type='error' from='{el.to}' to='{el.from_}' id='{el.id}'><error type='cancel'>"
-                       "<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>".encode())
+            out += (f"<message type='error' from='{el.to}' to='{el.from_}' id='{el.id}'><error type='cancel'>"
+                    "<service-unavailable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>").encode()
             return
         before = len(out)
-        super().stanza(el, buf, out)
+        super().answer_one(el, buf, out)
         if key == DUPLICATE:
-            out.extend(out[before:])
+            out += out[before:]
         elif key == MISROUTE:
-            out[before] = out[before].replace(wire.load_domain(2).encode(), wire.load_domain(0).encode())
+            out[before:] = out[before:].replace(wire.load_domain(2).encode(), wire.load_domain(0).encode())
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 
 `echo` sends each message back to its sender (from/to swapped, same id and
 payload) so the generator can time and check it; `sink` only counts. It reads
-with the project's Tokenizer and writes one batch per read, so it costs the
-same on every target and stays small next to the target itself.
+with the project's Tokenizer and writes one batch per read, its per-stanza
+work compiled (`_fastload.EchoCore`), so it costs the same on every target and
+stays small next to the target itself.
 
 An echo the target cannot deliver comes back to the component as an error
 stanza with the echo's id, which is the generator's stanza's: the component
@@ -26,6 +27,8 @@ import sys
 from router._fastparse import Element, ParseError, StreamEnd, StreamHeader, Tokenizer
 from router.wire.handshake import handshake_digest
 
+from ._fastload import EchoCore
+
 COMPONENT_NS = "jabber:component:accept"
 STATS_EVERY_S = 0.2  # the stats file is rewritten this often while bounces come
 MAX_HEADS = 4096  # echo start tags kept, one per (to, from, type): a simulated server's sender and the target
@@ -37,16 +40,16 @@ def _attr(value: str) -> str:
     return value
 
 
-class EchoComponent(asyncio.BufferedProtocol):
+class EchoComponent(EchoCore, asyncio.BufferedProtocol):
+    """The component's connection; what it writes back for each stanza is `EchoCore.answer_one`."""
+
     def __init__(self, domain: str, secret: str, sink: bool, ready: asyncio.Future):
-        self.domain, self.secret, self.sink, self.ready = domain, secret, sink, ready
+        super().__init__(sink)
+        self.domain, self.secret, self.ready = domain, secret, ready
         self.tokenizer = Tokenizer(max_stanza_bytes=1 << 20)
         self.transport = None
         self.authenticated = False
-        self.counts = {"messages": 0, "errors": 0, "iq": 0, "other": 0}
-        self.bounced_ids: list[str] = []  # of the error messages received: the echoes the target bounced
         self.lost: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.heads: dict[tuple, bytes] = {}  # (to, from, type) -> the echo's start tag up to its id
 
     def connection_made(self, transport):
         self.transport = transport
@@ -63,56 +66,55 @@ class EchoComponent(asyncio.BufferedProtocol):
         except ParseError as exc:
             self.stop(f"server sent bad XML ({exc.condition}): {exc.text}")
             return
-        buf = self.tokenizer.buffer
-        out = []
-        for event in events:
-            if isinstance(event, Element):
-                if self.authenticated:
-                    self.stanza(event, buf, out)
-                elif event.name == "handshake":
-                    self.authenticated = True
-                    if not self.ready.done():
-                        self.ready.set_result(None)
-                else:
-                    self.stop(f"handshake refused: {bytes(buf[event.start:event.end])!r}")
-                    return
-            elif isinstance(event, StreamHeader):
-                self.transport.write(f"<handshake>{handshake_digest(event.id, self.secret)}</handshake>".encode())
-            elif isinstance(event, StreamEnd):
-                self.stop("server ended the stream")
-                return
-        if out:
-            self.transport.write(b"".join(out))
+        if not self.authenticated:
+            events = self.handshake(events)
+        if events:
+            out = self.answer(self.tokenizer, events)
+            if out:
+                self.transport.write(out)
 
-    def stanza(self, el: Element, buf: bytearray, out: list):
-        counts = self.counts
-        if el.type == "error":
-            counts["errors"] += 1
-            if el.name == "message" and el.id is not None:
-                self.bounced_ids.append(el.id)
-            if counts["errors"] <= 3:
-                sys.stderr.write(f"echo: error stanza {bytes(buf[el.start:el.end])[:300]!r}\n")
-            return
-        if el.name == "message":
-            counts["messages"] += 1
-            if self.sink:
-                return
-            gt = buf.index(b">", el.start, el.end)
-            key = (el.to, el.from_, el.type)
-            head = self.heads.get(key)
-            if head is None:
-                type_attr = f" type='{_attr(el.type)}'" if el.type else ""
-                head = f"<message from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}'{type_attr}".encode()
-                if len(self.heads) < MAX_HEADS:
-                    self.heads[key] = head
-            out.append(head)
-            out.append(f" id='{_attr(el.id)}'>".encode() if el.id is not None else b">")
-            out.append(b"</message>" if buf[gt - 1] == 0x2F else buf[gt + 1:el.end])  # self-closing: nothing inside
-        elif el.name == "iq" and el.type in ("get", "set"):
-            counts["iq"] += 1
-            out.append(f"<iq type='result' from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}' id='{_attr(el.id or '')}'/>".encode())
-        else:
-            counts["other"] += 1
+    def handshake(self, events: list) -> list | None:
+        """XEP-0114 up to the server's <handshake/>: the events after it, None when there are none or it failed."""
+        for at, event in enumerate(events):
+            if isinstance(event, StreamHeader):
+                self.transport.write(f"<handshake>{handshake_digest(event.id, self.secret)}</handshake>".encode())
+            elif isinstance(event, Element) and event.name == "handshake":
+                self.authenticated = True
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                return events[at + 1:]
+            elif isinstance(event, Element):
+                buf = self.tokenizer.buffer
+                self.stop(f"handshake refused: {bytes(buf[event.start:event.end])!r}")
+                return None
+            else:
+                self.ended(event)
+                return None
+        return None
+
+    def ended(self, event):
+        self.stop("server ended the stream" if isinstance(event, StreamEnd) else f"unexpected {event!r}")
+
+    def head_for(self, key: tuple) -> bytes:
+        """The start tag of the echo of a message with this (to, from, type), up to its id."""
+        to, from_, kind = key
+        type_attr = f" type='{_attr(kind)}'" if kind else ""
+        head = f"<message from='{_attr(to or '')}' to='{_attr(from_ or '')}'{type_attr}".encode()
+        if len(self.heads) < MAX_HEADS:
+            self.heads[key] = head
+        return head
+
+    @staticmethod
+    def id_attribute(stanza_id: str) -> bytes:
+        return f" id='{_attr(stanza_id)}'>".encode()
+
+    @staticmethod
+    def iq_result(el: Element) -> bytes:
+        return f"<iq type='result' from='{_attr(el.to or '')}' to='{_attr(el.from_ or '')}' id='{_attr(el.id or '')}'/>".encode()
+
+    @staticmethod
+    def report(text: str):
+        sys.stderr.write(f"echo: {text}\n")
 
     def stop(self, reason: str):
         sys.stderr.write(f"echo component {self.domain}: {reason}\n")

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from . import echo, procstat, profile, sm, wire
+from ._fastload import Intake
 from .progress import Progress
 from .streams import InboundStream, OutboundStream, bare_domain
 from .tracker import Tracker, handshake_stats, percentiles
@@ -66,16 +67,16 @@ class LoadConfig:
         return self.targets or ((self.target_host, self.target_port),)
 
 
-class LoadContext:
-    """State shared by all streams of one point: accounting, scheduling, TLS."""
+class LoadContext(Intake):
+    """State shared by all streams of one point: accounting, scheduling, TLS (each read's echoes: `Intake`)."""
 
     def __init__(self, cfg: LoadConfig):
+        super().__init__(Tracker(cfg.streams), cfg.saturate, asyncio.get_running_loop())
         self.cfg = cfg
         self.target_domain = cfg.target_domain
         self.any_load_domain = wire.load_domain(0)
         self.tls, self.mechanism, self.bidi, self.secret = cfg.tls, cfg.mechanism, cfg.bidi, cfg.secret
         self.size_cycle = wire.size_cycle(wire.parse_size_mix(cfg.sizes))
-        self.tracker = Tracker(cfg.streams)
         self.echo_bounces = echo.Bounces(cfg.echo_stats, self.tracker.echo_bounced)
         self.acks = sm.AckTotals()
         self.streams: list[OutboundStream | None] = [None] * cfg.streams
@@ -83,15 +84,7 @@ class LoadContext:
         self.failures: dict[str, int] = {}
         self.failure_samples: list[str] = []
         self.verifies = 0
-        self.sending = False
         self.stopping = False
-        self.dirty: set[int] = set()
-        self.flush_scheduled = False
-        self.base_ns = time.perf_counter_ns()
-        self.read_us = 0  # when the read being handled arrived (µs since base_ns)
-        # the JIDs echoes carry, known good: to -> the simulated server's index, from (the target's)
-        self.index_of_jid: dict[str, int] = {}
-        self.target_jids: set[str] = set()
         self.sender = SenderStats()
         self.client_ssl, self.server_ssl = self.ssl_contexts(cfg)
 
@@ -108,9 +101,6 @@ class LoadContext:
             server.verify_mode = ssl.CERT_OPTIONAL
         return client, server
 
-    def now_us(self) -> int:
-        return (time.perf_counter_ns() - self.base_ns) // 1000
-
     def failure(self, reason: str):
         key = reason.split(":")[0][:80] if ": " in reason else reason[:80]
         key = " ".join(w for w in key.split() if wire.LOAD_SUFFIX not in w)  # one entry per reason, not per domain
@@ -118,44 +108,31 @@ class LoadContext:
         if len(self.failure_samples) < 5:
             self.failure_samples.append(reason[:500])
 
-    def arrived(self, element, raw: bytes, via: int | None):
-        to, from_ = element.to, element.from_
-        to_index = self.index_of_jid.get(to)
-        if to_index is None:
-            to_index = wire.domain_index(bare_domain(to) or "")
-            if to_index is not None and len(self.index_of_jid) < 4 * self.cfg.streams:
-                self.index_of_jid[to] = to_index
-        if from_ not in self.target_jids:
-            if bare_domain(from_) != self.target_domain:
-                to_index = None  # came from elsewhere
-            elif len(self.target_jids) < 16:
-                self.target_jids.add(from_)
-        if via is not None and via != to_index:
-            to_index = None  # on another simulated server's stream
-        self.settled(self.tracker.arrived(element.id, to_index, self.read_us, raw))
+    def jid_index(self, jid: str | None) -> int:
+        """The simulated server a JID not seen before belongs to (-1: none); the first few are kept."""
+        index = wire.domain_index(bare_domain(jid) or "")
+        if index is None:
+            return -1
+        if len(self.index_of_jid) < 4 * self.cfg.streams:
+            self.index_of_jid[jid] = index
+        return index
 
-    def bounced(self, element, raw: bytes):
-        self.settled(self.tracker.bounced(element.id, raw))
-
-    def settled(self, index: int | None):
-        """Stream ``index`` has one stanza fewer in flight: saturation mode sends the next."""
-        if index is not None and self.cfg.saturate and self.sending:
-            self.dirty.add(index)
-            self.schedule_flush()
+    def from_target(self, jid: str | None) -> bool:
+        """Whether an echo's sender not seen before is the target's; the first few are kept."""
+        if bare_domain(jid) != self.target_domain:
+            return False
+        if len(self.target_jids) < 16:
+            self.target_jids.add(jid)
+        return True
 
     def died(self, stream: OutboundStream):
         """``stream`` died mid-run: what its peer had not acknowledged, it may never have taken."""
         self.tracker.died(stream.index, stream.acks.acked if stream.acks is not None else 0)
 
     def resumed(self, stream):
-        if isinstance(stream, OutboundStream) and self.cfg.saturate and self.sending:
+        if isinstance(stream, OutboundStream) and self.saturate and self.sending:
             self.dirty.add(stream.index)
             self.schedule_flush()
-
-    def schedule_flush(self):
-        if not self.flush_scheduled:
-            self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.refill)
 
     def refill(self):
         """Saturation mode: top every dirty stream up to `window` stanzas in flight."""

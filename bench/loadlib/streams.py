@@ -7,7 +7,9 @@ connections the target opens to the simulated servers' authoritative server
 (`db:verify`) and, for targets without bidi, to deliver the echoes.
 
 Both read through the project's `Tokenizer` straight into its buffer and act
-on raw byte ranges; negotiation elements are recognised by name and namespace
+on raw byte ranges. The echoes and bounces of a read are accounted by the
+compiled `Intake.take` (`_fastload`, the base of `LoadContext`), which hands
+every other event to the stream's `handle`; negotiation elements are recognised by name and namespace
 and features by the namespaces they contain. With XEP-0198 on (`sm`), both
 count the stanzas they receive and answer the target's ack requests, and the
 outbound streams ask for acks of what they send.
@@ -59,34 +61,23 @@ class _Stream(asyncio.BufferedProtocol):
         try:
             events = self.tokenizer.buffer_updated(nbytes)
         except ParseError as exc:
-            for event in exc.events:
-                self.handle(event)
+            self.ctx.take(self, exc.events)
             self.fail(f"the peer sent bad XML ({exc.condition}): {exc.text}")
             return
-        for event in events:
-            if self.closed:
-                return
-            self.handle(event)
+        self.ctx.take(self, events)
 
     def feed(self, data: bytes):
         self.ctx.read_us = self.ctx.now_us()
-        for event in self.tokenizer.feed(data):
-            self.handle(event)
+        self.ctx.take(self, self.tokenizer.feed(data))
 
     def handle(self, event):
+        """Any event but an echo or a bounce (`Intake.take` accounts for those)."""
         if isinstance(event, Element):
             self.element(event, self.tokenizer.buffer)
         elif isinstance(event, StreamHeader):
             self.header(event)
         elif isinstance(event, StreamEnd):
             self.close(reply=True)
-
-    def message(self, element: Element, raw: bytes, via: int | None):
-        """An echoed stanza (or a bounce: an error with the id of the stanza it bounces) arrived."""
-        if element.type == "error":
-            self.ctx.bounced(element, raw)
-            return
-        self.ctx.arrived(element, raw, via)
 
     def other(self, element: Element, raw: bytes):
         """A top-level element this side does not expect: a stream error or noise (XEP-0198 counts its stanzas)."""
@@ -135,7 +126,7 @@ class OutboundStream(_Stream):
         super().__init__(ctx)
         self.index = index
         self.domain = wire.load_domain(index)
-        self.template = wire.StanzaTemplate(index, ctx.target_domain, ctx.size_cycle)
+        self.template = wire.stanza_template(index, ctx.target_domain, ctx.size_cycle)
         self.seq = 0
         self.phase = "header"
         self.tls_done = False
@@ -158,11 +149,6 @@ class OutboundStream(_Stream):
 
     def element(self, element: Element, buf: bytearray):
         name, ns = element.name, element.ns
-        if self.ready and name == "message":  # an echo or a bounce: the bulk of what arrives
-            if self.acks is not None:
-                self.acks.received += 1
-            self.message(element, buf[element.start:element.end], self.index if self.bidi else None)
-            return
         raw = bytes(buf[element.start:element.end])
         if self.ready:
             if ns == sm.SM_NS:
@@ -254,18 +240,16 @@ class OutboundStream(_Stream):
 
     def send(self, count: int, now_us: int):
         """Write `count` stanzas in one write (with an XEP-0198 ack request when one is due)."""
-        render = self.template.render
-        seq = self.seq
-        chunks = [render(s, now_us) for s in range(seq, seq + count)]
+        data = self.template.render_run(self.seq, count, now_us)
         acks = self.acks
         if acks is not None:
             acks.sent += count
             if acks.sent - acks.requested >= self.ctx.cfg.sm_ack_every and acks.base is not None:
                 acks.requested = acks.sent
-                chunks.append(sm.REQUEST)
+                data += sm.REQUEST
                 self.ctx.acks.requests_sent += 1
-        self.transport.write(b"".join(chunks))
-        self.seq = seq + count
+        self.transport.write(data)
+        self.seq += count
         self.ctx.tracker.sent(self.index, count)
 
     def label(self) -> str:
@@ -322,11 +306,7 @@ class InboundStream(_Stream):
     def element(self, element: Element, buf: bytearray):
         raw = bytes(buf[element.start:element.end])
         name, ns = element.name, element.ns
-        if name == "message":
-            if self.acks is not None:
-                self.acks.received += 1
-            self.message(element, raw, None)
-        elif ns == sm.SM_NS:
+        if ns == sm.SM_NS:
             sm.handle(self, element, raw)
         elif ns == wire.DIALBACK_NS and name == "verify" and element.type is None:
             receiving, originating = element.from_, element.to

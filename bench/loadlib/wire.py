@@ -10,6 +10,8 @@ import base64
 import hashlib
 import hmac
 
+from ._fastload import StanzaTemplate
+
 STREAM_NS = "http://etherx.jabber.org/streams"
 DIALBACK_NS = "jabber:server:dialback"
 SERVER_NS = "jabber:server"
@@ -120,29 +122,19 @@ def size_cycle(mix: list[tuple[int, float]]) -> list[int]:
     return cycle
 
 
-class StanzaTemplate:
-    """The message stanzas of one simulated stream, ready to format.
+def stanza_template(index: int, target_domain: str, cycle: list[int]) -> StanzaTemplate:
+    """The message stanzas of simulated stream ``index``, in the sizes of ``cycle``, ready to format.
 
     The id is `<stream>.<seq>.<sent_us>`: the echo carries it back, so the
     receiver recovers which stream sent it, in which order, and when.
     """
-
-    __slots__ = ("heads", "tails", "cycle")
-
-    def __init__(self, index: int, target_domain: str, cycle: list[int]):
-        sender = load_domain(index)
-        head = (
-            f"<message from='{SENDER_NODE}@{sender}/{SENDER_RESOURCE}' to='{TARGET_NODE}@{target_domain}' "
-            f"type='normal' id='{index}."
-        ).encode()
-        self.heads = head
-        tails = {}
-        for size in set(cycle):
-            fixed = len(head) + len("123456.1234567890'><body></body></message>")
-            pad = max(1, size - fixed)
-            tails[size] = b"'><body>" + b"x" * pad + b"</body></message>"
-        self.tails = [tails[size] for size in cycle]
-        self.cycle = len(cycle)
-
-    def render(self, seq: int, sent_us: int) -> bytes:
-        return b"%s%d.%d%s" % (self.heads, seq, sent_us, self.tails[seq % self.cycle])
+    head = (
+        f"<message from='{SENDER_NODE}@{load_domain(index)}/{SENDER_RESOURCE}' to='{TARGET_NODE}@{target_domain}' "
+        f"type='normal' id='{index}."
+    ).encode()
+    tails = {}
+    for size in set(cycle):
+        fixed = len(head) + len("123456.1234567890'><body></body></message>")
+        pad = max(1, size - fixed)
+        tails[size] = b"'><body>" + b"x" * pad + b"</body></message>"
+    return StanzaTemplate(head, [tails[size] for size in cycle])
