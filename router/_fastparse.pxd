@@ -74,7 +74,6 @@ cdef class Tokenizer:
     cdef Py_ssize_t fill
     cdef Py_ssize_t pos
     cdef Py_ssize_t base  # absolute stream offset of buf[0]
-    cdef bint pinned
 
     # scanner state
     cdef int state
@@ -123,7 +122,6 @@ cdef class Tokenizer:
     cpdef object get_buffer(self, Py_ssize_t sizehint=*)
     cpdef list buffer_updated(self, Py_ssize_t nbytes)
     cpdef release(self)
-    cpdef pin(self)
 
     cdef void _reset_stream(self)
     cdef int _fail(self, str condition, str what, Py_ssize_t idx) except -1

@@ -14,10 +14,12 @@ straight into ``get_buffer()`` and calling ``buffer_updated(n)``. Every
 offsets into ``tokenizer.buffer`` *as it is right after the call that returned
 the event*. Bytes of a partial element at the end of a read are kept; before
 the next read the tokenizer compacts them to the front of the buffer, or, if
-``pin()`` was called since the last compaction (somebody still holds a
-memoryview of the old buffer, e.g. a pending ``transport.write``), it swaps in
-a fresh ``bytearray`` and copies only the partial tail. A pinned buffer is
-never written to again.
+anything else still refers to the buffer (a memoryview of it in a batch or a
+pending ``transport.write``: its reference count says so), it swaps in a
+fresh ``bytearray`` and copies only the partial tail. A buffer that anything
+else refers to is never written to again; one that nothing else refers to is
+reused, in place, or, once ``release()`` gave it back, by the next read of any
+tokenizer (up to ``MAX_SPARE_BUFFERS`` wait, per process).
 
 Work is linear in the bytes fed however they are chunked: the scanner keeps
 its state (including a partial UTF-8 sequence, tag, attribute or reference)
@@ -141,9 +143,8 @@ class Tokenizer:
     def feed(self, data: bytes | bytearray | memoryview) -> list[StreamHeader | Element | StreamEnd]: ...
     def get_buffer(self, sizehint: int = -1) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> list[StreamHeader | Element | StreamEnd]: ...
-    def pin(self) -> None: ...
     def release(self) -> None:
         """Between top-level elements, drop the receive buffer and the per-element
-        arrays (an idle stream then holds neither); the next input call allocates
-        them again. Call it after acting on a read's events."""
+        arrays (an idle stream then holds neither); the next input call takes a
+        spare buffer or allocates one. Call it after acting on a read's events."""
     def restart(self, end: int) -> bytes: ...

@@ -17,10 +17,12 @@ API (the contract is ``_fastparse.pyi``)
 * ``StreamEnd`` - the stream's end tag.
 
 Bytes come in through ``feed(data)`` (one copy) or ``get_buffer()`` +
-``buffer_updated(n)`` (``asyncio.BufferedProtocol``, zero copy). ``pin()``
-says a memoryview of the current buffer is still held (e.g. by a pending
-``transport.write``): the next read then swaps in a fresh ``bytearray``
-instead of moving bytes inside the old one. Offsets of events are valid in
+``buffer_updated(n)`` (``asyncio.BufferedProtocol``, zero copy). A buffer
+that anything else still refers to (a memoryview of it in a batch or a
+pending ``transport.write``) is never written again: the next read swaps in
+a fresh ``bytearray`` instead of moving bytes inside it. One that nothing
+else refers to is reused: in place, or, once ``release()`` gave it back, by
+the next read of any tokenizer. Offsets of events are valid in
 ``buffer`` until the next ``feed``/``get_buffer``; bytes of ``buffer`` past
 the last event are unspecified (the ``bytearray`` is larger than its content).
 
@@ -75,6 +77,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndS
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.object cimport PyObject
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memmove, memcmp, memchr
 cimport cython
@@ -91,6 +94,17 @@ DEFAULT_MAX_ATTRIBUTE_VALUE_LENGTH = 64 * 1024
 cdef Py_ssize_t READ_SIZE = 64 * 1024  # free space get_buffer() offers when asked for "any"
 cdef int INITIAL_SLOTS = 8  # attribute and nesting slots before the first growth
 cdef bytearray EMPTY_BUFFER = bytearray()  # held by a tokenizer with no buffer (new or released)
+# Receive buffers that release() took back and nothing else refers to: the next read
+# of any stream reuses one instead of allocating 64 KiB (a read that ends between
+# stanzas gives its buffer back, so a busy relay would allocate one per read).
+cdef Py_ssize_t MAX_SPARE_BUFFERS = 8  # 512 KiB kept at most, per process
+cdef list SPARE_BUFFERS = []
+
+
+cdef inline bint shared(PyObject* buf) noexcept:
+    """Whether anything besides its one owner refers to ``buf`` (a view of it, say).
+    A pointer, so that reading the owner's field takes no reference of its own."""
+    return buf.ob_refcnt > 1
 cdef bytes B_STREAM_QNAME = b"stream:stream"
 # Strings every stream header repeats; one shared copy each instead of one per
 # stream keeps an idle stream small (10,000 streams per process).
@@ -656,7 +670,6 @@ cdef class Tokenizer:
         self.fill = 0
         self.pos = 0
         self.base = 0
-        self.pinned = False
         self.error = None
         self._reset_stream()
 
@@ -742,12 +755,17 @@ cdef class Tokenizer:
         buffer at all, and the next ``get_buffer()``/``feed()`` allocates one.
         Ranges of earlier events are invalid afterwards, as after any input call."""
         cdef char* shrunk
+        cdef bytearray spare
         if self.pos == self.fill and self.tok_abs < 0:
             self.base += self.fill
             self.fill = 0
             self.pos = 0
+            spare = self.buf
             self.buf = EMPTY_BUFFER
-            self.pinned = False
+            # only this function still refers to it: no view of it is queued anywhere
+            if not shared(<PyObject*>spare) and PyByteArray_GET_SIZE(spare) == READ_SIZE \
+                    and len(SPARE_BUFFERS) < MAX_SPARE_BUFFERS:
+                SPARE_BUFFERS.append(spare)
             # outside a top-level element no start tag, open element or
             # attribute value is in progress: the per-element arrays can go too
             free(self.attrs)
@@ -762,10 +780,6 @@ cdef class Tokenizer:
                 if shrunk != NULL:
                     self.arena = shrunk
                     self.arena_cap = IDLE_ARENA
-
-    cpdef pin(self):
-        """Somebody holds a view of the current buffer: never write to it again."""
-        self.pinned = True
 
     def restart(self, Py_ssize_t end):
         """Start a new stream after buffer offset ``end``; returns the bytes after it.
@@ -803,18 +817,21 @@ cdef class Tokenizer:
 
     cdef int _prepare(self, Py_ssize_t need) except -1:
         """Make room for ``need`` bytes after ``fill``: drop the accepted bytes in
-        front of the construct in progress, in a fresh bytearray if pinned."""
+        front of the construct in progress, in a fresh bytearray if anything else
+        refers to the current one (a view of it may still be waiting to be written)."""
         cdef Py_ssize_t keep = self.pos
         cdef Py_ssize_t tail, cap = PyByteArray_GET_SIZE(self.buf)
         cdef bytearray nb
         if self.tok_abs >= 0 and self.tok_abs - self.base < keep:
             keep = self.tok_abs - self.base
         tail = self.fill - keep
-        if self.pinned or cap - tail < need:
-            nb = PyByteArray_FromStringAndSize(NULL, max(READ_SIZE, tail + need, 2 * tail))  # grow geometrically
+        if shared(<PyObject*>self.buf) or cap - tail < need:
+            if max(tail + need, 2 * tail) <= READ_SIZE and SPARE_BUFFERS:
+                nb = SPARE_BUFFERS.pop()
+            else:
+                nb = PyByteArray_FromStringAndSize(NULL, max(READ_SIZE, tail + need, 2 * tail))  # grow geometrically
             memcpy(PyByteArray_AS_STRING(nb), PyByteArray_AS_STRING(self.buf) + keep, tail)
             self.buf = nb
-            self.pinned = False
         elif keep > 0:
             memmove(PyByteArray_AS_STRING(self.buf), PyByteArray_AS_STRING(self.buf) + keep, tail)
         else:

@@ -57,6 +57,11 @@ cdef Py_ssize_t MIN_STANZA_LIMIT = 10000  # RFC 6120 §13.12: no stanza size lim
 # iteration: it goes out at once, so flow control sees it as before.
 FLUSH_AT = 65536
 cdef Py_ssize_t C_FLUSH_AT = FLUSH_AT
+# A stanza up to this size is forwarded as a bytes copy, a larger one as a view of the
+# read buffer: a memoryview is an object the cyclic GC tracks and that pins its 64 KiB
+# buffer, which costs more than copying a small stanza (docs/benchmarks.md).
+COPY_AT_MOST = 4096
+cdef Py_ssize_t C_COPY_AT_MOST = COPY_AT_MOST
 cdef tuple LINKS = ("s2s", "component")  # counter index -> metrics label
 cdef tuple DESTINATIONS = ("remote", "component")
 
@@ -224,6 +229,8 @@ cdef class Router:
             return 0
         if needs_copy(el, target, src_lang):
             chunk = source.chunk_for(target, el, view)
+        elif el.end - el.start <= C_COPY_AT_MOST:
+            chunk = PyBytes_FromStringAndSize(base + el.start, el.end - el.start)
         else:
             chunk = view[el.start:el.end]
         add_to_batch(batches, target, chunk)
@@ -374,8 +381,8 @@ cdef class StreamCore:
         return 0
 
     def forward(self, dict batches):
-        """Queue each destination's gathered ranges; pin our buffer, whose views they
-        are, and stop reading from a paused destination."""
+        """Queue each destination's gathered stanzas, and stop reading from a paused
+        destination. (The views among them keep our buffer from being written again.)"""
         self.forward_batches(batches)
 
     cdef int forward_batches(self, dict batches) except -1:
@@ -389,8 +396,6 @@ cdef class StreamCore:
             dest.queue_stanzas(chunks)
             if dest.paused and self.may_wait_for(dest):
                 self.block_on(dest)
-        if batches:
-            self.tokenizer.pin()
         return 0
 
     cdef inline bint fits(self, Py_ssize_t size):

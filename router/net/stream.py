@@ -3,7 +3,7 @@ forwards stanzas as byte ranges of that tokenizer's buffer.
 
 ``XmlStream`` is the part every stream shares (S2S in both directions,
 ``router.net.s2s``, and XEP-0114 components, ``router.net.components``): zero-copy read
-and forward, gathered writes, buffer pinning, flow control, activity clocks and
+and forward, gathered writes, buffer lifetime, flow control, activity clocks and
 closing. ``StreamHost`` is what streams need of the relay that owns them.
 Its per-read methods (``buffer_updated``, ``forward``, ``write_chunks``,
 ``flush``) and the fields they use are compiled, in ``router._fastroute``'s
@@ -15,11 +15,12 @@ the iteration's reads (``Router.flush_writes``). Stanzas that many sources
 forward to one destination in one iteration (every S2S stream to a busy
 component) then leave in one system call instead of one per source read.
 
-Buffer lifetime: a forwarded range is a ``memoryview`` of the source
-tokenizer's buffer. It is queued until the end of the iteration, and uvloop
-keeps it when it cannot send everything at once, so a source that forwarded
-a range calls ``tokenizer.pin()``: the tokenizer then swaps in a fresh buffer
-instead of overwriting the old one (DESIGN.md "Buffer lifetime").
+Buffer lifetime: a stanza up to ``COPY_AT_MOST`` bytes is forwarded as a bytes
+copy, a larger one as a ``memoryview`` of the source tokenizer's buffer. A view
+is queued until the end of the iteration, and uvloop keeps it when it cannot
+send everything at once; while any view refers to the buffer, the tokenizer
+swaps in a fresh one instead of overwriting it (it reads the buffer's reference
+count; DESIGN.md "Buffer lifetime").
 
 Flow control (DESIGN.md "Flow control"): a slow or hostile peer only ever
 hurts itself. A destination whose write buffer passed its high-water mark is
