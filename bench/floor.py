@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import select
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from bench.loadlib.tracker import percentiles
 HOST = "127.0.0.1"
 HEADER = 4 + 4 + 8 + 8  # length, stream index, sequence, send time (us)
 READ = 65536
+ECHO_CONNECT_S = 15.0  # the echo process starts and connects within this
 
 
 class Hub:
@@ -76,6 +78,7 @@ class Link(asyncio.BufferedProtocol):
         self.transport = transport
         if self.is_echo:
             self.hub.echo = self
+            print("echo connected", flush=True)  # the sweep starts sending after this line
 
     def get_buffer(self, sizehint):
         if len(self.buf) - self.fill < 4096:
@@ -245,7 +248,9 @@ def run(counts: list[int], *, window: int = 8, sizes: str = "200:0.9,2000:0.1", 
             remote_port, echo_port = (int(p) for p in relay.stdout.readline().split())
             echo = subprocess.Popen(taskset(generator_cpu) + [sys.executable, "-m", "bench.floor", "echo",
                                                               str(echo_port)], cwd=root)
-            time.sleep(0.3)  # the echo connects before the first record
+            # records sent before the echo connects would have nowhere to go
+            if not select.select([relay.stdout], [], [], ECHO_CONNECT_S)[0] or not relay.stdout.readline():
+                raise RuntimeError(f"the floor's echo did not connect within {ECHO_CONNECT_S:g} s")
             pids = {"floor": relay.pid, "generator": os.getpid(), "echo": echo.pid}
             points.append(uvloop.run(measure(remote_port, streams, window, sizes, duration, ramp_up, pids)))
         finally:

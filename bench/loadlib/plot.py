@@ -18,7 +18,7 @@ def plot_sweep(series: dict[str, list[dict]], path: Path, title: str) -> Path:
         if not points:
             continue
         streams = [p["config"]["streams"] for p in points]
-        top.plot(streams, [p["throughput"]["delivered_per_s"] or p["throughput"]["sent_per_s"] for p in points],
+        top.plot(streams, [p["throughput"]["delivered_per_s"] or p["throughput"].get("sent_per_s", 0) for p in points],
                  marker="o", label=label)
         bottom.plot(streams, [p["latency_ms"]["p50"] for p in points], marker="o", label=f"{label} p50")
         bottom.plot(streams, [p["latency_ms"]["p99"] for p in points], marker="x", linestyle="--", label=f"{label} p99")
