@@ -105,6 +105,8 @@ cdef inline bint shared(PyObject* buf) noexcept:
     """Whether anything besides its one owner refers to ``buf`` (a view of it, say).
     A pointer, so that reading the owner's field takes no reference of its own."""
     return buf.ob_refcnt > 1
+
+
 cdef bytes B_STREAM_QNAME = b"stream:stream"
 # Strings every stream header repeats; one shared copy each instead of one per
 # stream keeps an idle stream small (10,000 streams per process).
@@ -752,7 +754,9 @@ cdef class Tokenizer:
         """Give the receive buffer back when no construct is in progress.
 
         Call it after acting on a read's events: an idle stream then holds no
-        buffer at all, and the next ``get_buffer()``/``feed()`` allocates one.
+        buffer at all, and the next ``get_buffer()``/``feed()`` takes a spare one
+        (``SPARE_BUFFERS``, where this one goes if nothing else refers to it) or
+        allocates one.
         Ranges of earlier events are invalid afterwards, as after any input call."""
         cdef char* shrunk
         cdef bytearray spare

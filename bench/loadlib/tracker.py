@@ -19,7 +19,7 @@ MAX_SAMPLES = 5  # error and misrouting examples kept for the report
 
 
 class Tracker(TrackerCore):
-    """Counts for one load point; `latency_window` selects which samples count (the per-echo half is compiled)."""
+    """Counts for one load point; `window` selects which latency samples count (the per-echo half is compiled)."""
 
     def __init__(self, streams: int):
         super().__init__(streams)
