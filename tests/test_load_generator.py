@@ -18,6 +18,7 @@ import pytest
 
 from bench.loadlib import echo, procstat, runner, sm, streams, targets, wire
 from bench.loadlib.tracker import Tracker, percentiles
+from router._fastparse import Tokenizer
 from tests.interop import harness
 
 # --- no sockets ---------------------------------------------------------------
@@ -34,17 +35,19 @@ def test_stanzas_have_the_sizes_of_the_mix_and_a_parseable_id():
     cycle = wire.size_cycle(wire.parse_size_mix("200:3,1000:1"))
     assert cycle.count(200) == 75 and cycle.count(1000) == 25
     template = wire.stanza_template(7, "bench.test", cycle)
-    small, large = template.render(0, 123456), template.render(cycle.index(1000), 123456)
+    small, large = template.render_run(0, 1, 123456), template.render_run(cycle.index(1000), 1, 123456)
     assert abs(len(small) - 200) <= 10 and abs(len(large) - 1000) <= 10
     assert b"id='7.0.123456'" in small and b"from='u@g0008.load.test/r'" in small
 
 
-def test_a_run_of_stanzas_is_the_stanzas_rendered_one_by_one():
-    template = wire.stanza_template(3, "bench.test", wire.size_cycle(wire.parse_size_mix("200:3,1000:1")))
+def test_a_run_of_stanzas_is_each_stanza_with_its_id_and_size():
+    cycle = wire.size_cycle(wire.parse_size_mix("200:3,1000:1"))
+    template = wire.stanza_template(3, "bench.test", cycle)
     run = template.render_run(95, 12, 4567)  # across the end of the size cycle, seq from 2 to 3 digits
-    assert run == b"".join(template.render(seq, 4567) for seq in range(95, 107))
-    assert template.render(99, 0).startswith(b"<message from='u@g0004.load.test/r' to='echo@bench.test' type='normal'"
-                                             b" id='3.99.0'><body>x")
+    events = Tokenizer().feed(TARGET_HEADER + run)[1:]
+    assert [e.id for e in events] == [f"3.{seq}.4567" for seq in range(95, 107)]
+    assert all(abs(e.end - e.start - cycle[seq % len(cycle)]) <= 10 for seq, e in zip(range(95, 107), events))
+    assert events[0].from_ == "u@g0004.load.test/r" and events[0].to == "echo@bench.test"
     assert template.render_run(0, 0, 1) == b""
     with pytest.raises(ValueError):
         template.render_run(-1, 1, 1)

@@ -86,9 +86,6 @@ cdef class StanzaTemplate:
             raise ValueError("a template needs at least one tail, as bytes")
         self.head, self.tails, self.cycle = head, tails, len(tails)
 
-    def render(self, long long seq, long long sent_us):
-        return self.render_run(seq, 1, sent_us)
-
     def render_run(self, long long seq, Py_ssize_t count, long long sent_us):
         """Stanzas ``seq`` .. ``seq + count - 1``, all stamped ``sent_us``, as one bytes object."""
         if seq < 0 or count < 0 or sent_us < 0:
