@@ -18,8 +18,7 @@ anything else still refers to the buffer (a memoryview of it in a batch or a
 pending ``transport.write``: its reference count says so), it swaps in a
 fresh ``bytearray`` and copies only the partial tail. A buffer that anything
 else refers to is never written to again; one that nothing else refers to is
-reused, in place, or, once ``release()`` gave it back, by the next read of any
-tokenizer (up to ``MAX_SPARE_BUFFERS`` wait, per process).
+reused in place.
 
 Work is linear in the bytes fed however they are chunked: the scanner keeps
 its state (including a partial UTF-8 sequence, tag, attribute or reference)
@@ -145,6 +144,6 @@ class Tokenizer:
     def buffer_updated(self, nbytes: int) -> list[StreamHeader | Element | StreamEnd]: ...
     def release(self) -> None:
         """Between top-level elements, drop the receive buffer and the per-element
-        arrays (an idle stream then holds neither); the next input call takes a
-        spare buffer or allocates one. Call it after acting on a read's events."""
+        arrays (an idle stream then holds neither); the next input call allocates
+        them again. Call it after acting on a read's events."""
     def restart(self, end: int) -> bytes: ...

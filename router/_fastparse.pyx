@@ -20,9 +20,8 @@ Bytes come in through ``feed(data)`` (one copy) or ``get_buffer()`` +
 ``buffer_updated(n)`` (``asyncio.BufferedProtocol``, zero copy). A buffer
 that anything else still refers to (a memoryview of it in a batch or a
 pending ``transport.write``) is never written again: the next read swaps in
-a fresh ``bytearray`` instead of moving bytes inside it. One that nothing
-else refers to is reused: in place, or, once ``release()`` gave it back, by
-the next read of any tokenizer. Offsets of events are valid in
+a fresh ``bytearray`` instead of moving bytes inside it; one that nothing
+else refers to is reused in place. Offsets of events are valid in
 ``buffer`` until the next ``feed``/``get_buffer``; bytes of ``buffer`` past
 the last event are unspecified (the ``bytearray`` is larger than its content).
 
@@ -94,11 +93,6 @@ DEFAULT_MAX_ATTRIBUTE_VALUE_LENGTH = 64 * 1024
 cdef Py_ssize_t READ_SIZE = 64 * 1024  # free space get_buffer() offers when asked for "any"
 cdef int INITIAL_SLOTS = 8  # attribute and nesting slots before the first growth
 cdef bytearray EMPTY_BUFFER = bytearray()  # held by a tokenizer with no buffer (new or released)
-# Receive buffers that release() took back and nothing else refers to: the next read
-# of any stream reuses one instead of allocating 64 KiB (a read that ends between
-# stanzas gives its buffer back, so a busy relay would allocate one per read).
-cdef Py_ssize_t MAX_SPARE_BUFFERS = 8  # 512 KiB kept at most, per process
-cdef list SPARE_BUFFERS = []
 
 
 cdef inline bint shared(PyObject* buf) noexcept:
@@ -754,22 +748,14 @@ cdef class Tokenizer:
         """Give the receive buffer back when no construct is in progress.
 
         Call it after acting on a read's events: an idle stream then holds no
-        buffer at all, and the next ``get_buffer()``/``feed()`` takes a spare one
-        (``SPARE_BUFFERS``, where this one goes if nothing else refers to it) or
-        allocates one.
+        buffer at all, and the next ``get_buffer()``/``feed()`` allocates one.
         Ranges of earlier events are invalid afterwards, as after any input call."""
         cdef char* shrunk
-        cdef bytearray spare
         if self.pos == self.fill and self.tok_abs < 0:
             self.base += self.fill
             self.fill = 0
             self.pos = 0
-            spare = self.buf
             self.buf = EMPTY_BUFFER
-            # only this function still refers to it: no view of it is queued anywhere
-            if not shared(<PyObject*>spare) and PyByteArray_GET_SIZE(spare) == READ_SIZE \
-                    and len(SPARE_BUFFERS) < MAX_SPARE_BUFFERS:
-                SPARE_BUFFERS.append(spare)
             # outside a top-level element no start tag, open element or
             # attribute value is in progress: the per-element arrays can go too
             free(self.attrs)
@@ -830,10 +816,7 @@ cdef class Tokenizer:
             keep = self.tok_abs - self.base
         tail = self.fill - keep
         if shared(<PyObject*>self.buf) or cap - tail < need:
-            if max(tail + need, 2 * tail) <= READ_SIZE and SPARE_BUFFERS:
-                nb = SPARE_BUFFERS.pop()
-            else:
-                nb = PyByteArray_FromStringAndSize(NULL, max(READ_SIZE, tail + need, 2 * tail))  # grow geometrically
+            nb = PyByteArray_FromStringAndSize(NULL, max(READ_SIZE, tail + need, 2 * tail))  # grow geometrically
             memcpy(PyByteArray_AS_STRING(nb), PyByteArray_AS_STRING(self.buf) + keep, tail)
             self.buf = nb
         elif keep > 0:

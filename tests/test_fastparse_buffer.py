@@ -123,22 +123,6 @@ def test_once_its_views_are_gone_a_buffer_is_reused_again():
     assert id(tokenizer.buffer) == fresh
 
 
-def test_a_released_buffer_serves_the_next_read_of_any_tokenizer_unless_something_views_it():
-    first, second = Tokenizer(), Tokenizer()
-    for tokenizer in (first, second):
-        write_through_buffer(tokenizer, HEADER)
-        tokenizer.release()
-    element = write_through_buffer(first, stanza(0))[-1]
-    given_back = id(first.buffer)
-    first.release()
-    write_through_buffer(second, stanza(1))
-    assert id(second.buffer) == given_back  # the spare, not a new allocation
-    held = memoryview(second.buffer)[element.start : element.end]
-    second.release()  # a view of it is queued somewhere: not a spare
-    write_through_buffer(first, stanza(2) + stanza(3))
-    assert id(first.buffer) != id(held.obj) and bytes(held) == stanza(1)
-
-
 def test_offsets_are_absolute_across_compactions():
     tokenizer = Tokenizer()
     stream = HEADER + b"".join(stanza(i, size=5000) for i in range(40))
