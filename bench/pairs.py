@@ -34,7 +34,8 @@ from pathlib import Path
 from bench.compare import cpu_us_per_stanza, delivered, floor_share, hop_share, paired
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILED = ["router/*.pyx", "router/*.pxd", "router/*.h", "setup.py"]
+EXTENSION_DIRS = ("router", "bench/loadlib")  # where setup.py builds the Cython extensions in place
+COMPILED = [f"{d}/*.{ext}" for d in EXTENSION_DIRS for ext in ("pyx", "pxd", "h")] + ["setup.py"]
 NOT_THE_TARGET = ("generator", "echo")
 
 
@@ -46,8 +47,9 @@ def worktree(revision: str, where: Path) -> Path:
     """A detached worktree of ``revision`` with its extensions built."""
     git("worktree", "add", "--detach", str(where), revision)
     if subprocess.run(["git", "diff", "--quiet", revision, "HEAD", "--", *COMPILED], cwd=ROOT).returncode == 0:
-        for built in (ROOT / "router").glob("*.so"):
-            shutil.copy2(built, where / "router")
+        for directory in EXTENSION_DIRS:
+            for built in (ROOT / directory).glob("*.so"):
+                shutil.copy2(built, where / directory)
     else:
         subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=where, check=True,
                        stdout=subprocess.DEVNULL)

@@ -303,9 +303,9 @@ cdef class Intake:
                 el = <Element>event
                 counted += 1
                 if el.type is not None and el.type == "error":
-                    self.settled(self.tracker.take_bounce(el.id, tok.buf, el.start, el.end))
+                    self.refill_soon(self.tracker.take_bounce(el.id, tok.buf, el.start, el.end))
                 else:
-                    self.settled(self.tracker.take_echo(el.id, self.echo_index(el, via), self.read_us,
+                    self.refill_soon(self.tracker.take_echo(el.id, self.echo_index(el, via), self.read_us,
                                                         tok.buf, el.start, el.end))
                 continue
             if counted and acks is not None:
@@ -333,8 +333,9 @@ cdef class Intake:
             return -1
         return index
 
-    cpdef int settled(self, Py_ssize_t index) except -1:
-        """Stream ``index`` has one stanza fewer in flight: saturation mode sends the next."""
+    cpdef int refill_soon(self, Py_ssize_t index) except -1:
+        """Stream ``index`` may send more (a stanza of it settled, or its transport resumed):
+        saturation mode tops it up at the next refill. -1 is no stream."""
         if index >= 0 and self.saturate and self.sending:
             self.dirty.add(index)
             self.schedule_flush()

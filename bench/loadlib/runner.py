@@ -130,9 +130,8 @@ class LoadContext(Intake):
         self.tracker.died(stream.index, stream.acks.acked if stream.acks is not None else 0)
 
     def resumed(self, stream):
-        if isinstance(stream, OutboundStream) and self.saturate and self.sending:
-            self.dirty.add(stream.index)
-            self.schedule_flush()
+        if isinstance(stream, OutboundStream):
+            self.refill_soon(stream.index)
 
     def refill(self):
         """Saturation mode: top every dirty stream up to `window` stanzas in flight."""
