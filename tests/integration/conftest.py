@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from router.config import parse_config
 from router.trust.pki import make_ca, make_leaf
 
 SCENARIO_TIMEOUT = 40.0
+TEARDOWN_TIMEOUT = 10.0  # cancelled tasks end within this after a scenario
 
 
 def free_port() -> int:
@@ -36,12 +38,27 @@ def free_port() -> int:
 
 
 def arun(coro, timeout: float = SCENARIO_TIMEOUT):
-    """Run one scenario on a fresh uvloop event loop, bounded in time."""
+    """Run one scenario on a fresh uvloop event loop, bounded in time, its teardown too.
 
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    return uvloop.run(bounded())
+    Tasks still running at the end are cancelled as ``asyncio.run`` does, but waited
+    for at most ``TEARDOWN_TIMEOUT``: one that ignores its cancellation (a nats-py
+    reconnection was seen to, once, after NATS came back) is reported as a warning
+    with its stack instead of hanging the whole run."""
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        for task in left:
+            task.cancel()
+        if left:
+            _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=TEARDOWN_TIMEOUT))
+            if stuck:
+                warnings.warn(f"{len(stuck)} task(s) ignored their cancellation for {TEARDOWN_TIMEOUT:g} s: "
+                              + "; ".join(f"{task!r} at {task.get_stack(limit=3)}" for task in stuck))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 async def settled(condition, within: float = 8.0, every: float = 0.05) -> bool:
