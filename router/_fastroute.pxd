@@ -10,6 +10,24 @@ cdef class StreamCore
 cdef class Router
 
 
+cdef class SentKeep:
+    # XEP-0198: what one stream sent and its peer has not acknowledged yet, kept per
+    # write_chunks call (router.net.acks.StreamAcks is the Python class on top)
+    cdef public object stream
+    cdef public list blobs  # one bytes per write_chunks call not all acknowledged, oldest first
+    cdef public list counts  # ... and how many stanzas each holds
+    cdef public Py_ssize_t pending  # stanzas sent and not acknowledged
+    cdef public Py_ssize_t skip  # stanzas at the start of blobs[0] already acknowledged
+    cdef public Py_ssize_t ack_every  # s2s.sm_ack_every: ask after this many
+    cdef public Py_ssize_t max_unacked  # s2s.sm_max_unacked: close the stream past this many
+    cdef public bint keeping  # what we send is counted and kept from now on
+    cdef public bint overflow_noted
+    cdef public object requested_at  # loop.time() of our <r/> not answered yet, or None
+    cdef public object waiting_since  # loop.time() when the oldest unacknowledged stanza was sent, or None
+
+    cdef int keep(self, list chunks) except -1
+
+
 @cython.final
 cdef class Outbox:
     cdef readonly str member  # the cluster member these stanzas go to
@@ -76,7 +94,7 @@ cdef class StreamCore:
     cdef public Tokenizer tokenizer
     cdef public object session  # an S2S stream's negotiation (router.negotiation.session.Session)
     cdef public object side_buffer  # where reads go instead of the tokenizer, while set
-    cdef public object acks  # XEP-0198 (router.net.acks.StreamAcks), once enabled
+    cdef public SentKeep acks  # XEP-0198 (router.net.acks.StreamAcks), once enabled
     cdef public object _unsent  # chunks queued in this event-loop iteration (a list), or None
     cdef public Py_ssize_t _unsent_bytes
     cdef public Py_ssize_t handed  # bytes given to the transport so far

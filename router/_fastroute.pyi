@@ -20,6 +20,22 @@ class Router:
                    ) -> tuple[str, list[tuple[str, str] | None]]: ...
     def flush_writes(self) -> None: ...
 
+class SentKeep:
+    """XEP-0198's per-write keep of one stream (the base of router.net.acks.StreamAcks)."""
+    stream: Any
+    blobs: list[bytes]
+    counts: list[int]
+    pending: int
+    skip: int
+    ack_every: int
+    max_unacked: int
+    keeping: bool
+    overflow_noted: bool
+    requested_at: float | None
+    waiting_since: float | None
+    def __init__(self, stream: Any, ack_every: int, max_unacked: int) -> None: ...
+    def drop(self, count: int) -> None: ...
+
 class StreamCore:
     """The compiled base of router.net.stream.XmlStream: its per-read path's fields and methods."""
     relay: Any
@@ -29,7 +45,7 @@ class StreamCore:
     tokenizer: Any  # router._fastparse.Tokenizer
     session: Any
     side_buffer: bytearray | None
-    acks: Any
+    acks: SentKeep | None
     _unsent: list[Any] | None
     _unsent_bytes: int
     handed: int

@@ -416,7 +416,7 @@ cdef class StreamCore:
         self.queue(chunks)
         self.stanzas_out += len(chunks)
         if self.acks is not None:
-            self.acks.sent(chunks)
+            self.acks.keep(chunks)
         return 0
 
     def write(self, data):
@@ -464,6 +464,54 @@ cdef class StreamCore:
             for chunk in chunks:
                 raw_log.info("%s %s SEND %r", self.kind, self.peer, bytes(chunk))
         return 0
+
+
+cdef class SentKeep:
+    """The per-write half of XEP-0198 on a stream, compiled: every ``write_chunks``
+    call's stanzas kept, as one bytes copy, until the peer acknowledges them, and an
+    ``<r/>`` asked for when enough wait. The rest (acks received, re-sending, the
+    sweep's timers) is ``router.net.acks.StreamAcks``, which also provides the two
+    rare calls made from here: ``request(now)`` and ``_overflow(count, limit)``."""
+
+    def __init__(self, stream, Py_ssize_t ack_every, Py_ssize_t max_unacked):
+        self.stream = stream
+        self.blobs = []
+        self.counts = []
+        self.ack_every = ack_every
+        self.max_unacked = max_unacked
+
+    cdef int keep(self, list chunks) except -1:
+        """``chunks`` (one stanza each) were queued: keep them, once counting started."""
+        if not self.keeping:
+            return 0
+        cdef Py_ssize_t n = len(chunks)
+        if not self.pending:
+            self.waiting_since = self.stream.loop.time()
+        # copies, not views: a view would pin its source's whole read buffer for a round trip
+        self.blobs.append(chunks[0] if n == 1 and type(chunks[0]) is bytes else b"".join(chunks))
+        self.counts.append(n)
+        self.pending += n
+        if self.pending >= self.ack_every and self.requested_at is None:
+            self.request(self.stream.loop.time())
+        if self.pending > self.max_unacked and not self.overflow_noted:
+            self.overflow_noted = True  # closed after this read: not from inside another stream's write
+            self.stream.loop.call_soon(self._overflow, self.pending, self.max_unacked)
+        return 0
+
+    def drop(self, Py_ssize_t count):
+        """The peer acknowledged ``count`` more of the stanzas kept (at most ``pending``): let them go."""
+        cdef list counts = self.counts
+        cdef Py_ssize_t done = 0, n = len(counts), size
+        self.pending -= count
+        count += self.skip
+        while done < n:
+            size = counts[done]
+            if count < size:
+                break
+            count -= size
+            done += 1
+        del self.blobs[:done], counts[:done]
+        self.skip = count
 
 
 # ---------------------------------------------------------------------- cluster bus frames

@@ -7,6 +7,8 @@ by dialback, and the component serving svc.test, on transports that record every
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay_objects import DOMAIN, make_world, message, read
@@ -87,3 +89,37 @@ def test_an_ack_is_requested_after_sm_ack_every_stanzas_and_once_until_answered(
     a.write_chunks([chunk] * every)
     relay.router.flush_writes()
     assert b"".join(a.transport.calls).count(R) == 2
+
+
+def test_a_view_written_is_kept_as_a_copy(world):
+    """A large stanza goes out as a view of its source's read buffer; what XEP-0198 keeps for
+    re-sending must not be that view (it would pin the buffer, and the buffer may be reused)."""
+    relay, _, (a, _) = world
+    acks = a.acks = StreamAcks(a)
+    acks.start(outbound=True, inbound=False)
+    source = bytearray(f"<message from='bot@{DOMAIN}' to='u@a.test' id='big'><body>{'x' * 5000}</body></message>".encode())
+    small = f"<message from='bot@{DOMAIN}' to='u@a.test' id='small'/>".encode()
+    a.write_chunks([memoryview(source)])
+    a.write_chunks([small])
+    source[:9] = b"<presence"  # the read buffer written again
+    assert [type(blob) for blob in acks.blobs] == [bytes, bytes]
+    assert [element.id for _, element in acks.stanzas()] == ["big", "small"]
+
+
+def test_a_peer_that_never_acknowledges_more_than_sm_max_unacked_is_closed_once(world):
+    relay, _, (a, b) = world
+    acks = a.acks = StreamAcks(a)
+    acks.start(outbound=True, inbound=False)
+    acks.max_unacked = 3
+    chunk = f"<message from='bot@{DOMAIN}' to='u@a.test'/>".encode()
+    a.write_chunks([chunk] * 3)
+    relay.loop.run_until_complete(asyncio.sleep(0))
+    assert not a.closing
+    a.write_chunks([chunk])
+    a.write_chunks([chunk])
+    relay.loop.run_until_complete(asyncio.sleep(0))
+    sent = b"".join(a.transport.calls)
+    assert a.closing and sent.count(b"<resource-constraint") == 1
+    assert b"4 stanzas were not acknowledged" in sent  # counted when the limit bit
+    assert relay.metrics.limits_hit.get("sm_max_unacked") == 1
+    assert not b.closing

@@ -8,8 +8,9 @@ call, with its stanza count. Copies, not the views of the source's buffer that
 were written: a view would keep the source's whole read buffer alive, and
 hundreds of thousands of views held for a round trip are objects the cyclic
 garbage collector walks (measured: 20% more relay CPU and twice the p99);
-bytes are neither. It is called once per ``write_chunks`` call, never per
-stanza; stanza boundaries are found again only if the stream dies.
+bytes are neither. That keeping is compiled (`router._fastroute.SentKeep`, the
+base class, called by ``write_chunks`` without Python) and runs once per call,
+never per stanza; stanza boundaries are found again only if the stream dies.
 
 An ack is requested after ``sm_ack_every`` unacknowledged stanzas or
 ``sm_ack_interval`` seconds after the first one; a request unanswered for
@@ -35,6 +36,7 @@ from collections import deque
 from typing import Any, Iterator
 
 from router._fastparse import Element, Tokenizer
+from router._fastroute import SentKeep
 from router.negotiation import sm
 from router.wire.namespaces import SERVER_NS, STREAM_NS
 
@@ -46,30 +48,21 @@ _REPLAY_HEADER = f"<stream:stream xmlns='{SERVER_NS}' xmlns:stream='{STREAM_NS}'
 MAX_DEFERRED_ACKS = 16  # answers to <r/> waiting for the cluster bus, per stream
 
 
-class StreamAcks:
-    """XEP-0198 counters and the re-send buffer of one stream (``stream.acks`` while enabled)."""
+class StreamAcks(SentKeep):
+    """XEP-0198 counters and the re-send buffer of one stream (``stream.acks`` while enabled);
+    what each write keeps, and when it asks, is the compiled `SentKeep`'s."""
 
-    __slots__ = ("stream", "blobs", "counts", "pending", "skip", "acked", "keeping", "in_base", "requested_at",
-                 "waiting_since", "overflow_noted", "ack_every", "max_unacked", "deferred", "deferred_noted")
+    __slots__ = ("acked", "in_base", "deferred", "deferred_noted")
 
     def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.blobs: list[bytes] = []  # what each write_chunks call sent and is not all acknowledged, oldest first
-        self.counts: list[int] = []  # ... and how many stanzas each holds
-        self.pending = 0  # stanzas sent and not acknowledged
-        self.skip = 0  # stanzas at the start of blobs[0] already acknowledged
+        s2s = stream.relay.config.s2s  # read once per stream: a reload applies to new streams
+        super().__init__(stream, s2s.sm_ack_every, s2s.sm_max_unacked)
         self.acked = 0  # the peer's last h
-        self.keeping = False  # what we send is counted and kept from now on
         self.in_base: int | None = None  # stream.stanzas_in when we started counting what we receive
-        self.requested_at: float | None = None  # our <r/> not answered yet, sent then
-        self.waiting_since: float | None = None  # when the oldest unacknowledged stanza was sent
-        self.overflow_noted = False
         # (the bus flush they wait for, our <a/>), oldest first; made when one first waits (an empty
         # deque is 760 bytes, and idle streams are many)
         self.deferred: deque[tuple[int, bytes]] | None = None
         self.deferred_noted = False  # MAX_DEFERRED_ACKS bit on this stream (logged once: a peer sets the pace)
-        s2s = stream.relay.config.s2s  # read once per stream: a reload applies to new streams
-        self.ack_every, self.max_unacked = s2s.sm_ack_every, s2s.sm_max_unacked
 
     # ------------------------------------------------------------------ counting starts (SmStarted)
     def start(self, outbound: bool, inbound: bool) -> None:
@@ -78,21 +71,6 @@ class StreamAcks:
             self.in_base = self.stream.stanzas_in
 
     # ------------------------------------------------------------------ what we send
-    def sent(self, chunks: list) -> None:
-        """``chunks`` (one stanza each) were queued after the counter started: keep them until acknowledged."""
-        if not self.keeping:
-            return
-        if not self.pending:
-            self.waiting_since = self.stream.loop.time()
-        self.blobs.append(b"".join(chunks))
-        self.counts.append(len(chunks))
-        pending = self.pending = self.pending + len(chunks)
-        if pending >= self.ack_every and self.requested_at is None:
-            self.request(self.stream.loop.time())
-        if pending > self.max_unacked and not self.overflow_noted:
-            self.overflow_noted = True  # closed after this read: not from inside another stream's write
-            self.stream.loop.call_soon(self._overflow, pending, self.max_unacked)
-
     def request(self, now: float) -> None:
         self.requested_at = now
         self.stream.write(sm.REQUEST)
@@ -104,14 +82,7 @@ class StreamAcks:
             return (f"<a h='{h}'/> acknowledges {count} stanzas but only {self.pending} were sent "
                     f"since the last ack (h was {self.acked})")
         self.acked = h
-        self.pending -= count
-        count += self.skip
-        counts, done = self.counts, 0
-        while done < len(counts) and count >= counts[done]:
-            count -= counts[done]
-            done += 1
-        del self.blobs[:done], counts[:done]
-        self.skip = count
+        self.drop(count)
         self.requested_at = None
         self.waiting_since = self.stream.loop.time() if self.pending else None
         return None
