@@ -11,13 +11,11 @@ cdef class Router
 
 
 cdef class SentKeep:
-    # XEP-0198: what one stream sent and its peer has not acknowledged yet, kept per
-    # write_chunks call (router.net.acks.StreamAcks is the Python class on top)
+    # XEP-0198: what one stream sent and its peer has not acknowledged yet
+    # (router.net.acks.StreamAcks is the Python class on top)
     cdef public object stream
-    cdef public list blobs  # one bytes per write_chunks call not all acknowledged, oldest first
-    cdef public list counts  # ... and how many stanzas each holds
-    cdef public Py_ssize_t pending  # stanzas sent and not acknowledged
-    cdef public Py_ssize_t skip  # stanzas at the start of blobs[0] already acknowledged
+    cdef public list kept  # the stanzas sent and not acknowledged, oldest first: bytes, one each
+    cdef public Py_ssize_t pending  # len(kept)
     cdef public Py_ssize_t ack_every  # s2s.sm_ack_every: ask after this many
     cdef public Py_ssize_t max_unacked  # s2s.sm_max_unacked: close the stream past this many
     cdef public bint keeping  # what we send is counted and kept from now on

@@ -23,10 +23,8 @@ class Router:
 class SentKeep:
     """XEP-0198's per-write keep of one stream (the base of router.net.acks.StreamAcks)."""
     stream: Any
-    blobs: list[bytes]
-    counts: list[int]
+    kept: list[bytes]
     pending: int
-    skip: int
     ack_every: int
     max_unacked: int
     keeping: bool
@@ -35,6 +33,7 @@ class SentKeep:
     waiting_since: float | None
     def __init__(self, stream: Any, ack_every: int, max_unacked: int) -> None: ...
     def drop(self, count: int) -> None: ...
+    def take_all(self) -> list[bytes]: ...
 
 class StreamCore:
     """The compiled base of router.net.stream.XmlStream: its per-read path's fields and methods."""

@@ -467,30 +467,30 @@ cdef class StreamCore:
 
 
 cdef class SentKeep:
-    """The per-write half of XEP-0198 on a stream, compiled: every ``write_chunks``
-    call's stanzas kept, as one bytes copy, until the peer acknowledges them, and an
-    ``<r/>`` asked for when enough wait. The rest (acks received, re-sending, the
-    sweep's timers) is ``router.net.acks.StreamAcks``, which also provides the two
-    rare calls made from here: ``request(now)`` and ``_overflow(count, limit)``."""
+    """The per-write half of XEP-0198 on a stream, compiled: every stanza written kept
+    until the peer acknowledges it, and an ``<r/>`` asked for when enough wait. The
+    rest (acks received, re-sending, the sweep's timers) is
+    ``router.net.acks.StreamAcks``, which also provides the two rare calls made from
+    here: ``request(now)`` and ``_overflow(count, limit)``."""
 
     def __init__(self, stream, Py_ssize_t ack_every, Py_ssize_t max_unacked):
         self.stream = stream
-        self.blobs = []
-        self.counts = []
+        self.kept = []
         self.ack_every = ack_every
         self.max_unacked = max_unacked
 
     cdef int keep(self, list chunks) except -1:
-        """``chunks`` (one stanza each) were queued: keep them, once counting started."""
+        """``chunks`` (one stanza each) were queued: keep them, once counting started.
+        A bytes chunk is kept as it is (the router's copy of a small stanza: no copy
+        more); a view is copied, as it would pin its source's whole read buffer."""
         if not self.keeping:
             return 0
-        cdef Py_ssize_t n = len(chunks)
         if not self.pending:
             self.waiting_since = self.stream.loop.time()
-        # copies, not views: a view would pin its source's whole read buffer for a round trip
-        self.blobs.append(chunks[0] if n == 1 and type(chunks[0]) is bytes else b"".join(chunks))
-        self.counts.append(n)
-        self.pending += n
+        cdef list kept = self.kept
+        for chunk in chunks:
+            kept.append(chunk if type(chunk) is bytes else bytes(chunk))
+        self.pending = len(kept)
         if self.pending >= self.ack_every and self.requested_at is None:
             self.request(self.stream.loop.time())
         if self.pending > self.max_unacked and not self.overflow_noted:
@@ -499,19 +499,14 @@ cdef class SentKeep:
         return 0
 
     def drop(self, Py_ssize_t count):
-        """The peer acknowledged ``count`` more of the stanzas kept (at most ``pending``): let them go."""
-        cdef list counts = self.counts
-        cdef Py_ssize_t done = 0, n = len(counts), size
-        self.pending -= count
-        count += self.skip
-        while done < n:
-            size = counts[done]
-            if count < size:
-                break
-            count -= size
-            done += 1
-        del self.blobs[:done], counts[:done]
-        self.skip = count
+        """The peer acknowledged the oldest ``count`` stanzas kept (at most ``pending``): let them go."""
+        del self.kept[:count]
+        self.pending = len(self.kept)
+
+    def take_all(self):
+        """What was never acknowledged, oldest first, and nothing kept any more."""
+        kept, self.kept, self.pending = self.kept, [], 0
+        return kept
 
 
 # ---------------------------------------------------------------------- cluster bus frames

@@ -2,15 +2,15 @@
 
 The compiled router counts the stanzas each stream receives (``stanzas_in``,
 once per read); `StreamAcks` keeps the value at which XEP-0198 counting
-started, so our ``h`` is a subtraction, and, from each ``write_chunks`` call
-after ours started, what was written since the last ``<a/>``: one bytes copy per ``write_chunks``
-call, with its stanza count. Copies, not the views of the source's buffer that
-were written: a view would keep the source's whole read buffer alive, and
-hundreds of thousands of views held for a round trip are objects the cyclic
-garbage collector walks (measured: 20% more relay CPU and twice the p99);
-bytes are neither. That keeping is compiled (`router._fastroute.SentKeep`, the
-base class, called by ``write_chunks`` without Python) and runs once per call,
-never per stanza; stanza boundaries are found again only if the stream dies.
+started, so our ``h`` is a subtraction, and, once ours started, every stanza
+written since the last ``<a/>``, as bytes: the very bytes object the router wrote
+for a small stanza (it copies those from its read buffer), a copy of a view.
+Not the views of the source's buffer that were written: a view would keep the
+source's whole read buffer alive, and hundreds of thousands of views held for a
+round trip are objects the cyclic garbage collector walks (measured: 20% more
+relay CPU and twice the p99); bytes are neither. That keeping is compiled
+(`router._fastroute.SentKeep`, the base class, called by ``write_chunks``
+without Python); the stanzas are parsed again only if the stream dies.
 
 An ack is requested after ``sm_ack_every`` unacknowledged stanzas or
 ``sm_ack_interval`` seconds after the first one; a request unanswered for
@@ -143,13 +143,9 @@ class StreamAcks(SentKeep):
     # ------------------------------------------------------------------ the stream is gone
     def stanzas(self) -> Iterator[tuple[bytes, Element]]:
         """What the peer never acknowledged, in order, as (bytes, element) to re-send or bounce."""
-        data, skip = b"".join(self.blobs), self.skip
-        self.blobs, self.counts, self.pending, self.skip = [], [], 0, 0
-        if not data:
+        kept = self.take_all()
+        if not kept:
             return
-        tokenizer = Tokenizer(max_stanza_bytes=len(_REPLAY_HEADER) + len(data))
-        buffer_events = tokenizer.feed(_REPLAY_HEADER + data)
-        buffer = tokenizer.buffer
-        elements = [event for event in buffer_events if type(event) is Element]
-        for element in elements[skip:]:
-            yield bytes(buffer[element.start:element.end]), element
+        data = _REPLAY_HEADER + b"".join(kept)
+        elements = [event for event in Tokenizer(max_stanza_bytes=len(data)).feed(data) if type(event) is Element]
+        yield from zip(kept, elements, strict=True)  # one stanza per chunk: write_chunks' contract
