@@ -15,7 +15,6 @@ cdef class SentKeep:
     # (router.net.acks.StreamAcks is the Python class on top)
     cdef public object stream
     cdef public list kept  # the stanzas sent and not acknowledged, oldest first: bytes, one each
-    cdef public Py_ssize_t pending  # len(kept)
     cdef public Py_ssize_t ack_every  # s2s.sm_ack_every: ask after this many
     cdef public Py_ssize_t max_unacked  # s2s.sm_max_unacked: close the stream past this many
     cdef public bint keeping  # what we send is counted and kept from now on

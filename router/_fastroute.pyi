@@ -24,7 +24,6 @@ class SentKeep:
     """XEP-0198's per-write keep of one stream (the base of router.net.acks.StreamAcks)."""
     stream: Any
     kept: list[bytes]
-    pending: int
     ack_every: int
     max_unacked: int
     keeping: bool
@@ -32,6 +31,8 @@ class SentKeep:
     requested_at: float | None
     waiting_since: float | None
     def __init__(self, stream: Any, ack_every: int, max_unacked: int) -> None: ...
+    @property
+    def pending(self) -> int: ...
     def drop(self, count: int) -> None: ...
     def take_all(self) -> list[bytes]: ...
 

@@ -485,27 +485,31 @@ cdef class SentKeep:
         more); a view is copied, as it would pin its source's whole read buffer."""
         if not self.keeping:
             return 0
-        if not self.pending:
-            self.waiting_since = self.stream.loop.time()
         cdef list kept = self.kept
+        if not kept:
+            self.waiting_since = self.stream.loop.time()
         for chunk in chunks:
             kept.append(chunk if type(chunk) is bytes else bytes(chunk))
-        self.pending = len(kept)
-        if self.pending >= self.ack_every and self.requested_at is None:
+        cdef Py_ssize_t pending = len(kept)
+        if pending >= self.ack_every and self.requested_at is None:
             self.request(self.stream.loop.time())
-        if self.pending > self.max_unacked and not self.overflow_noted:
+        if pending > self.max_unacked and not self.overflow_noted:
             self.overflow_noted = True  # closed after this read: not from inside another stream's write
-            self.stream.loop.call_soon(self._overflow, self.pending, self.max_unacked)
+            self.stream.loop.call_soon(self._overflow, pending, self.max_unacked)
         return 0
+
+    @property
+    def pending(self):
+        """Stanzas sent and not acknowledged."""
+        return len(self.kept)
 
     def drop(self, Py_ssize_t count):
         """The peer acknowledged the oldest ``count`` stanzas kept (at most ``pending``): let them go."""
         del self.kept[:count]
-        self.pending = len(self.kept)
 
     def take_all(self):
         """What was never acknowledged, oldest first, and nothing kept any more."""
-        kept, self.kept, self.pending = self.kept, [], 0
+        kept, self.kept = self.kept, []
         return kept
 
 
