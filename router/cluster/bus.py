@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import nats
 
+from router.cluster import control
 from router.cluster.dataline import LineError, open_line
 from router.cluster.frames import Carried, FrameError, answers_for, decode_answers, decode_batch, outbox
 from router.cluster.members import MAX_CHOICES, Announcement, Members, pick
@@ -95,19 +96,9 @@ class Bus:
         self._set_connected(False)
         if line is not None:
             line.close()
-        if nc is None:
-            return
-        try:  # bounded: a NATS that is away or reconnecting must not hold up the relay's stop
-            if connected:
-                await nc.publish(f"{self.prefix}.routes", json.dumps({"member": self.member, "bye": True}).encode())
-                await asyncio.wait_for(nc.drain(), STOP_TIMEOUT)
-        except Exception as exc:  # noqa: BLE001 - stopping must not fail on a broken bus
-            log.info("cluster bus: closing the NATS connection: %s", exc or type(exc).__name__)
-        if not nc.is_closed:
-            try:
-                await asyncio.wait_for(nc.close(), STOP_TIMEOUT)
-            except Exception as exc:  # noqa: BLE001
-                log.info("cluster bus: the NATS connection did not close in time: %s", exc or type(exc).__name__)
+        if nc is not None:
+            bye = json.dumps({"member": self.member, "bye": True}).encode()
+            await control.close(nc, (f"{self.prefix}.routes", bye) if connected else None, STOP_TIMEOUT)
 
     async def _run(self) -> None:
         servers = list(self.config.nats)
