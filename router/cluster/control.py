@@ -5,8 +5,10 @@ once. A cancel can be lost: in Python 3.11, ``asyncio.wait_for`` returns the
 inner result when the inner connect completes as the outer task is cancelled,
 and nats-py's reconnect loop then goes on trying, for ever
 (``max_reconnect_attempts = -1``), on a client that is closed. Seen in this
-project's CI: a test's event loop could not finish for 20 minutes. So the task
-is cancelled until it has ended, within the same bound as the close.
+project's CI: the reconnect task outliving its closed client at a test's
+teardown (and, before teardowns were bounded, most likely the run that hung
+there for 20 minutes). So the task is cancelled until it has ended, within the
+same bound as the close.
 """
 
 from __future__ import annotations
