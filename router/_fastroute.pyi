@@ -4,6 +4,7 @@ an authenticated stream and the gathered writes of every stream."""
 from typing import Any, Callable, Mapping
 
 FLUSH_AT: int
+COPY_AT_MOST: int  # a stanza up to this size is forwarded as a bytes copy, a larger one as a view
 
 class Router:
     local_domains: frozenset[str]

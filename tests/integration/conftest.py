@@ -41,9 +41,9 @@ def arun(coro, timeout: float = SCENARIO_TIMEOUT):
     """Run one scenario on a fresh uvloop event loop, bounded in time, its teardown too.
 
     Tasks still running at the end are cancelled as ``asyncio.run`` does, but waited
-    for at most ``TEARDOWN_TIMEOUT``: one that ignores its cancellation (a nats-py
-    reconnection was seen to, once, after NATS came back) is reported as a warning
-    with its stack instead of hanging the whole run."""
+    for at most ``TEARDOWN_TIMEOUT``: one that ignores its cancellation (nats-py's
+    reconnection task did, until ``router.cluster.control`` ended it for good) is
+    reported as a warning with its stack instead of hanging the whole run."""
     loop = uvloop.new_event_loop()
     try:
         return loop.run_until_complete(asyncio.wait_for(coro, timeout))

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from router._fastroute import COPY_AT_MOST
 from router.net.component_client import ComponentClient, ComponentClosed, ComponentStreamError
 
 from .conftest import arun, running
@@ -158,7 +159,8 @@ def test_stanza_before_handshake_is_not_authorized(spec):
     arun(scenario())
 
 
-@pytest.mark.parametrize("sizes", [(100_000,), (200, 5000, 100_000, 3000, 300)], ids=["large", "mixed"])
+@pytest.mark.parametrize("sizes", [(100_000,), (200, COPY_AT_MOST + 900, 100_000, COPY_AT_MOST - 1100, 300)],
+                         ids=["large", "mixed"])
 def test_slow_reader_gets_every_byte_of_large_stanzas(spec, sizes):
     """Buffer lifetime: forwarded ranges stay intact while a slow reader drains (large
     stanzas go as views of the read buffer, small ones as copies: mixed, both at once)."""
