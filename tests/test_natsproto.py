@@ -55,6 +55,44 @@ def test_a_payload_is_its_bytes_whatever_they_look_like():
     assert NatsReader().receive_data(data) == [Msg(1, "s", "", payload)]
 
 
+def read_into(reader: NatsReader, data: bytes, size: int) -> list:
+    """``data`` read into the reader's own buffer, at most ``size`` bytes per read."""
+    events = []
+    while data:
+        room = reader.get_buffer(size)
+        n = min(size, len(room), len(data))
+        room[:n] = data[:n]
+        del room
+        events += reader.buffer_updated(n)
+        data = data[n:]
+    return events
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 100_003])
+def test_reads_into_its_buffer_give_the_same_events_as_bytes(size):
+    """Many messages, more than the buffer holds: it is moved and grown as reads need."""
+    messages = [b"MSG s %d %d\r\n%s\r\n" % (i, i % 2000, bytes([65 + i % 26]) * (i % 2000)) for i in range(600)]
+    data = b"PING\r\n".join(messages) + b"PONG\r\n"
+    expected = NatsReader().receive_data(data)
+    assert len(expected) == 2 * len(messages)
+    assert read_into(NatsReader(), data, size) == expected
+
+
+def test_the_room_for_a_big_message_is_made_once_its_size_is_known():
+    reader, size = NatsReader(), 3 * natsproto.READ_SIZE
+    line = b"MSG s 1 %d\r\n" % size
+    assert read_into(reader, line + b"x" * 10, 4096) == []
+    assert len(reader.get_buffer(-1)) >= size - 10 + 2
+    assert read_into(reader, b"x" * (size - 10) + b"\r\n", 10 * size) == [Msg(1, "s", "", b"x" * size)]
+
+
+def test_a_payload_is_its_own_copy_the_buffer_is_used_again():
+    reader = NatsReader()
+    first = reader.receive_data(b"MSG s 1 5\r\nfirst\r\n")[0].payload
+    reader.receive_data(b"MSG s 1 5\r\nlater\r\n")
+    assert type(first) is bytes and first == b"first"
+
+
 @pytest.mark.parametrize("data, why", [
     (b"HELLO\r\n", "unknown operation"),
     (b"MSG s 1\r\n", "malformed MSG"),
@@ -66,6 +104,7 @@ def test_a_payload_is_its_bytes_whatever_they_look_like():
     (b"INFO {\r\n", "not JSON"),
     (b"MSG " + b"s" * natsproto.MAX_CONTROL_LINE, "control line longer"),
     (b"MSG " + b"s" * natsproto.MAX_CONTROL_LINE + b" 1 0\r\n\r\n", "control line longer"),
+    (b"MSG s 1 %d\r\n" % (natsproto.MAX_PAYLOAD + 1), "over NATS's limit"),
 ])
 def test_what_a_server_does_not_send_is_refused(data, why):
     with pytest.raises(ProtocolError, match=why):

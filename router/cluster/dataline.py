@@ -1,10 +1,10 @@
 """The cluster bus's data connection to NATS: stanza batches and their answers.
 
-A thin asyncio protocol around ``natsproto``: each message goes to its
-subscription's callback inside the read callback that brought it, and a
-publish is one ``writelines`` on the transport, so a batch costs no task, no
-queue and no extra turn of the event loop (``bench.messagecost``: nats-py
-spends about twice the CPU per message). What waits here is bounded by the
+A thin asyncio protocol around ``natsproto``: reads go into its reader's
+buffer, each message goes to its subscription's callback inside the read
+callback that brought it, and a publish is one ``writelines`` on the
+transport, so a batch costs no task, no queue and no extra turn of the event
+loop (``bench.messagecost``: nats-py spends about twice the CPU per message). What waits here is bounded by the
 bus: unanswered batches by ``max_bus_in_flight``, and what NATS holds for us
 by the server's own slow-consumer limit, past which it closes the connection
 (``on_lost``; the bus bounces what waited for answers and opens a new one).
@@ -30,7 +30,7 @@ class LineError(Exception):
 Handler = Callable[[natsproto.Msg], None]
 
 
-class DataLine(asyncio.Protocol):
+class DataLine(asyncio.BufferedProtocol):
     """One NATS connection whose messages go to their subscription's handler (``handlers``,
     by sid); ``on_lost(reason)`` once, when it ends other than by `close`."""
 
@@ -48,9 +48,12 @@ class DataLine(asyncio.Protocol):
         if self.transport is None:  # start_tls wraps the connection: the protocol stays
             self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         try:
-            events = self.reader.receive_data(data)
+            events = self.reader.buffer_updated(nbytes)
         except natsproto.ProtocolError as exc:
             self._end(f"the NATS server sent {exc}")
             return

@@ -2,9 +2,9 @@
 
 Out: CONNECT, SUB, PUB, PING, PONG. In: INFO, MSG, HMSG (only its status line
 is read: ``503`` is NATS saying no one subscribes to a request's subject),
-PING, PONG, ``+OK`` and ``-ERR``. `NatsReader.receive_data` turns bytes, in
-any pieces, into events; a message's payload is its one copy out of the read
-buffer. nats-py keeps the bus's control connection (the server list,
+PING, PONG, ``+OK`` and ``-ERR``. `NatsReader` turns bytes, in any pieces,
+into events; reads go straight into its buffer, and a message's payload is its
+one copy out of it. nats-py keeps the bus's control connection (the server list,
 reconnection, announcements); batches and their answers take a connection of
 this protocol (``router.cluster.dataline``), where every message is handled
 in the read callback that brought it, with no task or queue per message.
@@ -22,6 +22,10 @@ PING = b"PING\r\n"
 PONG = b"PONG\r\n"
 # nats-server's default max_control_line; a longer line is not the server talking
 MAX_CONTROL_LINE = 4096
+# NATS refuses a max_payload over 64 MiB: a longer message is not the server talking
+MAX_PAYLOAD = 64 * 1024 * 1024
+# the room a read gets at least (uvloop's own read size)
+READ_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,36 +70,74 @@ class ProtocolError(ValueError):
 
 
 class NatsReader:
-    """The server's side of one connection, as events."""
+    """The server's side of one connection, as events. Reads land in one buffer
+    that keeps positions (`get_buffer`, `buffer_updated`): a message's payload is
+    its one copy out of it, and the room for a message is made once, when its
+    size is known, not grown read by read."""
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = bytearray(READ_SIZE)
+        self._start = 0  # the first byte not read into events yet
+        self._end = 0  # the end of the bytes received
+        self._need = 0  # the bytes the message at _start needs whole (0: not known yet)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next read goes: after the bytes received, with room for at
+        least ``READ_SIZE`` more, or for the whole message they begin."""
+        buffer, start, end = self._buffer, self._start, self._end
+        want = max(self._need, end - start + READ_SIZE)
+        if start + want > len(buffer):
+            if want > len(buffer):
+                self._buffer = bytearray(want)
+                self._buffer[:end - start] = memoryview(buffer)[start:end]
+            else:
+                buffer[:end - start] = buffer[start:end]
+            self._start, self._end = 0, end - start
+        return memoryview(self._buffer)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """``nbytes`` more were written where `get_buffer` said: the events they complete."""
+        self._end += nbytes
+        return self._events()
 
     def receive_data(self, data: bytes) -> list[Event]:
-        buffer = self._buffer
-        buffer += data
+        """`buffer_updated` for bytes read elsewhere."""
         events: list[Event] = []
-        start = 0
+        view = memoryview(data)
+        while view:
+            room = self.get_buffer()
+            size = min(len(room), len(view))
+            room[:size] = view[:size]
+            del room
+            events += self.buffer_updated(size)
+            view = view[size:]
+        return events
+
+    def _events(self) -> list[Event]:
+        buffer, start, end = self._buffer, self._start, self._end
+        events: list[Event] = []
+        self._need = 0
         while True:
-            end = buffer.find(CRLF, start)
-            if end < 0:
-                if len(buffer) - start > MAX_CONTROL_LINE:
+            line_end = buffer.find(CRLF, start, end)
+            if line_end < 0:
+                if end - start > MAX_CONTROL_LINE:
                     raise ProtocolError(f"a control line longer than {MAX_CONTROL_LINE} bytes")
                 break
-            if end - start > MAX_CONTROL_LINE:
+            if line_end - start > MAX_CONTROL_LINE:
                 raise ProtocolError(f"a control line longer than {MAX_CONTROL_LINE} bytes")
-            line = bytes(buffer[start:end])
+            line = bytes(buffer[start:line_end])
             verb, _, rest = line.partition(b" ")
             verb = verb.upper()
             if verb in (b"MSG", b"HMSG"):
                 parsed = _message_line(verb, rest)
-                total = parsed[-1]
-                stop = end + 2 + total
-                if len(buffer) < stop + 2:
-                    break  # the payload is not all here yet: the line is read again with it
+                stop = line_end + 2 + parsed[-1]
+                if end < stop + 2:
+                    self._need = stop + 2 - start  # the line is read again with the rest
+                    break
                 if buffer[stop:stop + 2] != CRLF:
                     raise ProtocolError("a message's payload is not followed by CRLF")
-                events.append(_message(parsed, memoryview(buffer)[end + 2:stop].tobytes()))  # one copy
+                with memoryview(buffer) as view:
+                    events.append(_message(parsed, view[line_end + 2:stop].tobytes()))  # the one copy
                 start = stop + 2
                 continue
             if verb == b"PING":
@@ -116,8 +158,10 @@ class NatsReader:
                 events.append(Info(options))
             else:
                 raise ProtocolError(f"an unknown operation {verb[:20]!r}")
-            start = end + 2
-        del buffer[:start]
+            start = line_end + 2
+        if start == end:
+            start = end = self._end = 0
+        self._start = start
         return events
 
 
@@ -134,6 +178,8 @@ def _message_line(verb: bytes, rest: bytes) -> tuple:
         raise ProtocolError(f"a malformed {verb.decode()} line") from None
     if min(numbers) < 0 or numbers[0] > numbers[-1]:
         raise ProtocolError(f"a malformed {verb.decode()} line")
+    if numbers[-1] > MAX_PAYLOAD:
+        raise ProtocolError(f"a message of {numbers[-1]} bytes, over NATS's limit of {MAX_PAYLOAD}")
     reply = parts[2].decode() if len(parts) == 3 + sizes else ""
     header = numbers[0] if sizes == 2 else None
     return parts[0].decode(), sid, reply, header, numbers[-1]
