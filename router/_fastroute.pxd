@@ -78,6 +78,7 @@ cdef class Router:
                       const char* base, object src_lang) except -1
     cdef int _route(self, StreamCore source, Element el, object from_dom, object to_dom, object view,
                     const char* base, dict batches, object src_lang) except -1
+    cdef tuple _take_batch(self, const unsigned char* b, Py_ssize_t end, object slow_take)
 
 
 cdef class StreamCore:

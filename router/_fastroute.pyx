@@ -277,15 +277,22 @@ cdef class Router:
 
     # ------------------------------------------------------------------ the cluster bus
 
-    def take_batch(self, bytes payload, slow_take):
+    def take_batch(self, payload, slow_take):
         """A batch another member sent (``router.cluster.frames``), read in place:
         each stanza whose route is an open, unpaused stream here joins that stream's
         writes; for the others ``slow_take(from_domain, to_domain, data)``
         (``Delivery.take_from_bus``) answers. Returns (the sender, one answer per
         stanza: None when taken, else (condition, text)); ValueError when the frames
-        do not add up."""
-        cdef const unsigned char* b = <const unsigned char*>PyBytes_AS_STRING(payload)
-        cdef Py_ssize_t end = PyBytes_GET_SIZE(payload), pos, start, stop, data_start, data_stop
+        do not add up. ``payload``: any buffer (the NATS reader's bytearray)."""
+        cdef Py_buffer buf
+        PyObject_GetBuffer(payload, &buf, PyBUF_SIMPLE)
+        try:
+            return self._take_batch(<const unsigned char*>buf.buf, buf.len, slow_take)
+        finally:
+            PyBuffer_Release(&buf)
+
+    cdef tuple _take_batch(self, const unsigned char* b, Py_ssize_t end, slow_take):
+        cdef Py_ssize_t pos, start, stop, data_start, data_stop
         cdef Py_ssize_t from_at, from_size, to_at, to_size
         cdef Py_ssize_t last_from_at = 0, last_from_size = -1, last_to_at = 0, last_to_size = -1
         cdef int kind

@@ -69,28 +69,42 @@ def read_into(reader: NatsReader, data: bytes, size: int) -> list:
 
 
 @pytest.mark.parametrize("size", [1, 7, 4096, 100_003])
-def test_reads_into_its_buffer_give_the_same_events_as_bytes(size):
-    """Many messages, more than the buffer holds: it is moved and grown as reads need."""
-    messages = [b"MSG s %d %d\r\n%s\r\n" % (i, i % 2000, bytes([65 + i % 26]) * (i % 2000)) for i in range(600)]
-    data = b"PING\r\n".join(messages) + b"PONG\r\n"
-    expected = NatsReader().receive_data(data)
-    assert len(expected) == 2 * len(messages)
+def test_reads_into_its_buffer_give_every_message_whole(size):
+    """Many messages, more than the buffer holds, two of them big: the buffer is moved
+    as reads need, and a big payload read in its own."""
+    payloads = [bytes([65 + i % 26]) * (i % 2000) for i in range(600)]
+    payloads[300:300] = [b"b" * natsproto.DIRECT_AT_LEAST, b"c" * 300_001]
+    data = b"PING\r\n".join(b"MSG s %d %d\r\n%s\r\n" % (i, len(p), p) for i, p in enumerate(payloads)) + b"PONG\r\n"
+    expected = [e for i, p in enumerate(payloads) for e in (Msg(i, "s", "", p), Ping())][:-1] + [Pong()]
     assert read_into(NatsReader(), data, size) == expected
 
 
-def test_the_room_for_a_big_message_is_made_once_its_size_is_known():
-    reader, size = NatsReader(), 3 * natsproto.READ_SIZE
-    line = b"MSG s 1 %d\r\n" % size
-    assert read_into(reader, line + b"x" * 10, 4096) == []
-    assert len(reader.get_buffer(-1)) >= size - 10 + 2
-    assert read_into(reader, b"x" * (size - 10) + b"\r\n", 10 * size) == [Msg(1, "s", "", b"x" * size)]
+def test_a_big_payload_is_read_straight_into_its_own_buffer_then_its_crlf():
+    reader, size = NatsReader(), natsproto.DIRECT_AT_LEAST + 10
+    assert reader.receive_data(b"MSG s 1 %d\r\n" % size + b"x" * 10) == []
+    room = reader.get_buffer(-1)
+    assert len(room) == size - 10  # the read stops where the payload does
+    room[:] = b"y" * (size - 10)
+    [msg] = reader.buffer_updated(size - 10)
+    assert msg == Msg(1, "s", "", b"x" * 10 + b"y" * (size - 10)) and msg.payload is room.obj
+    del room
+    assert reader.receive_data(b"\r") == []
+    assert reader.receive_data(b"\nPING\r\n") == [Ping()]
+
+
+def test_a_big_payload_not_followed_by_crlf_is_refused():
+    reader, size = NatsReader(), natsproto.DIRECT_AT_LEAST
+    reader.receive_data(b"MSG s 1 %d\r\n" % size)
+    assert len(reader.receive_data(b"x" * size)) == 1
+    with pytest.raises(ProtocolError, match="not followed by CRLF"):
+        reader.receive_data(b"PING\r\n")
 
 
 def test_a_payload_is_its_own_copy_the_buffer_is_used_again():
     reader = NatsReader()
     first = reader.receive_data(b"MSG s 1 5\r\nfirst\r\n")[0].payload
     reader.receive_data(b"MSG s 1 5\r\nlater\r\n")
-    assert type(first) is bytes and first == b"first"
+    assert type(first) is bytearray and first == b"first"
 
 
 @pytest.mark.parametrize("data, why", [

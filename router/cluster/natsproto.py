@@ -3,8 +3,8 @@
 Out: CONNECT, SUB, PUB, PING, PONG. In: INFO, MSG, HMSG (only its status line
 is read: ``503`` is NATS saying no one subscribes to a request's subject),
 PING, PONG, ``+OK`` and ``-ERR``. `NatsReader` turns bytes, in any pieces,
-into events; reads go straight into its buffer, and a message's payload is its
-one copy out of it. nats-py keeps the bus's control connection (the server list,
+into events; reads go straight into its buffer, and a message's payload is
+copied once out of it, or for a big one read straight into its own. nats-py keeps the bus's control connection (the server list,
 reconnection, announcements); batches and their answers take a connection of
 this protocol (``router.cluster.dataline``), where every message is handled
 in the read callback that brought it, with no task or queue per message.
@@ -26,6 +26,9 @@ MAX_CONTROL_LINE = 4096
 MAX_PAYLOAD = 64 * 1024 * 1024
 # the room a read gets at least (uvloop's own read size)
 READ_SIZE = 256 * 1024
+# a payload at least this big that is not all in the buffer is read straight into its own:
+# one system call more at its end costs less than copying it
+DIRECT_AT_LEAST = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +41,7 @@ class Msg:
     sid: int
     subject: str
     reply: str
-    payload: bytes
+    payload: bytearray
     status: int | None = None  # an HMSG's status code (503: no responders), else None
 
 
@@ -71,21 +74,27 @@ class ProtocolError(ValueError):
 
 class NatsReader:
     """The server's side of one connection, as events. Reads land in one buffer
-    that keeps positions (`get_buffer`, `buffer_updated`): a message's payload is
-    its one copy out of it, and the room for a message is made once, when its
-    size is known, not grown read by read."""
+    that keeps positions (`get_buffer`, `buffer_updated`); a message's payload is
+    its own bytearray: copied out of that buffer when it is small or all there,
+    else read straight into it (the buffer then waits for its CRLF)."""
 
     def __init__(self) -> None:
         self._buffer = bytearray(READ_SIZE)
         self._start = 0  # the first byte not read into events yet
         self._end = 0  # the end of the bytes received
-        self._need = 0  # the bytes the message at _start needs whole (0: not known yet)
+        self._payload: bytearray | None = None  # a big message's payload, read straight into it
+        self._filled = 0  # ... its bytes so far
+        self._line: tuple = ()  # ... its MSG line, parsed
+        self._crlf_due = False  # the CRLF after such a payload comes first in the buffer
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """Where the next read goes: after the bytes received, with room for at
-        least ``READ_SIZE`` more, or for the whole message they begin."""
+        """Where the next read goes: the rest of a big message's payload, else after
+        the bytes received, with room for at least ``READ_SIZE`` more (a message
+        smaller than ``DIRECT_AT_LEAST`` then fits)."""
+        if self._payload is not None:
+            return memoryview(self._payload)[self._filled:]
         buffer, start, end = self._buffer, self._start, self._end
-        want = max(self._need, end - start + READ_SIZE)
+        want = end - start + READ_SIZE
         if start + want > len(buffer):
             if want > len(buffer):
                 self._buffer = bytearray(want)
@@ -97,6 +106,13 @@ class NatsReader:
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
         """``nbytes`` more were written where `get_buffer` said: the events they complete."""
+        payload = self._payload
+        if payload is not None:
+            self._filled += nbytes
+            if self._filled < len(payload):
+                return []
+            self._payload, self._crlf_due = None, True
+            return [_message(self._line, payload)]
         self._end += nbytes
         return self._events()
 
@@ -116,7 +132,13 @@ class NatsReader:
     def _events(self) -> list[Event]:
         buffer, start, end = self._buffer, self._start, self._end
         events: list[Event] = []
-        self._need = 0
+        if self._crlf_due:
+            if end - start < 2:
+                return events
+            if buffer[start:start + 2] != CRLF:
+                raise ProtocolError("a message's payload is not followed by CRLF")
+            start += 2
+            self._crlf_due = False
         while True:
             line_end = buffer.find(CRLF, start, end)
             if line_end < 0:
@@ -130,16 +152,23 @@ class NatsReader:
             verb = verb.upper()
             if verb in (b"MSG", b"HMSG"):
                 parsed = _message_line(verb, rest)
-                stop = line_end + 2 + parsed[-1]
-                if end < stop + 2:
-                    self._need = stop + 2 - start  # the line is read again with the rest
-                    break
-                if buffer[stop:stop + 2] != CRLF:
-                    raise ProtocolError("a message's payload is not followed by CRLF")
-                with memoryview(buffer) as view:
-                    events.append(_message(parsed, view[line_end + 2:stop].tobytes()))  # the one copy
-                start = stop + 2
-                continue
+                size = parsed[-1]
+                stop = line_end + 2 + size
+                if end >= stop + 2:
+                    if buffer[stop:stop + 2] != CRLF:
+                        raise ProtocolError("a message's payload is not followed by CRLF")
+                    events.append(_message(parsed, buffer[line_end + 2:stop]))  # its one copy
+                    start = stop + 2
+                    continue
+                if size < DIRECT_AT_LEAST or end >= stop:
+                    break  # the line is read again with the rest
+                # the rest of a big payload goes straight into its own buffer
+                payload = self._payload = bytearray(size)
+                self._filled = end - line_end - 2
+                payload[:self._filled] = memoryview(buffer)[line_end + 2:end]
+                self._line = parsed
+                start = end
+                break
             if verb == b"PING":
                 events.append(Ping())
             elif verb == b"PONG":
@@ -185,7 +214,7 @@ def _message_line(verb: bytes, rest: bytes) -> tuple:
     return parts[0].decode(), sid, reply, header, numbers[-1]
 
 
-def _message(parsed: tuple, body: bytes) -> Msg:
+def _message(parsed: tuple, body: bytearray) -> Msg:
     subject, sid, reply, header, _ = parsed
     if header is None:
         return Msg(sid, subject, reply, body)
