@@ -1,17 +1,18 @@
 """The cluster bus's data connection (router/cluster/dataline.py) against a real
-nats-server: each message to its subscription's handler, NATS's no-responders
-status, a server that requires a user and password, one that requires TLS, and
+nats-server: each message to its subscription's handler, big ones whole, NATS's
+no-responders status, a server that requires a user and password, one that requires TLS, and
 a server that goes away."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from urllib.parse import urlparse
 
 import pytest
 
 from router.cluster.dataline import LineError, open_line
-from router.cluster.natsproto import Msg
+from router.cluster.natsproto import DIRECT_AT_LEAST, Msg
 from router.trust.pki import make_leaf
 
 from . import natsd
@@ -26,7 +27,8 @@ def ignore(*_) -> None:
 
 
 async def round_trip(url: str, credentials: str | None = None) -> None:
-    """A message to ourselves arrives once, on the subscription it was published to."""
+    """A message to ourselves arrives once, on the subscription it was published to;
+    big ones (read straight into their own buffers) whole and in order with small ones."""
     inbox, answers, lost = [], [], []
     line = await open_line(urlparse(url), credentials and urlparse(credentials), "t.0",
                            {"t.inbox": inbox.append, "t.answer.*": answers.append}, lost.append, TIMEOUT)
@@ -35,6 +37,12 @@ async def round_trip(url: str, credentials: str | None = None) -> None:
     assert await settled(lambda: inbox and answers, TIMEOUT)
     assert inbox == [Msg(0, "t.inbox", "t.answer.1", b"<batch/>")]
     assert answers == [Msg(1, "t.answer.1", "", b"[[1,null]]")]
+    big = [os.urandom(size) for size in (DIRECT_AT_LEAST - 1, DIRECT_AT_LEAST, 300_001)]
+    for payload in big:
+        line.publish("t.inbox", payload)
+        line.publish("t.inbox", b"<small/>")
+    assert await settled(lambda: len(inbox) == 1 + 2 * len(big), TIMEOUT)
+    assert [m.payload for m in inbox[1:]] == [p for payload in big for p in (payload, b"<small/>")]
     line.close()
     await asyncio.sleep(0.1)
     assert lost == []  # our own close is not a loss
