@@ -91,6 +91,9 @@ cdef class StreamCore:
     cdef public object transport
     cdef public Tokenizer tokenizer
     cdef public object session  # an S2S stream's negotiation (router.negotiation.session.Session)
+    # ... the pairs it lets through on the compiled path, kept by its `watch` (`session_changed`);
+    # None while its input goes to it alone (its stage is one of the router's closed_stages)
+    cdef public object inbound_pairs
     cdef public object side_buffer  # where reads go instead of the tokenizer, while set
     cdef public SentKeep acks  # XEP-0198 (router.net.acks.StreamAcks), once enabled
     cdef public object _unsent  # chunks queued in this event-loop iteration (a list), or None

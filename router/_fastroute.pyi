@@ -45,6 +45,7 @@ class StreamCore:
     transport: Any
     tokenizer: Any  # router._fastparse.Tokenizer
     session: Any
+    inbound_pairs: tuple[Any, ...] | None  # what the session lets through on the compiled path
     side_buffer: bytearray | None
     acks: SentKeep | None
     _unsent: list[Any] | None
@@ -60,6 +61,7 @@ class StreamCore:
     raw_xml: bool
     join_writes: bool
     link: int  # 0: S2S, 1: component
+    def session_changed(self) -> None: ...  # the session's watch
     def get_buffer(self, sizehint: int) -> memoryview: ...
     def buffer_updated(self, nbytes: int) -> None: ...
     def forward(self, batches: dict[Any, list[Any]]) -> None: ...

@@ -109,12 +109,12 @@ cdef class Router:
 
     cdef int s2s_read(self, StreamCore stream, Py_ssize_t nbytes) except -1:
         """Scan ``nbytes`` new bytes of an S2S stream and route its stanzas."""
-        session = stream.session
-        if session.stage in self.closed_stages:  # the session refuses or ignores input
-            session.buffer_updated(nbytes)
+        pairs = stream.inbound_pairs
+        if pairs is None:  # the session refuses or ignores input
+            stream.session.buffer_updated(nbytes)
             stream.pump()
             return 0
-        return self._read(stream, nbytes, session.inbound_pairs, None)
+        return self._read(stream, nbytes, pairs, None)
 
     cdef int component_read(self, StreamCore stream, Py_ssize_t nbytes) except -1:
         """Scan ``nbytes`` new bytes of a component stream and route its stanzas."""
@@ -360,6 +360,12 @@ cdef class StreamCore:
         if self.raw_xml:
             self._rx_at = (view.obj, len(view.obj) - len(view))  # views end where their buffer ends
         return view
+
+    def session_changed(self):
+        """An S2S session's ``watch``: its stage or inbound pairs changed. The per-read
+        path reads them here, not from the session (a cold object at every read)."""
+        session = self.session
+        self.inbound_pairs = None if session.stage in self.router.closed_stages else session.inbound_pairs
 
     def buffer_updated(self, Py_ssize_t nbytes):
         """``nbytes`` arrived in the last ``get_buffer()`` view (asyncio.BufferedProtocol)."""

@@ -75,6 +75,18 @@ def test_a_stanza_from_an_unauthenticated_domain_closes_the_stream_after_the_one
     assert a.closing and b"<invalid-from" in b"".join(a.transport.calls)
 
 
+def test_a_stream_whose_session_ended_routes_nothing_more(world, taken):
+    """The compiled path reads the session's pairs from the stream, which its watch keeps:
+    once the session's input ends, none are left there."""
+    relay, to_component, (a, _) = world
+    assert a.inbound_pairs == a.session.inbound_pairs == (Pair(DOMAIN, "a.test"),)
+    read(a, message("d.test", 1))
+    assert a.closing and a.inbound_pairs is None
+    before = sent(relay, to_component)
+    read(a, message("a.test", 2))
+    assert sent(relay, to_component) == before
+
+
 def test_a_parse_error_mid_read_delivers_what_came_before(world):
     relay, to_component, (a, _) = world
     first = message("a.test", 1)

@@ -27,7 +27,7 @@ from router.negotiation.state import CLOSED, DIALBACK, NO_MATCH, SASL_ONLY
 log = logging.getLogger("router.negotiation")
 
 # What this class uses of the session it is a base of.
-_SESSION_PARTS = ("role", "config", "stage", "stream_id", "remote_domain", "advertised", "bidi", "_close_sent",
+_SESSION_PARTS = ("role", "config", "stage", "watch", "stream_id", "remote_domain", "advertised", "bidi", "_close_sent",
                   "verify_only", "send", "emit", "close", "peer_certificate_ok", "_advance", "_dialback_ready",
                   "_guarded", "_raise_stanza_limit", "start_stream_management")
 
@@ -55,6 +55,12 @@ class Authorizations:
         if wanted is not None:
             self._requested = frozenset({wanted})
             self._wanted = (wanted,)
+
+    def _allow_inbound(self, pair: Pair) -> None:
+        """The peer may send ``pair.remote -> pair.local`` (the session's watcher is told)."""
+        self.inbound_pairs = with_pair(self.inbound_pairs, pair)
+        if self.watch is not None:
+            self.watch()
 
     # ------------------------------------------------------------------ public API (Session)
 
@@ -95,7 +101,7 @@ class Authorizations:
 
     def accept_inbound(self, pair: Pair, mechanism: str) -> None:
         """The peer may now send ``pair.remote -> pair.local``; with bidi we may send the inverse."""
-        self.inbound_pairs = with_pair(self.inbound_pairs, pair)
+        self._allow_inbound(pair)
         self._raise_stanza_limit()
         self.emit(Authenticated(pair, mechanism, "inbound"))
         if self.bidi and pair not in self.outbound_pairs:
@@ -128,7 +134,7 @@ class Authorizations:
             self.emit(SmStarted(outbound=True, inbound=False))
         self.emit(Authenticated(pair, mechanism, "outbound"))
         if self.bidi and pair not in self.inbound_pairs:
-            self.inbound_pairs = with_pair(self.inbound_pairs, pair)
+            self._allow_inbound(pair)
             self.emit(Authenticated(pair, mechanism, "inbound"))
 
     def outbound_failed(self, pair: Pair, condition: str, bounce: str, text: str | None = None) -> None:
@@ -149,7 +155,7 @@ class Authorizations:
 
     def _sasl_inbound(self, pair: Pair) -> None:
         """Receiver: SASL EXTERNAL proved the peer as `pair.remote`; it may send to `pair.local`."""
-        self.inbound_pairs = with_pair(self.inbound_pairs, pair)
+        self._allow_inbound(pair)
         self.emit(Authenticated(pair, EXTERNAL, "inbound"))
 
     def _sasl_bidi_outbound(self, pair: Pair) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from itertools import islice
+from typing import Callable
 
 from router.trust import certs
 from router.trust import policy as pol
@@ -66,7 +67,7 @@ class Session(Opening, Authorizations):
         "role", "config", "verify_only", "tokenizer", "local_domain", "remote_domain", "_new_id", "stage",
         "encrypted", "peer_chain", "sasl_done", "sasl_failures", "sasl_tried", "sasl_condition",
         "_out", "_events", "_cert_status", "_tree_cache", "_restarted", "_close_sent", "bidi", "sm_enabled",
-        *Opening.FIELDS, *Authorizations.FIELDS,
+        "watch", *Opening.FIELDS, *Authorizations.FIELDS,
     )
 
     def __init__(
@@ -92,6 +93,9 @@ class Session(Opening, Authorizations):
         self.remote_domain = normalize_domain(remote_domain) if remote_domain else None
         self._new_id = new_id
         self.stage = first_stage(direct_tls)
+        # told when the stage or the inbound pairs change: the runtime keeps what its compiled
+        # path may route from them (router._fastroute.StreamCore.inbound_pairs)
+        self.watch: Callable[[], None] | None = None
         wanted = Pair(self.local_domain, self.remote_domain) if role == "initiator" and not verify_only else None
         self._init_authorizations(wanted)
         self.encrypted = False
@@ -282,6 +286,8 @@ class Session(Opening, Authorizations):
     def _advance(self, stage: Stage) -> None:
         """Move to `stage`, if the transition table allows it (else `state.StageError`)."""
         self.stage = advance(self.role, self.stage, stage)
+        if self.watch is not None:
+            self.watch()
 
     def _end_input(self) -> None:
         """No more input will be processed (a stream error, the peer's close, a lost connection)."""

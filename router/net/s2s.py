@@ -68,6 +68,8 @@ class S2SStream(XmlStream):
                  local: str | None = None, remote: str | None = None, proxied: bool = False) -> None:
         super().__init__(relay)
         self.session = session
+        session.watch = self.session_changed
+        self.session_changed()
         self.outbound = outbound
         self.direct_tls = direct_tls
         self.authenticated = False
