@@ -29,43 +29,44 @@ WIRE = [
 ]
 
 
+def read(reader: NatsReader, data: bytes, size: int = 1 << 30) -> list:
+    """``data`` read as the data connection reads: into the reader's own buffer
+    (`get_buffer`, `buffer_updated`), at most ``size`` bytes per read."""
+    events, view = [], memoryview(data)
+    while view:
+        room = reader.get_buffer(size)
+        n = min(size, len(room), len(view))
+        room[:n] = view[:n]
+        del room
+        events += reader.buffer_updated(n)
+        view = view[n:]
+    return events
+
+
 @pytest.mark.parametrize("data, event", WIRE)
 def test_each_operation_is_read_whole(data, event):
-    assert NatsReader().receive_data(data) == [event]
+    assert read(NatsReader(), data) == [event]
 
 
 def test_byte_by_byte_gives_the_same_events():
     reader, events = NatsReader(), []
     for byte in b"".join(data for data, _ in WIRE):
-        events += reader.receive_data(bytes([byte]))
+        events += read(reader, bytes([byte]))
     assert events == [event for _, event in WIRE]
 
 
 def test_trailing_data_waits_for_the_rest_of_its_message():
     reader = NatsReader()
-    assert reader.receive_data(b"PING\r\nMSG s 1 10\r\n0123") == [Ping()]
-    assert reader.receive_data(b"45678") == []
-    assert reader.receive_data(b"9\r\nPO") == [Msg(1, "s", "", b"0123456789")]
-    assert reader.receive_data(b"NG\r\n") == [Pong()]
+    assert read(reader, b"PING\r\nMSG s 1 10\r\n0123") == [Ping()]
+    assert read(reader, b"45678") == []
+    assert read(reader, b"9\r\nPO") == [Msg(1, "s", "", b"0123456789")]
+    assert read(reader, b"NG\r\n") == [Pong()]
 
 
 def test_a_payload_is_its_bytes_whatever_they_look_like():
     payload = b"MSG x 1 3\r\nPING\r\n-ERR\r\n"
     data = b"MSG s 1 %d\r\n%s\r\n" % (len(payload), payload)
-    assert NatsReader().receive_data(data) == [Msg(1, "s", "", payload)]
-
-
-def read_into(reader: NatsReader, data: bytes, size: int) -> list:
-    """``data`` read into the reader's own buffer, at most ``size`` bytes per read."""
-    events = []
-    while data:
-        room = reader.get_buffer(size)
-        n = min(size, len(room), len(data))
-        room[:n] = data[:n]
-        del room
-        events += reader.buffer_updated(n)
-        data = data[n:]
-    return events
+    assert read(NatsReader(), data) == [Msg(1, "s", "", payload)]
 
 
 @pytest.mark.parametrize("size", [1, 7, 4096, 100_003])
@@ -76,34 +77,34 @@ def test_reads_into_its_buffer_give_every_message_whole(size):
     payloads[300:300] = [b"b" * natsproto.DIRECT_AT_LEAST, b"c" * 300_001]
     data = b"PING\r\n".join(b"MSG s %d %d\r\n%s\r\n" % (i, len(p), p) for i, p in enumerate(payloads)) + b"PONG\r\n"
     expected = [e for i, p in enumerate(payloads) for e in (Msg(i, "s", "", p), Ping())][:-1] + [Pong()]
-    assert read_into(NatsReader(), data, size) == expected
+    assert read(NatsReader(), data, size) == expected
 
 
 def test_a_big_payload_is_read_straight_into_its_own_buffer_then_its_crlf():
     reader, size = NatsReader(), natsproto.DIRECT_AT_LEAST + 10
-    assert reader.receive_data(b"MSG s 1 %d\r\n" % size + b"x" * 10) == []
+    assert read(reader, b"MSG s 1 %d\r\n" % size + b"x" * 10) == []
     room = reader.get_buffer(-1)
     assert len(room) == size - 10  # the read stops where the payload does
     room[:] = b"y" * (size - 10)
     [msg] = reader.buffer_updated(size - 10)
     assert msg == Msg(1, "s", "", b"x" * 10 + b"y" * (size - 10)) and msg.payload is room.obj
     del room
-    assert reader.receive_data(b"\r") == []
-    assert reader.receive_data(b"\nPING\r\n") == [Ping()]
+    assert read(reader, b"\r") == []
+    assert read(reader, b"\nPING\r\n") == [Ping()]
 
 
 def test_a_big_payload_not_followed_by_crlf_is_refused():
     reader, size = NatsReader(), natsproto.DIRECT_AT_LEAST
-    reader.receive_data(b"MSG s 1 %d\r\n" % size)
-    assert len(reader.receive_data(b"x" * size)) == 1
+    read(reader, b"MSG s 1 %d\r\n" % size)
+    assert len(read(reader, b"x" * size)) == 1
     with pytest.raises(ProtocolError, match="not followed by CRLF"):
-        reader.receive_data(b"PING\r\n")
+        read(reader, b"PING\r\n")
 
 
 def test_a_payload_is_its_own_copy_the_buffer_is_used_again():
     reader = NatsReader()
-    first = reader.receive_data(b"MSG s 1 5\r\nfirst\r\n")[0].payload
-    reader.receive_data(b"MSG s 1 5\r\nlater\r\n")
+    first = read(reader, b"MSG s 1 5\r\nfirst\r\n")[0].payload
+    read(reader, b"MSG s 1 5\r\nlater\r\n")
     assert type(first) is bytearray and first == b"first"
 
 
@@ -122,7 +123,7 @@ def test_a_payload_is_its_own_copy_the_buffer_is_used_again():
 ])
 def test_what_a_server_does_not_send_is_refused(data, why):
     with pytest.raises(ProtocolError, match=why):
-        NatsReader().receive_data(data)
+        read(NatsReader(), data)
 
 
 def test_a_publish_is_chunks_around_the_payload_it_does_not_copy():

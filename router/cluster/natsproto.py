@@ -116,19 +116,6 @@ class NatsReader:
         self._end += nbytes
         return self._events()
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """`buffer_updated` for bytes read elsewhere."""
-        events: list[Event] = []
-        view = memoryview(data)
-        while view:
-            room = self.get_buffer()
-            size = min(len(room), len(view))
-            room[:size] = view[:size]
-            del room
-            events += self.buffer_updated(size)
-            view = view[size:]
-        return events
-
     def _events(self) -> list[Event]:
         buffer, start, end = self._buffer, self._start, self._end
         events: list[Event] = []
