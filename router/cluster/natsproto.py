@@ -4,10 +4,11 @@ Out: CONNECT, SUB, PUB, PING, PONG. In: INFO, MSG, HMSG (only its status line
 is read: ``503`` is NATS saying no one subscribes to a request's subject),
 PING, PONG, ``+OK`` and ``-ERR``. `NatsReader` turns bytes, in any pieces,
 into events; reads go straight into its buffer, and a message's payload is
-copied once out of it, or for a big one read straight into its own. nats-py keeps the bus's control connection (the server list,
-reconnection, announcements); batches and their answers take a connection of
-this protocol (``router.cluster.dataline``), where every message is handled
-in the read callback that brought it, with no task or queue per message.
+copied once out of it, or for a big one read straight into its own. nats-py
+keeps the bus's control connection (the server list, reconnection,
+announcements); batches and their answers take a connection of this protocol
+(``router.cluster.dataline``), where every message is handled in the read
+callback that brought it, with no task or queue per message.
 
 Reference: https://docs.nats.io/reference/reference-protocols/nats-protocol
 """
