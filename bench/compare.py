@@ -53,6 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=8, help="stanzas in flight per stream when saturating")
     p.add_argument("--sizes", default="200:0.9,2000:0.1")
     p.add_argument("--tls", action="store_true", help="STARTTLS + SASL EXTERNAL instead of plaintext dialback")
+    p.add_argument("--bus-tls", action="store_true", help="relay-hop and relay-w2: the members reach nats-server "
+                                                          "over TLS")
     p.add_argument("--rate-points", default="0.5,0.8",
                    help="relay open-loop points, as fractions of its saturation (the p99 goal is at 0.8)")
     p.add_argument("--rate-streams", default="",
@@ -103,7 +105,7 @@ def run_target(kind: str, opts, workdir: Path, bundle: targets.Pki, **over) -> d
     pki_files = (str(bundle.ca_file), str(bundle.load_cert), str(bundle.load_key))
     profile = over.pop("profile", None)
     target = targets.make_target(kind, workdir / over.get("tag", kind), bundle, opts.tls, opts.target_cpu, profile,
-                                 args.relay_option)
+                                 args.relay_option, opts.bus_tls)
     try:
         return load.run_on(target, args, counts, pki_files, workdir)
     except Exception as exc:  # one target failing must not lose the others' figures

@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
                         "or run the relay under cProfile (whole run)")
     t.add_argument("--workdir", type=Path, help="with --start: where configs, logs and certificates go; "
                                                 "with --echo: where the echo component's stats file goes")
+    t.add_argument("--bus-tls", action="store_true",
+                   help="with --start relay-hop or relay-w2: the members reach nats-server over TLS")
     t.add_argument("--relay-option", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="with --start relay*: a config setting of the relay (TOML value; repeatable), "
                         "e.g. s2s.stream_management=false")
@@ -259,7 +261,7 @@ def main(argv=None) -> int:
         bundle = targets.Pki(workdir / "certs")
         pki_files = (str(bundle.ca_file), str(bundle.load_cert), str(bundle.load_key))
         target = targets.make_target(args.start, workdir, bundle, args.tls, args.target_cpu, args.profile,
-                                     args.relay_option)
+                                     args.relay_option, args.bus_tls)
         report |= run_on(target, args, counts, pki_files, workdir)
         report["workdir"] = str(workdir)
     else:

@@ -6,13 +6,15 @@ config options (no sockets). Integration part: a real Prosody serves
 `bench.test` through the generator's echo component; once the component is
 honest (everything must come back exactly once), once it is made to drop,
 duplicate, misroute and bounce chosen stanzas, which the generator must report
-one for one. And the relay itself, with XEP-0198 acks on every stream.
+one for one. And the relay itself, with XEP-0198 acks on every stream, and
+two relay nodes whose bus reaches nats-server over TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 
 import pytest
 
@@ -383,3 +385,27 @@ def test_xep_0198_acks_count_every_stanza_both_ways_against_the_relay(relay, bid
     target.stop()  # its log is complete: our answers left the relay nothing to re-send, and no h it refused
     logs = target.logs()
     assert "unacknowledged (XEP-0198)" not in logs and "undefined-condition" not in logs, logs
+
+
+# --- two relay nodes on a nats-server reached over TLS (bench --bus-tls) ----------
+
+
+@pytest.mark.timeout(120)
+def test_the_hop_target_with_its_bus_on_tls_carries_every_stanza_both_ways(tmp_path):
+    """n1 holds our streams and n2 the echo component, so every stanza crosses the bus there
+    and back; nats-server requires TLS, and the members trust its certificate by the run's CA."""
+    bundle = targets.Pki(tmp_path / "certs")
+    target = targets.make_target("relay-hop", tmp_path, bundle, tls=False, cpu=None, bus_tls=True)
+    listen_port = harness.free_port("127.0.0.1")
+    target.start(targets.load_routes(STREAMS, "127.0.0.1", listen_port))
+    try:
+        assert 'nats = ["tls://localhost:' in (tmp_path / "relay-hop" / "n1.toml").read_text()
+        cfg = dataclasses.replace(_config(target, listen_port), target_pids={"relay-hop": target.pid})
+        result = asyncio.run(_run_with(echo.EchoComponent, target, listen_port, cfg))
+    finally:
+        target.stop()
+    d = result["delivery"]
+    assert d["sent"] > 100 and (d["lost"], d["duplicated"], d["misrouted"], d["error_stanzas"]) == (0, 0, 0, 0), d
+    metrics = (tmp_path / "relay-hop" / "metrics-n2.txt").read_text()
+    received = re.search(r'xmpp_router_bus_stanzas_total\{direction="received",hop="node"\} (\S+)', metrics)
+    assert received and float(received.group(1)) >= d["sent"]  # every stanza came to n2 over the bus

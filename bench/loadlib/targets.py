@@ -201,6 +201,7 @@ class RelayTarget(Target):
         self.secret = "relay-bench-component-secret"
         self.process: subprocess.Popen | None = None
         self.profile_path: Path | None = None
+        self.env: dict[str, str] | None = None  # the relay processes' environment (None: ours)
 
     def config_text(self, routes: dict[str, tuple[str, int]]) -> str:
         route_lines = "\n".join(f'"{d}" = "{h}:{p}"' for d, (h, p) in routes.items())
@@ -268,7 +269,7 @@ level = "WARNING"
         config.write_text(with_options(config_text, self.options))
         with open(self.workdir / "console.log", "ab") as console:
             return subprocess.Popen(self.command(config), stdin=subprocess.DEVNULL, stdout=console,
-                                    stderr=subprocess.STDOUT, cwd=RELAY_ROOT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, cwd=RELAY_ROOT, start_new_session=True, env=self.env)
 
     def _ready(self) -> None:
         try:
@@ -310,21 +311,26 @@ class HopTarget(RelayTarget):
     """Two relay nodes on one nats-server: the generator's streams reach n1 and the
     echo component is connected to n2, so every stanza crosses the cluster bus
     twice (to the component, and its echo back to n1's bidi stream). Its CPU is
-    n1's (the target's row), plus n2's and nats-server's (``extra_pids``)."""
+    n1's (the target's row), plus n2's and nats-server's (``extra_pids``). With
+    ``bus_tls`` the members reach nats-server over TLS (its certificate from the
+    run's CA, which the relays trust through ``SSL_CERT_FILE``)."""
 
     name = "relay-hop"
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, bus_tls: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.bus_tls = bus_tls
+        if bus_tls:
+            self.env = dict(os.environ, SSL_CERT_FILE=str(self.pki.ca_file))
         self.extra_pids: dict[str, int] = {}
         self.others: list[subprocess.Popen] = []  # n2, then nats-server
         self.metrics_ports: dict[str, int] = {}  # node -> its metrics port; scraped into the workdir at stop
 
     def start(self, routes: dict[str, tuple[str, int]]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        nats_port = self._start_nats()
+        nats_url = self._start_nats()
         nats = self.others[-1]
-        cluster = f'\n[cluster]\nnats = ["nats://127.0.0.1:{nats_port}"]\nnode = "{{node}}"\n'
+        cluster = f'\n[cluster]\nnats = ["{nats_url}"]\nnode = "{{node}}"\n'
         # n2 first: it serves the component; its S2S port only answers dialback verifications
         self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
         self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
@@ -338,16 +344,20 @@ class HopTarget(RelayTarget):
         self._ready()
         self.extra_pids = {"relay-hop:n2": n2.pid, "nats": nats.pid}
 
-    def _start_nats(self) -> int:
-        """A nats-server on a free port, beside the relay on its CPUs; returns the port."""
+    def _start_nats(self) -> str:
+        """A nats-server on a free port, beside the relay on its CPUs; returns its URL."""
         port = harness.free_port("127.0.0.1")
         binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        tls: list[str] = []
+        if self.bus_tls:
+            cert, key = pki.make_leaf(self.pki.certs.ca, "localhost", dns_ids=["localhost"]).write(self.workdir, "nats")
+            tls = ["--tls", "--tlscert", str(cert), "--tlskey", str(key)]
         # pinned to the target's CPU, the Go runtime gets as many threads as it has CPUs there
         env = dict(os.environ, GOMAXPROCS=str(len(self.cpu.split(",")))) if self.cpu else None
-        self.others.append(subprocess.Popen(taskset(self.cpu) + [binary, "-a", "127.0.0.1", "-p", str(port)],
+        self.others.append(subprocess.Popen(taskset(self.cpu) + [binary, "-a", "127.0.0.1", "-p", str(port)] + tls,
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                             start_new_session=True, env=env))
-        return port
+        return f"tls://localhost:{port}" if self.bus_tls else f"nats://127.0.0.1:{port}"
 
     def _spawn(self, name: str, config_text: str) -> subprocess.Popen:
         port = self.metrics_ports[name] = harness.free_port("127.0.0.1")
@@ -377,11 +387,11 @@ class WorkersTarget(HopTarget):
 
     def start(self, routes: dict[str, tuple[str, int]]) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        nats_port = self._start_nats()
+        nats_url = self._start_nats()
         self.s2s = ("127.0.0.1", harness.free_port("127.0.0.1"))
         self.component = ("127.0.0.1", harness.free_port("127.0.0.1"))
         self.process = self._spawn("node", self.config_text(routes) + f'\n[cluster]\nworkers = {self.workers}\n'
-                                   f'nats = ["nats://127.0.0.1:{nats_port}"]\nnode = "n1"\n')
+                                   f'nats = ["{nats_url}"]\nnode = "n1"\n')
         self._ready()
         children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         self.extra_pids = {f"relay-w2:worker{i}": int(pid) for i, pid in enumerate(children)}
@@ -389,10 +399,11 @@ class WorkersTarget(HopTarget):
 
 
 def make_target(kind: str, workdir: Path, pki_: Pki, tls: bool, cpu: str | None, profile: str | None = None,
-                relay_options: list[str] = ()) -> Target:
+                relay_options: list[str] = (), bus_tls: bool = False) -> Target:
     relays = {"relay": RelayTarget, "relay-hop": HopTarget, "relay-w2": WorkersTarget}
     if kind in relays:
-        return relays[kind](workdir / kind, pki_, tls, cpu, profile, options=relay_options)
+        bus = {} if kind == "relay" else {"bus_tls": bus_tls}  # the relay alone has no bus
+        return relays[kind](workdir / kind, pki_, tls, cpu, profile, options=relay_options, **bus)
     if relay_options:
         raise ValueError(f"relay options apply to the relay targets only, not {kind!r}")
     if kind == "prosody":
