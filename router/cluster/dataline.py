@@ -4,10 +4,11 @@ A thin asyncio protocol around ``natsproto``: reads go into its reader's
 buffer, each message goes to its subscription's callback inside the read
 callback that brought it, and a publish is one ``writelines`` on the
 transport, so a batch costs no task, no queue and no extra turn of the event
-loop (``bench.messagecost``: nats-py spends about twice the CPU per message). What waits here is bounded by the
-bus: unanswered batches by ``max_bus_in_flight``, and what NATS holds for us
-by the server's own slow-consumer limit, past which it closes the connection
-(``on_lost``; the bus bounces what waited for answers and opens a new one).
+loop (``bench.messagecost``: nats-py spends about twice the CPU per message).
+What waits here is bounded by the bus: unanswered batches by
+``max_bus_in_flight``, and what NATS holds for us by the server's own
+slow-consumer limit, past which it closes the connection (``on_lost``; the
+bus bounces what waited for answers and opens a new one).
 """
 
 from __future__ import annotations
