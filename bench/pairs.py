@@ -31,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.compare import cpu_us_per_stanza, delivered, floor_share, hop_share, paired
+from bench.compare import MEMBERS, cpu_us_per_stanza, delivered, floor_share, hop_share, paired
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTENSION_DIRS = ("router", "bench/loadlib")  # where setup.py builds the Cython extensions in place
@@ -85,9 +85,11 @@ def figures(results: dict) -> dict[str, float]:
                 if (point.get("latency_ms") or {}).get(percentile) is not None:
                     out[f"{kind} {streams}: latency {percentile} ms"] = point["latency_ms"][percentile]
     for local, across in paired(results, "relay", "relay-hop"):
-        share = hop_share(local, across)[2]
+        share, members = hop_share(local, across)[2], hop_share(local, across, MEMBERS)[2]
         if share is not None:
             out[f"one hop {local['config']['streams']}: % of a local delivery"] = 100 * share
+        if members is not None:
+            out[f"one hop {local['config']['streams']}: % of a local delivery, relay processes alone"] = 100 * members
     for relay, floor in paired(results, "relay", "floor"):
         share = floor_share(relay, floor)[2]
         if share is not None:

@@ -23,6 +23,7 @@ def test_one_run_gives_each_targets_cost_the_hop_and_the_floor_share():
     assert (got["relay 10: latency p50 ms"], got["relay 10: latency p99 ms"]) == (1.5, 4.0)  # the generator and the echo component are not the target
     assert got["relay-hop 10: target µs/stanza"] == 36.0
     assert got["one hop 10: % of a local delivery"] == 130.0  # (36 - 10) / 2 / 10
+    assert got["one hop 10: % of a local delivery, relay processes alone"] == 90.0  # n1 + n2: (28 - 10) / 2 / 10
     assert got["relay / floor 10: per core, %"] == 80.0  # 100,000/s per core against 125,000/s
 
 
