@@ -4,7 +4,6 @@ each target answers, against a real UDP DNS server and real listeners on loopbac
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ import uvloop
 
 from router.net.dnscheck import report
 from dnsserver import run_with_dns, zone_server
+from tests.interop.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def xmpp_listener():

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,10 @@ import uvloop
 
 from router.config import parse_config
 from router.trust.pki import make_ca, make_leaf
+from tests.interop.harness import free_port
 
 SCENARIO_TIMEOUT = 40.0
 TEARDOWN_TIMEOUT = 10.0  # cancelled tasks end within this after a scenario
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def arun(coro, timeout: float = SCENARIO_TIMEOUT):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop.harness import free_port
+
 READY_TIMEOUT = 10.0
 RUNNING: dict[int, subprocess.Popen] = {}  # port -> the server this module started there
 
@@ -27,12 +29,6 @@ def stop(port: int) -> None:
     if process is not None and process.poll() is None:
         process.terminate()
         process.wait(timeout=5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def nats_binary() -> str:

@@ -65,11 +65,20 @@ def missing_peers() -> list[str]:
     return missing
 
 
-def free_port(ip: str) -> int:
-    """A TCP port currently free on `ip` (the peer binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind((ip, 0))
-        return sock.getsockname()[1]
+_PICKED: set[int] = set()  # ports free_port gave this process
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port free on `ip` now and not given before by this process: the peer binds
+    it a moment later, and two picks made before either binds could otherwise agree."""
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind((ip, 0))
+            port = sock.getsockname()[1]
+        if port not in _PICKED:
+            _PICKED.add(port)
+            return port
+    raise RuntimeError(f"no free port on {ip} that was not given before")
 
 
 def established_connections_to(ip: str, port: int) -> int:
