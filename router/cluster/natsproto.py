@@ -88,7 +88,7 @@ class NatsReader:
         self._line: tuple = ()  # ... its MSG line, parsed
         self._crlf_due = False  # the CRLF after such a payload comes first in the buffer
 
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
+    def get_buffer(self, sizehint: int) -> memoryview:
         """Where the next read goes: the rest of a big message's payload, else after
         the bytes received, with room for at least ``READ_SIZE`` more (a message
         smaller than ``DIRECT_AT_LEAST`` then fits)."""
@@ -123,8 +123,7 @@ class NatsReader:
         if self._crlf_due:
             if end - start < 2:
                 return events
-            if buffer[start:start + 2] != CRLF:
-                raise ProtocolError("a message's payload is not followed by CRLF")
+            _payload_ends(buffer, start)
             start += 2
             self._crlf_due = False
         while True:
@@ -143,8 +142,7 @@ class NatsReader:
                 size = parsed[-1]
                 stop = line_end + 2 + size
                 if end >= stop + 2:
-                    if buffer[stop:stop + 2] != CRLF:
-                        raise ProtocolError("a message's payload is not followed by CRLF")
+                    _payload_ends(buffer, stop)
                     events.append(_message(parsed, buffer[line_end + 2:stop]))  # its one copy
                     start = stop + 2
                     continue
@@ -180,6 +178,11 @@ class NatsReader:
             start = end = self._end = 0
         self._start = start
         return events
+
+
+def _payload_ends(buffer: bytearray, at: int) -> None:
+    if buffer[at:at + 2] != CRLF:
+        raise ProtocolError("a message's payload is not followed by CRLF")
 
 
 def _message_line(verb: bytes, rest: bytes) -> tuple:
