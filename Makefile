@@ -13,12 +13,13 @@ EXT    := router/_fastparse$(SUFFIX) router/_fastroute$(SUFFIX) bench/loadlib/_f
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "setuptools>=68" wheel "Cython>=3.0"
+	$(PY) -m pip install --quiet "setuptools>=77" wheel "Cython>=3.0"
 	$(PY) -m pip install --quiet --no-build-isolation -e '.[test,bench]'
 	touch $@
 
 $(EXT) &: $(VENV)/.installed $(wildcard router/_fast*.pyx router/_fast*.pxd bench/loadlib/_fast*.pyx)
 	$(PY) setup.py --quiet build_ext --inplace
+	touch $(EXT)  # setup.py leaves an up-to-date extension as it was; make compares every one with every source
 
 build: $(EXT)
 
