@@ -1,5 +1,6 @@
-"""Before and after, back to back: one ``bench.compare`` command run alternately on
-an earlier revision (a git worktree) and on this checkout, and the medians.
+"""Before and after, back to back: one ``bench.compare`` command (or, with ``--load``,
+one ``bench.load`` command) run alternately on an earlier revision (a git worktree)
+and on this checkout, and the medians.
 
 This machine's speed drifts by 1.5x within minutes, so one run of each build
 says little about a change; alternating several pairs and reading medians does
@@ -10,6 +11,8 @@ checkout's generator measures both relays (``BENCH_RELAY_ROOT``).
 
     python -m bench.pairs --before 94dae51 --rounds 3 -- --targets relay,relay-hop --streams 10,100 \\
         --rate-points '' --idle-streams 0 --no-floor --profile none --hop-rate 0
+    python -m bench.pairs --before 4bf66dd --same-generator --load -- --start relay --streams 1000 \\
+        --rate 40000 --duration 8 --sizes 200:0.9,2000:0.1 --target-cpu 0 --generator-cpu 1
 
 Prints, per target and stream count, delivered stanzas/s, latency (p50, p99)
 and the target's CPU µs per delivered stanza (generator and echo component
@@ -56,18 +59,23 @@ def worktree(revision: str, where: Path) -> Path:
     return where
 
 
-def run(directory: Path, relay: Path, compare_args: list[str], workdir: Path) -> Path:
-    """One ``bench.compare`` of the checkout ``directory`` against the relay of ``relay``;
-    the path of its results JSON."""
+def run(directory: Path, relay: Path, args: list[str], workdir: Path, load_only: bool) -> dict:
+    """One ``bench.compare`` (or ``bench.load``) of the checkout ``directory`` against the
+    relay of ``relay``: its results, by target."""
     log = workdir.with_suffix(".log")
+    output = workdir / "load.json"
+    tool = ["bench.load", *args, "--workdir", str(workdir), "--output", str(output)] if load_only else \
+        ["bench.compare", *args, "--no-doc", "--workdir", str(workdir)]
     with log.open("w") as out:
-        subprocess.run([sys.executable, "-m", "bench.compare", *compare_args, "--no-doc", "--workdir", str(workdir)],
-                       cwd=directory, stdout=out, stderr=subprocess.STDOUT, check=True,
-                       env=dict(os.environ, BENCH_RELAY_ROOT=str(relay)))
+        subprocess.run([sys.executable, "-m", *tool], cwd=directory, stdout=out, stderr=subprocess.STDOUT,
+                       check=True, env=dict(os.environ, BENCH_RELAY_ROOT=str(relay)))
+    if load_only:
+        report = json.loads(output.read_text())
+        return {report["target"]: report}
     found = [line.split(": ", 1)[1] for line in log.read_text().splitlines() if line.startswith("results: ")]
     if not found:
         raise SystemExit(f"bench.compare in {directory} wrote no results; see {log}")
-    return Path(found[-1])
+    return json.loads(Path(found[-1]).read_text())["results"]
 
 
 def figures(results: dict) -> dict[str, float]:
@@ -118,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--same-generator", action="store_true",
                    help="measure the earlier relay with this checkout's load generator (its config must suit it)")
     p.add_argument("--workdir", type=Path, help="worktree, logs and target workdirs (default: a new temporary one)")
-    p.add_argument("compare", nargs=argparse.REMAINDER, help="-- then the bench.compare options")
+    p.add_argument("--load", action="store_true",
+                   help="run bench.load instead of bench.compare: one target, e.g. at a fixed offered rate")
+    p.add_argument("tool_args", nargs=argparse.REMAINDER, help="-- then the bench.compare (or bench.load) options")
     opts = p.parse_args(argv)
-    compare_args = opts.compare[1:] if opts.compare[:1] == ["--"] else opts.compare
+    tool_args = opts.tool_args[1:] if opts.tool_args[:1] == ["--"] else opts.tool_args
     workdir = opts.workdir or Path(tempfile.mkdtemp(prefix="bench-pairs-"))
     earlier = worktree(opts.before, workdir / "before")
     try:
@@ -129,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             for side, relay in (("before", earlier), ("after", ROOT)):
                 print(f"== round {round_}: {side}", file=sys.stderr)
                 bench = ROOT if opts.same_generator else relay
-                results = json.loads(run(bench, relay, compare_args, workdir / f"{side}-{round_}").read_text())
-                runs[side].append(figures(results["results"]))
+                runs[side].append(figures(run(bench, relay, tool_args, workdir / f"{side}-{round_}", opts.load)))
         print(f"before: {opts.before}; after: {git('rev-parse', '--short', 'HEAD').strip()} (this checkout"
               f"{', with changes' if git('status', '--porcelain', '--untracked-files=no') else ''}); "
-              f"{opts.rounds} pairs of: python -m bench.compare {shlex.join(compare_args)}\n")
+              f"{opts.rounds} pairs of: python -m bench.{'load' if opts.load else 'compare'} {shlex.join(tool_args)}\n")
         print(table(runs["before"], runs["after"]))
     finally:
         git("worktree", "remove", "--force", str(earlier))
