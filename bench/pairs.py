@@ -67,8 +67,10 @@ def run(directory: Path, relay: Path, args: list[str], workdir: Path, load_only:
     tool = ["bench.load", *args, "--workdir", str(workdir), "--output", str(output)] if load_only else \
         ["bench.compare", *args, "--no-doc", "--workdir", str(workdir)]
     with log.open("w") as out:
-        subprocess.run([sys.executable, "-m", *tool], cwd=directory, stdout=out, stderr=subprocess.STDOUT,
-                       check=True, env=dict(os.environ, BENCH_RELAY_ROOT=str(relay)))
+        done = subprocess.run([sys.executable, "-m", *tool], cwd=directory, stdout=out, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, BENCH_RELAY_ROOT=str(relay)))
+    if done.returncode:  # bench.load also fails a run that lost, duplicated or misrouted a stanza
+        raise SystemExit(f"{tool[0]} in {directory} failed ({done.returncode}); see {log}")
     if load_only:
         report = json.loads(output.read_text())
         return {report["target"]: report}
