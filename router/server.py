@@ -29,7 +29,7 @@ from router.config import Config
 from router.net.connector import Connector
 from router.net.danecheck import DaneChecker
 from router.net.liveness import Liveness
-from router.routing.delivery import Delivery, Service
+from router.routing.delivery import Delivery
 from router.metrics import RelayMetrics, start_metrics_server
 from router.negotiation.features import StreamLimits
 from router.negotiation.session import Session, SessionConfig

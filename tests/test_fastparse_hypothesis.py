@@ -5,7 +5,6 @@ events are compared by their fields plus the raw bytes of their range, copied
 right after the call that returned them.
 """
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree

@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-import dns.asyncresolver
-import dns.message
 import pytest
 
 from router.config import StaticRoute

@@ -211,7 +211,7 @@ class Answer(list):
     class rrset:  # noqa: N801 (dnspython's attribute name)
         ttl = 3600
 
-    class response:  # noqa: N801: the DNS message, whose AD flag DANE reads (not set: not validated)
+    class response:  # noqa: N801 -- the DNS message, whose AD flag DANE reads (not set: not validated)
         flags = 0
 
 

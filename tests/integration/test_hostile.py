@@ -15,12 +15,11 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
-import pytest
 
 from router.net.component_client import ComponentClient
 
 from .conftest import arun, free_port, relay_process, running
-from .peer import AuthoritativeServer, Peer, PeerClosed
+from .peer import AuthoritativeServer, Peer
 from .test_many_streams import sample, scrape
 
 HIGH, LOW = 256 * 1024, 64 * 1024
