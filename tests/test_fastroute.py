@@ -7,6 +7,8 @@ b.test authenticated by dialback, and the component serving svc.test."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay_objects import DOMAIN, REMOTE_SECRET, make_world, message, read
 from router.cluster.frames import Carried, decode_batch, outbox
@@ -166,3 +168,76 @@ def test_a_batch_from_another_member_is_delivered_in_place_stanza_by_stanza(worl
     assert slow == [("svc.test", "x.test", sent_to["x.test"][0])]
     for stream, remote in ((a, "a.test"), (b, "b.test")):
         assert b"".join(stream.transport.calls[before[stream]:]) == b"".join(sent_to[remote])
+
+
+def frames_of(payload: bytes) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]] | None:
+    """The bus's batch format read by the letter (router.cluster.frames): parts of a 4-byte
+    big-endian length and its bytes; the sender, then a header (from NUL to, both
+    non-empty) and the bytes of each stanza. None when the bytes are not such a batch."""
+    parts, pos = [], 0
+    while pos < len(payload):
+        size = int.from_bytes(payload[pos:pos + 4], "big")
+        if len(payload) - pos < 4 or size > len(payload) - pos - 4:
+            return None
+        parts.append(payload[pos + 4:pos + 4 + size])
+        pos += 4 + size
+    headers = [header.split(b"\0") for header in parts[1::2]]
+    if not parts or len(parts) % 2 == 0 or any(len(h) != 2 or not all(h) for h in headers):
+        return None
+    return parts[0], [(f, t, data) for (f, t), data in zip(headers, parts[2::2])]
+
+
+def test_a_damaged_batch_is_refused_whole_or_taken_as_its_frames_say(world):
+    """Any byte of a batch changed, or the batch cut short: take_batch refuses it before
+    delivering anything, or delivers each stanza's own bytes to its pair's stream, hands
+    the rest to the slow path and answers a domain that is not UTF-8 with bad-request,
+    exactly as a plain reading of the format says. A length read past the payload would
+    deliver bytes that are not in it."""
+    relay, _, (a, b) = world
+    relay.table.add_remote(Pair("svc.test", "a.test"), a)
+    relay.table.add_remote(Pair("svc.test", "b.test"), b)
+    box = outbox("n2.0", "n1.0", lambda _: None)
+    for n, remote in enumerate(["a.test", "b.test", "x.test", "a.test"]):
+        box.put(Carried("message", None, "bot@svc.test", f"u@{remote}", f"m{n}", "svc.test", remote,
+                        f"<message from='bot@svc.test' to='u@{remote}' id='m{n}'/>".encode()))
+    [(valid, _)] = box.take()
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.integers(0, len(valid) - 1), st.integers(0, 255), st.integers(0, len(valid)), st.booleans())
+    def damaged(at, value, cut, cut_short):
+        payload = bytes(valid[:cut] if cut_short else valid[:at] + bytes([value]) + valid[at + 1:])
+        before = {s: len(s.transport.calls) for s in (a, b)}
+        slow = []
+        expected = frames_of(payload)
+        try:
+            sender, answers = relay.router.take_batch(payload, lambda *record: slow.append(record) or ("gone", "x"))
+        except ValueError:
+            sender = None
+        relay.router.flush_writes()
+        written = {s: b"".join(s.transport.calls[before[s]:]) for s in (a, b)}
+        if expected is None or sender is None:
+            assert sender is None and not slow and written == {a: b"", b: b""}
+            assert expected is None or not is_utf8(expected[0])
+            return
+        want = {a: b"", b: b""}
+        want_answers, want_slow = [], []
+        for from_, to, data in expected[1]:
+            if not (is_utf8(from_) and is_utf8(to)):
+                want_answers.append(("bad-request", "a cluster bus frame whose domains are not UTF-8"))
+            elif (from_, to) in ((b"svc.test", b"a.test"), (b"svc.test", b"b.test")):
+                want[a if to == b"a.test" else b] += data
+                want_answers.append(None)
+            else:
+                want_slow.append((from_.decode(), to.decode(), data))
+                want_answers.append(("gone", "x"))
+        assert (sender, answers, slow, written) == (expected[0].decode(), want_answers, want_slow, want)
+
+    damaged()
+
+
+def is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
