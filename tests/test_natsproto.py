@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.cluster import natsproto
 from router.cluster.natsproto import Info, Msg, NatsReader, Ok, Ping, Pong, ProtocolError, ServerError
@@ -120,10 +122,27 @@ def test_a_payload_is_its_own_copy_the_buffer_is_used_again():
     (b"MSG " + b"s" * natsproto.MAX_CONTROL_LINE, "control line longer"),
     (b"MSG " + b"s" * natsproto.MAX_CONTROL_LINE + b" 1 0\r\n\r\n", "control line longer"),
     (b"MSG s 1 %d\r\n" % (natsproto.MAX_PAYLOAD + 1), "over NATS's limit"),
+    (b"MSG s\x80 1 0\r\n\r\n", "subject or reply is not UTF-8"),
+    (b"HMSG s 1 r\xff 0 0\r\n\r\n", "subject or reply is not UTF-8"),
 ])
 def test_what_a_server_does_not_send_is_refused(data, why):
     with pytest.raises(ProtocolError, match=why):
         read(NatsReader(), data)
+
+
+WIRE_BYTES = b"".join(data for data, _ in WIRE)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, len(WIRE_BYTES) - 1), st.integers(0, 255), st.integers(1, 64), st.binary(max_size=40))
+def test_any_byte_changed_gives_events_or_a_protocol_error(at, value, size, tail):
+    """Whatever the server sends, the data connection gets events or a ProtocolError
+    (and ends with its reason), never another exception out of the reader."""
+    data = WIRE_BYTES[:at] + bytes([value]) + WIRE_BYTES[at + 1:] + tail
+    try:
+        read(NatsReader(), data, size)
+    except ProtocolError:
+        pass
 
 
 def test_a_publish_is_chunks_around_the_payload_it_does_not_copy():

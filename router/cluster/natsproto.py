@@ -200,9 +200,12 @@ def _message_line(verb: bytes, rest: bytes) -> tuple:
         raise ProtocolError(f"a malformed {verb.decode()} line")
     if numbers[-1] > MAX_PAYLOAD:
         raise ProtocolError(f"a message of {numbers[-1]} bytes, over NATS's limit of {MAX_PAYLOAD}")
-    reply = parts[2].decode() if len(parts) == 3 + sizes else ""
+    try:
+        subject, reply = parts[0].decode(), parts[2].decode() if len(parts) == 3 + sizes else ""
+    except UnicodeDecodeError:
+        raise ProtocolError(f"a {verb.decode()} line whose subject or reply is not UTF-8") from None
     header = numbers[0] if sizes == 2 else None
-    return parts[0].decode(), sid, reply, header, numbers[-1]
+    return subject, sid, reply, header, numbers[-1]
 
 
 def _message(parsed: tuple, body: bytearray) -> Msg:
