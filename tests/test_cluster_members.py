@@ -148,6 +148,11 @@ def test_answers_round_trip_and_must_match_the_batch():
     assert answers_for(entries[1][1], 2) == refused
     with pytest.raises(FrameError):
         answers_for(entries[1][1], 3)
+    assert answers_for([["made-up", "a newer member's condition"]], 1) == [("undefined-condition",
+                                                                             "a newer member's condition")]
+    for malformed in ([[5, "x"]], [["gone", None]], [["gone"]], [[]]):  # a bounce could not be built from these
+        with pytest.raises(FrameError):
+            answers_for(malformed, 1)
     for malformed in (b"ok", b"{}", b"[[7]]", b"[[\"7\", null]]", b"[[7, 3]]"):
         with pytest.raises(FrameError):
             decode_answers(malformed)

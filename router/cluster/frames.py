@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 from lxml import etree
 
 from router import _fastroute
+from router.wire.errors import STANZA_ERROR_TYPES
 from router.wire.xml import parse_element
 
 # A batch carries at most this many bytes of stanzas (NATS refuses messages over its
@@ -100,6 +101,12 @@ def answers_for(answers: list | None, count: int) -> list[tuple[str, str] | None
     """A batch's entries: taken (None) or (condition, text) per stanza, in order."""
     if answers is None:
         return [None] * count
-    if len(answers) != count or not all(a is None or (isinstance(a, list) and len(a) == 2) for a in answers):
+    if len(answers) != count or not all(a is None or _is_refusal(a) for a in answers):
         raise FrameError(f"an answer for {count} stanza(s) has {len(answers)} entries or a malformed one")
-    return [tuple(a) if a else None for a in answers]
+    # a condition this version does not know (a member of another version) still bounces
+    return [None if a is None else (a[0] if a[0] in STANZA_ERROR_TYPES else "undefined-condition", a[1])
+            for a in answers]
+
+
+def _is_refusal(entry: Any) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
