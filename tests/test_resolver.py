@@ -9,7 +9,8 @@ import pytest
 
 from router.config import StaticRoute
 from dnsserver import run_with_dns
-from router.net.resolver import DEFAULT_S2S_PORT, ResolutionError, SrvRecord, Target, order_records
+from router.net.resolver import (DEFAULT_S2S_PORT, MAX_ADDRESSES_PER_FAMILY, MAX_SRV_RECORDS, ResolutionError,
+                                 SrvRecord, Target, order_records)
 
 
 
@@ -112,6 +113,42 @@ def test_srv_answered_but_targets_without_address_do_not_fall_back():
         return server.queries
 
     assert ("peer.example.", "A") not in run_with_dns(zone, scenario)
+
+
+def test_a_domain_publishing_many_srv_targets_gets_lookups_for_the_lowest_priorities_only():
+    """A remote writes its own DNS: 40 targets would be 80 address look-ups and 40 hosts
+    raced, at addresses of its choosing. The lowest priorities are kept, named and counted."""
+    zone = {("_xmpp-server._tcp.many.example", "SRV"): [f"{n % 4 + 1} 0 5269 h{n}.many.example." for n in range(40)]}
+    zone |= {(f"h{n}.many.example", "A"): [f"127.0.1.{n}"] for n in range(40)}
+
+    async def scenario(make, server):
+        hits = []
+        targets = await make(limit_hit=hits.append).resolve("many.example")
+        return targets, hits, sum(n for (name, kind), n in server.queries.items() if kind in ("A", "AAAA"))
+
+    targets, hits, address_queries = run_with_dns(zone, scenario)
+    assert len(targets) == MAX_SRV_RECORDS
+    assert {t.host for t in targets} == {f"h{n}.many.example" for n in range(0, 40, 4)}  # priority 1: n % 4 == 0
+    assert address_queries == 2 * MAX_SRV_RECORDS
+    assert hits == ["srv_records"]
+
+
+def test_a_target_with_many_addresses_is_tried_at_a_few_of_each_family():
+    zone = {
+        ("_xmpp-server._tcp.wide.example", "SRV"): ["10 0 5269 wide.example."],
+        ("wide.example", "A"): [f"127.0.2.{n}" for n in range(30)],
+        ("wide.example", "AAAA"): [f"2001:db8::{n:x}" for n in range(1, 11)],
+    }
+
+    async def scenario(make, server):
+        hits = []
+        return await make(limit_hit=hits.append).resolve("wide.example"), hits
+
+    [target], hits = run_with_dns(zone, scenario)
+    v6, v4 = target.addresses[:MAX_ADDRESSES_PER_FAMILY], target.addresses[MAX_ADDRESSES_PER_FAMILY:]
+    assert len(v4) == MAX_ADDRESSES_PER_FAMILY and set(v4) <= set(zone[("wide.example", "A")])
+    assert len(set(v6)) == MAX_ADDRESSES_PER_FAMILY and set(v6) <= set(zone[("wide.example", "AAAA")])
+    assert hits == ["addresses_per_host"]
 
 
 def test_unknown_domain_is_resolution_error():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import random
 import socket
 import time
@@ -49,6 +50,8 @@ import dns.resolver
 from router.config import StaticRoute
 from router.trust.dane import Tlsa
 
+log = logging.getLogger("router.net.resolver")
+
 # RFC 6120 §3.2.2: the fallback port when no SRV record exists.
 DEFAULT_S2S_PORT = 5269
 # How long "no such record" is remembered; short, so a newly published record
@@ -58,6 +61,12 @@ NEGATIVE_TTL = 60.0
 DNS_LIFETIME = 5.0
 # Entries kept before expired ones are purged (one per name and record type).
 CACHE_MAX_ENTRIES = 10000
+# A remote domain's DNS is the remote's to write: one answer can list thousands of SRV
+# targets or addresses, and each would be looked up and connected to (a stanza would
+# turn into thousands of queries and connection attempts, to addresses of the
+# remote's choosing). Servers publish a handful; beyond these the rest is left out.
+MAX_SRV_RECORDS = 10  # per service (_xmpps-server, _xmpp-server), the lowest priorities kept
+MAX_ADDRESSES_PER_FAMILY = 4  # per SRV target host: IPv6, then IPv4
 # EDNS0 payload size for DNSSEC answers (the DNS Flag Day 2020 value: no IP fragmentation)
 EDNS_PAYLOAD = 1232
 
@@ -132,12 +141,14 @@ class Resolver:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
         lifetime: float = DNS_LIFETIME,
+        limit_hit: Callable[[str], None] = lambda limit: None,
     ):
         self.static_routes = dict(static_routes or {})
         self.dns = dns_resolver if dns_resolver is not None else dns.asyncresolver.Resolver()
         self.rng = rng or random.Random()
         self.clock = clock
         self.lifetime = lifetime
+        self.limit_hit = limit_hit  # metrics.limits_hit.inc: a named limit left records out
         self._cache: dict[tuple[str, str], tuple[float, list, bool]] = {}  # expiry, records, AD bit
 
     async def resolve(self, domain: str) -> list[Target]:
@@ -224,6 +235,11 @@ class Resolver:
         rdatas, secure = await self._lookup(name, "SRV")
         if rdatas is None:
             return None
+        if len(rdatas) > MAX_SRV_RECORDS:
+            self.limit_hit("srv_records")
+            log.warning("%s has %d SRV records; the %d of the lowest priorities are used (MAX_SRV_RECORDS)",
+                        name.rstrip("."), len(rdatas), MAX_SRV_RECORDS)
+            rdatas = sorted(rdatas, key=lambda rr: rr.priority)[:MAX_SRV_RECORDS]
         return [
             SrvRecord(rr.priority, rr.weight, rr.port, _host(rr.target), direct_tls, secure) for rr in rdatas
         ]
@@ -235,7 +251,12 @@ class Resolver:
             return (host,), False
         name = host + "."
         (v6, v6_secure), (v4, v4_secure) = await asyncio.gather(self._lookup(name, "AAAA"), self._lookup(name, "A"))
-        addresses = tuple(rr.address for rr in (v6 or []) + (v4 or []))
+        v6, v4 = v6 or [], v4 or []
+        if len(v6) > MAX_ADDRESSES_PER_FAMILY or len(v4) > MAX_ADDRESSES_PER_FAMILY:
+            self.limit_hit("addresses_per_host")
+            log.warning("%s has %d IPv6 and %d IPv4 addresses; %d of each family are tried "
+                        "(MAX_ADDRESSES_PER_FAMILY)", host, len(v6), len(v4), MAX_ADDRESSES_PER_FAMILY)
+        addresses = tuple(rr.address for rr in v6[:MAX_ADDRESSES_PER_FAMILY] + v4[:MAX_ADDRESSES_PER_FAMILY])
         return addresses, bool(v6 and v6_secure or v4 and v4_secure)
 
     async def _lookup(self, name: str, rdtype: str) -> tuple[list | None, bool]:
