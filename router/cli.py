@@ -223,7 +223,8 @@ def cmd_check_dns(args: argparse.Namespace) -> int:
     nameservers = (args.nameserver,) if args.nameserver else config.tls.nameservers if config else ()
     try:
         resolver = Resolver(config.routes if config else {},
-                            dns_resolver(nameservers, bool(config and config.tls.dane)))
+                            dns_resolver(nameservers, bool(config and config.tls.dane)),
+                            blocklist=config.s2s.connect_blocklist if config else ())
     except ValueError as exc:
         print(f"check-dns: --nameserver must be an IP address with an optional port: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -104,7 +104,7 @@ class Relay:
         self.component_secrets = {c.domain: c.secret for c in config.components}
         # with DANE, the validating resolver's AD bit is believed (RFC 6698 §4.1)
         self.resolver = resolver.Resolver(config.routes, resolver.dns_resolver(config.tls.nameservers, config.tls.dane),
-                                          limit_hit=self.metrics.limits_hit.inc)
+                                          limit_hit=self.metrics.limits_hit.inc, blocklist=config.s2s.connect_blocklist)
         self.delivery.configure(config, session_config.default_lang)
         self.router.local_domains = config.local_domains
 

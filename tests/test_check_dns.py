@@ -100,7 +100,8 @@ def test_the_command_asks_the_configured_validating_resolver_and_shows_what_it_v
         async with zone_server(zone, secure=True) as dns_server:
             config = tmp_path / "relay.toml"
             config.write_text(f'[server]\ndomains = ["relay.test"]\ndialback_secret = "{"s" * 32}"\n'
-                              f'[tls]\ndane = true\nnameservers = ["127.0.0.1:{dns_server.port}"]\n')
+                              f'[tls]\ndane = true\nnameservers = ["127.0.0.1:{dns_server.port}"]\n'
+                              f'[s2s]\nconnect_blocklist = []\n')  # the peer is on loopback
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "router", "check-dns", "peer.example", "--config", str(config),
                 "--timeout", "2", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

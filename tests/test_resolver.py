@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 from router.config import StaticRoute
+from router.config.defaults import DEFAULT_CONNECT_BLOCKLIST
 from dnsserver import run_with_dns
 from router.net.resolver import (DEFAULT_S2S_PORT, MAX_ADDRESSES_PER_FAMILY, MAX_SRV_RECORDS, ResolutionError,
                                  SrvRecord, Target, order_records)
@@ -149,6 +150,35 @@ def test_a_target_with_many_addresses_is_tried_at_a_few_of_each_family():
     assert len(v4) == MAX_ADDRESSES_PER_FAMILY and set(v4) <= set(zone[("wide.example", "A")])
     assert len(set(v6)) == MAX_ADDRESSES_PER_FAMILY and set(v6) <= set(zone[("wide.example", "AAAA")])
     assert hits == ["addresses_per_host"]
+
+
+def test_dns_cannot_point_the_relay_into_its_own_network():
+    """s2s.connect_blocklist (by default loopback, private, link-local and other special
+    ranges): such addresses from DNS are left out, IPv4-mapped IPv6 ones too, and a domain
+    left with none is not reachable, saying why. A static route is the operator's: kept."""
+    zone = {
+        ("_xmpp-server._tcp.mixed.example", "SRV"): ["10 0 5269 inside.mixed.example.", "20 0 5269 out.mixed.example."],
+        ("inside.mixed.example", "A"): ["10.1.2.3", "192.168.0.7"],
+        ("inside.mixed.example", "AAAA"): ["::ffff:10.1.2.3", "fe80::1", "2002:a01:203::1"],
+        ("out.mixed.example", "A"): ["93.184.216.34", "127.0.0.1"],
+        ("out.mixed.example", "AAAA"): ["2606:2800:220:1::1"],
+        ("_xmpp-server._tcp.internal.example", "SRV"): ["10 0 6379 169.254.169.254."],
+        ("routed.example", "A"): ["10.9.9.9"],
+    }
+
+    async def scenario(make, server):
+        hits = []
+        resolver = make(limit_hit=hits.append, blocklist=DEFAULT_CONNECT_BLOCKLIST,
+                        static_routes={"routed.example": StaticRoute("127.0.0.9", 5269)})
+        mixed = await resolver.resolve("mixed.example")
+        with pytest.raises(ResolutionError, match=r"only to addresses in s2s.connect_blocklist \(169.254.169.254\)"):
+            await resolver.resolve("internal.example")
+        return mixed, await resolver.resolve("routed.example"), hits
+
+    mixed, routed, hits = run_with_dns(zone, scenario)
+    assert mixed == [Target("out.mixed.example", 5269, False, ("2606:2800:220:1::1", "93.184.216.34"))]
+    assert routed == [Target("127.0.0.9", 5269, False, ("127.0.0.9",))]
+    assert hits == ["connect_blocklist", "connect_blocklist"]
 
 
 def test_unknown_domain_is_resolution_error():

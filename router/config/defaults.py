@@ -68,6 +68,19 @@ DEFAULT_TCP_KEEPALIVE = 120.0
 # RFC 8305 §5 "Connection Attempt Delay": 250 ms between starting connection
 # attempts to the next address of a target (IPv6 and IPv4 interleaved), as Prosody 13.
 DEFAULT_HAPPY_EYEBALLS_DELAY = 0.25
+# Addresses never connected to when DNS names them (a remote domain's DNS is the
+# remote's to write: without this, anyone could make the relay open connections into
+# its own network). Loopback, private, link-local, shared, documentation, benchmarking,
+# multicast and reserved ranges: Synapse's ip_range_blacklist default, with 0.0.0.0/8,
+# 240.0.0.0/4 and the IPv6 forms that carry an IPv4 address (IPv4-compatible, IPv4-mapped,
+# 6to4) added. [routes] are not checked.
+DEFAULT_CONNECT_BLOCKLIST = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/96", "::1/128", "::ffff:0:0/96", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "fec0::/10",
+    "ff00::/8",
+)
 # XEP-0198 on S2S, acks without resumption (Prosody 13's smacks_enabled_s2s, on by
 # default): stanzas a dead stream sent and the peer never acknowledged are re-sent
 # on a new stream or bounced, never lost silently.

@@ -108,6 +108,7 @@ class S2SConfig:
     advertise_limits: bool  # XEP-0478 stream limits in our features
     ping_interval: float  # XEP-0199 ping after this long without input on an authenticated stream; 0: off
     ping_timeout: float  # no answer this long after a ping: the stream is dead
+    connect_blocklist: tuple[str, ...]  # networks never connected to when DNS names them ([routes] are not checked)
 
 
 @dataclass(frozen=True)

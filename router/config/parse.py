@@ -47,6 +47,7 @@ from router.config.defaults import (
     DEFAULT_WRITE_STALL_TIMEOUT,
     DEFAULT_TCP_KEEPALIVE,
     DEFAULT_ADVERTISE_LIMITS,
+    DEFAULT_CONNECT_BLOCKLIST,
     DEFAULT_HAPPY_EYEBALLS_DELAY,
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
@@ -133,12 +134,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
     for i, name in enumerate(proxied):
         if name not in PROXY_LISTENERS:
             r.problem(f"listen.proxy_protocol[{i}]", f"must be one of {', '.join(PROXY_LISTENERS)}, got {name!r}")
-    trusted = r.get(listen_t, "listen", "proxy_trusted", list, list(DEFAULT_PROXY_TRUSTED))
-    for i, network in enumerate(trusted):
-        try:
-            ipaddress.ip_network(network)
-        except (TypeError, ValueError) as exc:
-            r.problem(f"listen.proxy_trusted[{i}]", f"must be an address or network like '10.0.0.0/8': {exc}")
+    trusted = _networks(r, listen_t, "listen", "proxy_trusted", DEFAULT_PROXY_TRUSTED)
     listen = ListenConfig(
         s2s=r.endpoint(listen_t, "listen", "s2s", DEFAULT_S2S_LISTEN),
         s2s_direct_tls=r.endpoint(listen_t, "listen", "s2s_direct_tls", DEFAULT_S2S_DIRECT_TLS_LISTEN),
@@ -146,7 +142,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         metrics=r.endpoint(listen_t, "listen", "metrics", DEFAULT_METRICS_LISTEN),
         control=_control_socket(r, listen_t, state_dir),
         proxy_protocol=frozenset(n for n in proxied if n in PROXY_LISTENERS),
-        proxy_trusted=tuple(str(n) for n in trusted),
+        proxy_trusted=trusted,
     )
 
     # [s2s]
@@ -180,6 +176,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         advertise_limits=r.get(s, "s2s", "advertise_limits", bool, DEFAULT_ADVERTISE_LIMITS),
         ping_interval=r.get(s, "s2s", "ping_interval", float, DEFAULT_PING_INTERVAL),
         ping_timeout=r.positive(s, "s2s", "ping_timeout", float, DEFAULT_PING_TIMEOUT),
+        connect_blocklist=_networks(r, s, "s2s", "connect_blocklist", DEFAULT_CONNECT_BLOCKLIST),
     )
     if s2s.ping_interval < 0:
         r.problem("s2s.ping_interval", f"must be 0 (off) or a number of seconds, got {s2s.ping_interval}")
@@ -276,6 +273,17 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         source=source,
     )
 
+
+
+def _networks(r: Reader, table: dict, section: str, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of addresses or networks (``10.0.0.0/8``), each checked."""
+    networks = r.get(table, section, key, list, list(default))
+    for i, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network)
+        except (TypeError, ValueError) as exc:
+            r.problem(f"{section}.{key}[{i}]", f"must be an address or network like '10.0.0.0/8': {exc}")
+    return tuple(str(n) for n in networks)
 
 
 def _control_socket(r: Reader, listen: dict, state_dir: Path) -> Path | None:

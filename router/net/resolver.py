@@ -37,7 +37,7 @@ import logging
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, Sequence
 
 import dns.asyncresolver
@@ -142,6 +142,7 @@ class Resolver:
         clock: Callable[[], float] = time.monotonic,
         lifetime: float = DNS_LIFETIME,
         limit_hit: Callable[[str], None] = lambda limit: None,
+        blocklist: Sequence[str] = (),
     ):
         self.static_routes = dict(static_routes or {})
         self.dns = dns_resolver if dns_resolver is not None else dns.asyncresolver.Resolver()
@@ -149,6 +150,7 @@ class Resolver:
         self.clock = clock
         self.lifetime = lifetime
         self.limit_hit = limit_hit  # metrics.limits_hit.inc: a named limit left records out
+        self.blocklist = tuple(ipaddress.ip_network(network) for network in blocklist)  # s2s.connect_blocklist
         self._cache: dict[tuple[str, str], tuple[float, list, bool]] = {}  # expiry, records, AD bit
 
     async def resolve(self, domain: str) -> list[Target]:
@@ -176,7 +178,7 @@ class Resolver:
             addresses, _ = await self._addresses(domain)
             if not addresses:
                 raise ResolutionError(f"{domain} has no SRV record and no A/AAAA address")
-            return [Target(domain, DEFAULT_S2S_PORT, False, addresses)]
+            return self._allowed(domain, [Target(domain, DEFAULT_S2S_PORT, False, addresses)])
         if not records:
             raise ResolutionError(f"{domain} publishes no usable SRV target")
 
@@ -190,7 +192,26 @@ class Resolver:
         if not targets:
             hosts = ", ".join(sorted({r.host for r in ordered}))
             raise ResolutionError(f"no address for the SRV targets of {domain} ({hosts})")
-        return targets
+        return self._allowed(domain, targets)
+
+    def _allowed(self, domain: str, targets: list[Target]) -> list[Target]:
+        """``targets`` without the addresses in ``s2s.connect_blocklist``; ResolutionError
+        when that leaves none."""
+        blocked = [a for t in targets for a in t.addresses if self._blocked(a)]
+        if not blocked:
+            return targets
+        self.limit_hit("connect_blocklist")
+        log.warning("%s: DNS names %s, in s2s.connect_blocklist: not connecting there", domain, ", ".join(blocked))
+        kept = [replace(t, addresses=tuple(a for a in t.addresses if a not in blocked)) for t in targets]
+        if not any(t.addresses for t in kept):
+            raise ResolutionError(f"{domain} resolves only to addresses in s2s.connect_blocklist ({', '.join(blocked)})")
+        return [t for t in kept if t.addresses]
+
+    def _blocked(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        # an IPv6 address that carries an IPv4 one (::ffff:10.0.0.1, 6to4 2002:a00:1::) is that one too
+        carried = ip.ipv4_mapped or ip.sixtofour if ip.version == 6 else None
+        return any(ip in network or (carried is not None and carried in network) for network in self.blocklist)
 
     async def services(self, domain: str) -> dict[str, list[SrvRecord] | None]:
         """The raw SRV answers for ``domain`` by service (``check-dns`` shows them):
