@@ -142,6 +142,28 @@ def test_dane_ta_through_an_intermediate(world):
     assert dane.check(chain, [record(DANE_TA, 0, 1, intermediate)], NAMES).matched is True
 
 
+def test_many_records_cost_one_hash_per_certificate_and_kind_and_one_chain_check_per_anchor(world, monkeypatch):
+    """The remote publishes its TLSA records, as many as it likes: 400 that match nothing and
+    three kinds of DANE-TA record for an anchor whose chain does not name the domain."""
+    calls = {"association": 0, "chain": 0}
+    association, ta_failure = dane.association, dane._ta_failure
+
+    def counted(name, function):
+        def count(*args):
+            calls[name] += 1
+            return function(*args)
+        return count
+
+    monkeypatch.setattr(dane, "association", counted("association", association))
+    monkeypatch.setattr(dane, "_ta_failure", counted("chain", ta_failure))
+    chain = [pki.make_leaf(world["ca"], "stranger.example").cert_der(), world["ca"].cert_der()]
+    noise = [Tlsa(usage, 1, 1, n.to_bytes(32, "big")) for n in range(200) for usage in (DANE_EE, DANE_TA)]
+    anchors = [record(DANE_TA, selector, matching_type, world["ca"]) for selector, matching_type in ((0, 1), (1, 1), (0, 2))]
+    verdict = dane.check(chain, noise + anchors, NAMES)
+    assert verdict.matched is False and verdict.reason.count("names none of") == 1
+    assert calls == {"association": 4, "chain": 1}  # (leaf, 1, 1), (CA, 1, 1), (CA, 0, 1), (CA, 0, 2)
+
+
 # ---------------------------------------------------------------- usable records
 
 

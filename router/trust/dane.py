@@ -105,19 +105,32 @@ def check(
     except ValueError as exc:
         return Verdict(False, f"unparsable certificate: {exc}")
     names = tuple(names)
+    # the remote publishes as many records as it likes: each certificate is hashed once per
+    # selector and matching type, and each anchor's chain verified once, whatever their count
+    associations: dict[tuple[int, int, int], bytes] = {}
+    anchor_failures: dict[int, str | None] = {}
+
+    def data_of(index: int, record: Tlsa) -> bytes:
+        key = (index, record.selector, record.matching_type)
+        if key not in associations:
+            associations[key] = association(chain[index], record.selector, record.matching_type)
+        return associations[key]
+
     ta_failures = []
     for record in records:
         if record.usage == DANE_EE:
-            if association(chain[0], record.selector, record.matching_type) == record.data:
+            if data_of(0, record) == record.data:
                 return Verdict(True, f"the certificate matches TLSA {record}")
             continue
-        for anchor in chain[1:]:
-            if association(anchor, record.selector, record.matching_type) != record.data:
+        for index in range(1, len(chain)):
+            if data_of(index, record) != record.data:
                 continue
-            failure = _ta_failure(chain_der, anchor, chain[0], names, now)
-            if failure is None:
+            if index not in anchor_failures:
+                anchor_failures[index] = _ta_failure(chain_der, chain[index], chain[0], names, now)
+                if anchor_failures[index] is not None:
+                    ta_failures.append(anchor_failures[index])
+            if anchor_failures[index] is None:
                 return Verdict(True, f"the chain verifies to the trust anchor of TLSA {record}")
-            ta_failures.append(failure)
     reason = f"the certificate matches none of {len(records)} usable TLSA record(s)"
     return Verdict(False, reason + "".join(f"; {failure}" for failure in ta_failures))
 
