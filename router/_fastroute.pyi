@@ -45,7 +45,7 @@ class StreamCore:
     transport: Any
     tokenizer: Any  # router._fastparse.Tokenizer
     session: Any
-    inbound_pairs: tuple[Any, ...] | None  # what the session lets through on the compiled path
+    inbound_pairs: tuple[Any, ...] | frozenset[Any] | None  # what the session lets through on the compiled path
     side_buffer: bytearray | None
     acks: SentKeep | None
     _unsent: list[Any] | None

@@ -219,6 +219,7 @@ class RelayMetrics:
             "for one remote domain too many (max_outbound_queues), an outbound connection without a file "
             "descriptor (open_files), a stanza larger than its remote server's XEP-0478 max-bytes "
             "(peer_max_bytes), a stream that left too many stanzas unacknowledged (sm_max_unacked, XEP-0198), a "
+            "stream asking for one domain pair too many (max_pairs_per_stream), a "
             "connection to a PROXY-protocol listener from an untrusted address (proxy_trusted), an inbound DANE "
             "check over its limit (dane_lookups); max_verify_connections_per_target counts verifications that waited, "
             "max_deferred_acks XEP-0198 <r/>s answered together with a later one while the cluster bus hands off, "

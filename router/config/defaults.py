@@ -155,6 +155,11 @@ DEFAULT_MAX_PRE_AUTH_CONNECTIONS = 1000
 DEFAULT_MAX_PENDING_VERIFICATIONS = 1000
 DEFAULT_MAX_PENDING_VERIFICATIONS_PER_IP = 64
 DEFAULT_MAX_PENDING_VERIFICATIONS_PER_STREAM = 16
+# Domain pairs one stream may carry from its peer (each dialback-verified): a server
+# multiplexing its virtual hosts (XEP-0288, XEP-0220 piggybacking) brings a few, a
+# hostile one with a wildcard zone and its own authoritative server could bring any
+# number, each an entry of the route table.
+DEFAULT_MAX_PAIRS_PER_STREAM = 1000
 # Verify-only connections open at once to one authoritative server address;
 # more verifications wait for a free one.
 DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET = 4

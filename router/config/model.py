@@ -121,6 +121,7 @@ class LimitsConfig:
     max_pending_verifications: int
     max_pending_verifications_per_ip: int
     max_pending_verifications_per_stream: int
+    max_pairs_per_stream: int
     max_verify_connections_per_target: int
 
 

@@ -29,6 +29,7 @@ from router.config.defaults import (
     DEFAULT_MAX_OUTBOUND_QUEUES,
     DEFAULT_MAX_PENDING_VERIFICATIONS,
     DEFAULT_MAX_PENDING_VERIFICATIONS_PER_IP,
+    DEFAULT_MAX_PAIRS_PER_STREAM,
     DEFAULT_MAX_PENDING_VERIFICATIONS_PER_STREAM,
     DEFAULT_MAX_PRE_AUTH_CONNECTIONS,
     DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET,
@@ -199,6 +200,7 @@ def parse_config(text: str, base_dir: str | os.PathLike[str] = ".", *, source: s
         ("max_pending_verifications", DEFAULT_MAX_PENDING_VERIFICATIONS),
         ("max_pending_verifications_per_ip", DEFAULT_MAX_PENDING_VERIFICATIONS_PER_IP),
         ("max_pending_verifications_per_stream", DEFAULT_MAX_PENDING_VERIFICATIONS_PER_STREAM),
+        ("max_pairs_per_stream", DEFAULT_MAX_PAIRS_PER_STREAM),
         ("max_verify_connections_per_target", DEFAULT_MAX_VERIFY_CONNECTIONS_PER_TARGET),
     )})
     if s2s.backoff_base > s2s.backoff_max:

@@ -41,10 +41,10 @@ class Authorizations:
 
     def _init_authorizations(self, wanted: Pair | None) -> None:
         """Nothing authorized or pending; an initiator asks for its `wanted` pair at once."""
-        # tuples (see pairs.py): a stream nearly always carries one pair each way
+        # tuples, a frozenset past a few (see pairs.py): a stream nearly always carries one pair each way
         # every pair is Pair(local, remote), whichever way it lets stanzas flow
-        self.inbound_pairs: tuple[Pair, ...] = ()  # the peer may send remote -> local
-        self.outbound_pairs: tuple[Pair, ...] = ()  # we may send local -> remote
+        self.inbound_pairs: tuple[Pair, ...] | frozenset[Pair] = ()  # the peer may send remote -> local
+        self.outbound_pairs: tuple[Pair, ...] | frozenset[Pair] = ()  # we may send local -> remote
         self.results_out: frozenset[Pair] = NO_PAIRS  # db:result requests we sent
         self.results_in: Mapping[Pair, object] = NO_REQUESTS  # the peer's db:result requests we verify -> token
         self.verifies_out: Mapping[tuple[str, str, str], list] = NO_REQUESTS  # (receiving, originating, id) -> tokens

@@ -11,7 +11,9 @@ change (frozensets) or start as a shared empty mapping, so that the thousands
 of idle streams of a relay share one empty container instead of each holding
 its own. The pairs authorized on a stream are a tuple: nearly every stream
 carries one pair each way, and a one-pair tuple is a quarter of a set's size
-(10,000 idle streams per process); piggybacking adds a few more at most."""
+(10,000 idle streams per process); piggybacking adds a few more, and past
+``SET_FROM`` they become a frozenset, so a peer multiplexing many domains (at
+most ``limits.max_pairs_per_stream``) costs one hash look-up per stanza."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Pair(NamedTuple):
 
 
 NO_PAIRS: frozenset[Pair] = frozenset()
+SET_FROM = 8  # the authorized pairs of a stream carrying more are a frozenset
 NO_REQUESTS = MappingProxyType({})  # read-only: replace it with a dict before the first entry
 
 
@@ -37,6 +40,11 @@ def without(pairs: frozenset[Pair], pair: Pair) -> frozenset[Pair]:
     return pairs - {pair} or NO_PAIRS
 
 
-def with_pair(pairs: tuple[Pair, ...], pair: Pair) -> tuple[Pair, ...]:
-    """``pairs`` with ``pair`` added at the end, unless it is already there."""
-    return pairs if pair in pairs else (*pairs, pair)
+def with_pair(pairs: tuple[Pair, ...] | frozenset[Pair], pair: Pair) -> tuple[Pair, ...] | frozenset[Pair]:
+    """``pairs`` with ``pair`` added, unless it is already there: at the end of the
+    tuple, or in a frozenset past ``SET_FROM`` pairs (every stanza looks its pair up)."""
+    if pair in pairs:
+        return pairs
+    if len(pairs) < SET_FROM:
+        return (*pairs, pair)
+    return frozenset(pairs) | {pair}

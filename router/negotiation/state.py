@@ -172,7 +172,7 @@ class Negotiator(Protocol):
     @property
     def sm_enabled(self) -> bool: ...  # XEP-0198 is on: we sent <enable/>, or answered one with <enabled/>
     @property
-    def inbound_pairs(self) -> tuple[Pair, ...]: ...  # (local, remote): the peer may send remote -> local
+    def inbound_pairs(self) -> tuple[Pair, ...] | frozenset[Pair]: ...  # (local, remote): the peer may send remote -> local
     @property
     def results_in(self) -> Mapping[Pair, Any]: ...  # the peer's dialback requests we are verifying -> token
 

@@ -72,7 +72,7 @@ class Liveness:
                 return True
         elif s2s.ping_interval > 0 and stream.session.outbound_pairs and self._answer_comes_here(stream) \
                 and now - max(stream.last_rx, self._answered_at.get(stream, 0.0)) > s2s.ping_interval:
-            self._send(stream, stream.session.outbound_pairs[0], now)
+            self._send(stream, next(iter(stream.session.outbound_pairs)), now)
             return True
         idle = stream.peer_idle_seconds
         if idle and now - stream.last_tx > idle * IDLE_KEEPALIVE_SHARE:

@@ -34,6 +34,7 @@ class DialbackVerifier:
         self.pending = Limit("max_pending_verifications", 0)  # maxima: configure()
         self.pending_per_ip = Limit("max_pending_verifications_per_ip", 0)
         self.pending_per_stream = Limit("max_pending_verifications_per_stream", 0)
+        self.pairs_per_stream = Limit("max_pairs_per_stream", 0)  # its maximum and refusals: pairs are the session's
         self._connections = KeyedSemaphores()  # verify-only connections per peer address
         self._waiters: dict[tuple[S2SStream, Any], asyncio.Future] = {}
 
@@ -41,11 +42,12 @@ class DialbackVerifier:
         self.pending.maximum = limits.max_pending_verifications
         self.pending_per_ip.maximum = limits.max_pending_verifications_per_ip
         self.pending_per_stream.maximum = limits.max_pending_verifications_per_stream
+        self.pairs_per_stream.maximum = limits.max_pairs_per_stream
 
     def verify_key(self, origin: S2SStream, event) -> None:
         """Start verifying a dialback key, or refuse it at once past a limit."""
         slots = ((self.pending, OVERALL), (self.pending_per_ip, origin.ip), (self.pending_per_stream, origin))
-        refused = admit(*slots)
+        refused = self._pairs_full(origin, event) or admit(*slots)
         if refused is None:
             self.host.spawn(self._verify(origin, event, slots))
             return
@@ -54,9 +56,19 @@ class DialbackVerifier:
         if count:
             log.warning("refused %d dialback verification(s) by limits.%s = %d (last: %s for %s from %s)",
                         count, refused.name, refused.maximum, event.originating, event.receiving, origin.peer)
+        what = "domain pairs on this stream" if refused is self.pairs_per_stream else \
+            "dialback verifications pending"
         origin.session.key_verified(event.token, "resource-constraint",
-                                    f"too many dialback verifications pending (limits.{refused.name} = "
-                                    f"{refused.maximum}); try again later")
+                                    f"too many {what} (limits.{refused.name} = {refused.maximum}); try again later")
+
+    def _pairs_full(self, origin: S2SStream, event) -> Limit | None:
+        """The per-stream pair limit, when a new pair would take the stream past it
+        (counting the verifications already pending on it)."""
+        pairs = origin.session.inbound_pairs
+        carried = len(pairs) + self.pending_per_stream.counts.get(origin, 0)
+        if carried < self.pairs_per_stream.maximum or Pair(event.receiving, event.originating) in pairs:
+            return None
+        return self.pairs_per_stream
 
     async def _verify(self, origin: S2SStream, event, slots) -> None:
         host = self.host
