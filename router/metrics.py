@@ -223,8 +223,9 @@ class RelayMetrics:
             "connection to a PROXY-protocol listener from an untrusted address (proxy_trusted), an inbound DANE "
             "check over its limit (dane_lookups); max_verify_connections_per_target counts verifications that waited, "
             "max_deferred_acks XEP-0198 <r/>s answered together with a later one while the cluster bus hands off, "
-            "max_bus_in_flight and nats_max_payload cluster bus stanzas bounced; srv_records and "
-            "addresses_per_host a remote domain's DNS answer cut to MAX_SRV_RECORDS or MAX_ADDRESSES_PER_FAMILY.",
+            "max_bus_in_flight and nats_max_payload cluster bus stanzas bounced; srv_records, addresses_per_host "
+            "and tlsa_records a remote's DNS answer cut to resolver.RECORD_LIMITS; connect_blocklist addresses "
+            "DNS named in s2s.connect_blocklist.",
             ("limit",),
         )
         self.outbound_connections = r.counter(

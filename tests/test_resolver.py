@@ -10,8 +10,9 @@ import pytest
 from router.config import StaticRoute
 from router.config.defaults import DEFAULT_CONNECT_BLOCKLIST
 from dnsserver import run_with_dns
-from router.net.resolver import (DEFAULT_S2S_PORT, MAX_ADDRESSES_PER_FAMILY, MAX_SRV_RECORDS, ResolutionError,
-                                 SrvRecord, Target, order_records)
+from router.net.resolver import DEFAULT_S2S_PORT, RECORD_LIMITS, ResolutionError, SrvRecord, Target, order_records
+
+MAX_SRV_RECORDS, MAX_ADDRESSES_PER_FAMILY = RECORD_LIMITS["SRV"][1], RECORD_LIMITS["A"][1]
 
 
 
@@ -124,7 +125,9 @@ def test_a_domain_publishing_many_srv_targets_gets_lookups_for_the_lowest_priori
 
     async def scenario(make, server):
         hits = []
-        targets = await make(limit_hit=hits.append).resolve("many.example")
+        resolver = make(limit_hit=hits.append)
+        targets = await resolver.resolve("many.example")
+        assert await resolver.resolve("many.example") == targets  # the cache holds what is used: no second hit
         return targets, hits, sum(n for (name, kind), n in server.queries.items() if kind in ("A", "AAAA"))
 
     targets, hits, address_queries = run_with_dns(zone, scenario)
@@ -149,7 +152,18 @@ def test_a_target_with_many_addresses_is_tried_at_a_few_of_each_family():
     v6, v4 = target.addresses[:MAX_ADDRESSES_PER_FAMILY], target.addresses[MAX_ADDRESSES_PER_FAMILY:]
     assert len(v4) == MAX_ADDRESSES_PER_FAMILY and set(v4) <= set(zone[("wide.example", "A")])
     assert len(set(v6)) == MAX_ADDRESSES_PER_FAMILY and set(v6) <= set(zone[("wide.example", "AAAA")])
-    assert hits == ["addresses_per_host"]
+    assert hits == ["addresses_per_host", "addresses_per_host"]  # one per family
+
+
+def test_a_target_publishing_many_tlsa_records_has_a_few_used():
+    zone = {("_5269._tcp.xmpp.example", "TLSA"): [f"3 1 1 {n:064x}" for n in range(20)]}
+
+    async def scenario(make, server):
+        hits = []
+        return await make(limit_hit=hits.append).tlsa("xmpp.example", 5269), hits
+
+    answer, hits = run_with_dns(zone, scenario)
+    assert len(answer.records) == RECORD_LIMITS["TLSA"][1] and hits == ["tlsa_records"]
 
 
 def test_dns_cannot_point_the_relay_into_its_own_network():

@@ -64,9 +64,14 @@ CACHE_MAX_ENTRIES = 10000
 # A remote domain's DNS is the remote's to write: one answer can list thousands of SRV
 # targets or addresses, and each would be looked up and connected to (a stanza would
 # turn into thousands of queries and connection attempts, to addresses of the
-# remote's choosing). Servers publish a handful; beyond these the rest is left out.
-MAX_SRV_RECORDS = 10  # per service (_xmpps-server, _xmpp-server), the lowest priorities kept
-MAX_ADDRESSES_PER_FAMILY = 4  # per SRV target host: IPv6, then IPv4
+# remote's choosing), and kept in the cache. Servers publish a handful; beyond these
+# the rest is left out as the answer arrives: (the limit's name, the records kept).
+RECORD_LIMITS = {
+    "SRV": ("srv_records", 10),  # per service (_xmpps-server, _xmpp-server), the lowest priorities
+    "AAAA": ("addresses_per_host", 4),
+    "A": ("addresses_per_host", 4),
+    "TLSA": ("tlsa_records", 8),  # a few, for a certificate rollover
+}
 # EDNS0 payload size for DNSSEC answers (the DNS Flag Day 2020 value: no IP fragmentation)
 EDNS_PAYLOAD = 1232
 
@@ -256,11 +261,6 @@ class Resolver:
         rdatas, secure = await self._lookup(name, "SRV")
         if rdatas is None:
             return None
-        if len(rdatas) > MAX_SRV_RECORDS:
-            self.limit_hit("srv_records")
-            log.warning("%s has %d SRV records; the %d of the lowest priorities are used (MAX_SRV_RECORDS)",
-                        name.rstrip("."), len(rdatas), MAX_SRV_RECORDS)
-            rdatas = sorted(rdatas, key=lambda rr: rr.priority)[:MAX_SRV_RECORDS]
         return [
             SrvRecord(rr.priority, rr.weight, rr.port, _host(rr.target), direct_tls, secure) for rr in rdatas
         ]
@@ -272,12 +272,7 @@ class Resolver:
             return (host,), False
         name = host + "."
         (v6, v6_secure), (v4, v4_secure) = await asyncio.gather(self._lookup(name, "AAAA"), self._lookup(name, "A"))
-        v6, v4 = v6 or [], v4 or []
-        if len(v6) > MAX_ADDRESSES_PER_FAMILY or len(v4) > MAX_ADDRESSES_PER_FAMILY:
-            self.limit_hit("addresses_per_host")
-            log.warning("%s has %d IPv6 and %d IPv4 addresses; %d of each family are tried "
-                        "(MAX_ADDRESSES_PER_FAMILY)", host, len(v6), len(v4), MAX_ADDRESSES_PER_FAMILY)
-        addresses = tuple(rr.address for rr in v6[:MAX_ADDRESSES_PER_FAMILY] + v4[:MAX_ADDRESSES_PER_FAMILY])
+        addresses = tuple(rr.address for rr in (v6 or []) + (v4 or []))
         return addresses, bool(v6 and v6_secure or v4 and v4_secure)
 
     async def _lookup(self, name: str, rdtype: str) -> tuple[list | None, bool]:
@@ -289,7 +284,7 @@ class Resolver:
             return cached[1], cached[2]
         try:
             answer = await self.dns.resolve(name, rdtype, lifetime=self.lifetime, search=False)
-            records, ttl = list(answer), answer.rrset.ttl
+            records, ttl = self._bounded(name, rdtype, list(answer)), answer.rrset.ttl
             secure = bool(answer.response.flags & dns.flags.AD)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             records, ttl, secure = [], NEGATIVE_TTL, False
@@ -301,6 +296,16 @@ class Resolver:
                 self._cache.clear()
         self._cache[key] = (now + ttl, records, secure)
         return records, secure
+
+    def _bounded(self, name: str, rdtype: str, records: list) -> list:
+        """At most `RECORD_LIMITS` of an answer: SRV records of the lowest priorities first."""
+        limit, most = RECORD_LIMITS.get(rdtype, (None, len(records)))
+        if len(records) <= most:
+            return records
+        self.limit_hit(limit)
+        log.warning("%s has %d %s records; %d are used (resolver.RECORD_LIMITS)", name.rstrip("."), len(records),
+                    rdtype, most)
+        return sorted(records, key=lambda rr: rr.priority)[:most] if rdtype == "SRV" else records[:most]
 
     async def _system_addresses(self, host: str, port: int) -> tuple[str, ...]:
         if _is_ip(host):
