@@ -48,6 +48,7 @@ import dns.nameserver
 import dns.resolver
 
 from router.config import StaticRoute
+from router.routing.limits import Refusals
 from router.trust.dane import Tlsa
 
 log = logging.getLogger("router.net.resolver")
@@ -156,6 +157,8 @@ class Resolver:
         self.lifetime = lifetime
         self.limit_hit = limit_hit  # metrics.limits_hit.inc: a named limit left records out
         self.blocklist = tuple(ipaddress.ip_network(network) for network in blocklist)  # s2s.connect_blocklist
+        # anyone claiming a domain makes us resolve it: each kind of line at most every 10 s
+        self._blocked_refusals, self._cut_refusals = Refusals(), Refusals()
         self._cache: dict[tuple[str, str], tuple[float, list, bool]] = {}  # expiry, records, AD bit
 
     async def resolve(self, domain: str) -> list[Target]:
@@ -206,7 +209,10 @@ class Resolver:
         if not blocked:
             return targets
         self.limit_hit("connect_blocklist")
-        log.warning("%s: DNS names %s, in s2s.connect_blocklist: not connecting there", domain, ", ".join(blocked))
+        count = self._blocked_refusals.note(self.clock())
+        if count:
+            log.warning("%s: DNS names %s, in s2s.connect_blocklist: not connecting there (%d time(s) since the "
+                        "last such line)", domain, ", ".join(blocked), count)
         kept = [replace(t, addresses=tuple(a for a in t.addresses if a not in blocked)) for t in targets]
         if not any(t.addresses for t in kept):
             raise ResolutionError(f"{domain} resolves only to addresses in s2s.connect_blocklist ({', '.join(blocked)})")
@@ -303,8 +309,10 @@ class Resolver:
         if len(records) <= most:
             return records
         self.limit_hit(limit)
-        log.warning("%s has %d %s records; %d are used (resolver.RECORD_LIMITS)", name.rstrip("."), len(records),
-                    rdtype, most)
+        count = self._cut_refusals.note(self.clock())
+        if count:
+            log.warning("%s has %d %s records; %d are used (resolver.RECORD_LIMITS; %d answer(s) cut since the "
+                        "last such line)", name.rstrip("."), len(records), rdtype, most, count)
         return sorted(records, key=lambda rr: rr.priority)[:most] if rdtype == "SRV" else records[:most]
 
     async def _system_addresses(self, host: str, port: int) -> tuple[str, ...]:
