@@ -16,6 +16,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
+from router.config.defaults import DEFAULT_CONNECT_BLOCKLIST
 from router.net.component_client import ComponentClient
 
 from .conftest import arun, free_port, relay_process, running
@@ -371,3 +372,50 @@ def test_stanzas_for_too_many_new_remote_domains_bounce(relay_spec):
             slow.close()
 
     arun(scenario(), timeout=30)
+
+
+def test_a_peer_cannot_point_the_relays_dialback_connection_into_its_own_network(relay_spec):
+    """The relay verifies a dialback key by connecting to the claimed domain's
+    authoritative server, found in DNS the claimant writes. With the default
+    s2s.connect_blocklist, a domain whose SRV target is on loopback (here a listener
+    standing for an internal service) is not connected to: the key fails with
+    remote-server-not-found, and nothing reaches the listener."""
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        reached = []
+
+        async def internal(reader, writer):  # what an attacker would like the relay to talk to
+            reached.append(await reader.read(100))
+            writer.close()
+
+        service = await asyncio.start_server(internal, "127.0.0.1", 0)
+        zone_transport, _ = await loop.create_datagram_endpoint(
+            lambda: WildcardZone(service.sockets[0].getsockname()[1]), local_addr=("127.0.0.1", 0))
+        spec = relay_spec("relay", domains=("relay.test",), tls=False, policy={"require_encryption": False},
+                          s2s={"connect_blocklist": list(DEFAULT_CONNECT_BLOCKLIST)})
+        try:
+            async with running(spec.config()) as relay:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = ["127.0.0.1"]
+                resolver.port = zone_transport.get_extra_info("sockname")[1]
+                relay.resolver.dns = resolver
+                reader, writer = await asyncio.open_connection("127.0.0.1", spec.s2s_port)
+                writer.write(b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+                             b"xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+                             b"to='relay.test' version='1.0'>"
+                             b"<db:result from='evil.flood.test' to='relay.test'>" + b"k" * 64 + b"</db:result>")
+                answer = b""
+                while not re.search(rb"<db:result[^>]*type=", answer):  # the verdict on the key
+                    data = await asyncio.wait_for(reader.read(65536), 10.0)
+                    assert data, answer[-300:]
+                    answer += data
+                writer.close()
+                assert re.search(rb"<db:result[^>]*type='(error|invalid)'", answer), answer[-400:]
+                assert reached == []
+                assert relay.metrics.limits_hit.get("connect_blocklist") >= 1
+        finally:
+            zone_transport.close()
+            service.close()
+
+    arun(scenario())
