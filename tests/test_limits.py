@@ -1,5 +1,6 @@
 """Admission limits (router.routing.limits) and the relay's keyed semaphores: counts that
-refuse past their maximum, take all slots or none, and forget idle keys."""
+refuse past their maximum, take all slots or none, and forget idle keys; and the domain
+pairs one stream may carry (router.net.verifier, router.negotiation.pairs)."""
 
 from __future__ import annotations
 
